@@ -47,6 +47,8 @@ class Snapshot:
     pods: tuple[PodView, ...]
     networks: Mapping[str, Network] = field(default_factory=dict)
     netns: object | None = None
+    annotation_errors: Mapping[str, int] = field(default_factory=dict)
+    plane_for_network: Callable[[str], str] = lambda network: ""
 
 
 class Source(Protocol):
@@ -73,6 +75,7 @@ def register(name: str, *, default_enabled: bool = True, help: str = ""):
 
 def load_builtin_sources() -> Mapping[str, SourceSpec]:
     """Import every source module so their @register calls run."""
+    import collector.attachments  # noqa: F401
     import collector.netlink  # noqa: F401
     for optional in ("collector.sriov", "collector.ebpf", "collector.routes", "collector.health"):
         try:

@@ -70,6 +70,10 @@ class Family:
             raise ValueError(f"{self.name}: {len(self.labelnames)} labels, got {len(labelvalues)}")
         self.samples.append((render_labels(self.labelnames, tuple(labelvalues)), value))
 
+    def add_rendered(self, labels: str, value: float | int) -> None:
+        """Add with a label string from `render_labels(self.labelnames, ...)`."""
+        self.samples.append((labels, value))
+
     def __len__(self) -> int:
         return len(self.samples)
 

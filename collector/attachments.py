@@ -1,0 +1,76 @@
+"""What the API says about each pod's networks, with no kernel work.
+
+Info series (value 1) for every attachment, requested-but-absent networks,
+per-IP series for conflict rules, the networks (NADs) known, whether each pod's
+namespace was found, and the count of malformed annotations.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from collector.annotations import ERROR_REASONS
+from collector.model import ATTACHMENT_LABELS
+from collector.registry import Config, Snapshot, register
+from exporters.exposition import COUNTER, GAUGE, Family
+
+INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
+
+
+def canonical_ip(text: str) -> str:
+    """An address without prefix length, IPv6 compressed; "" when not an IP."""
+    try:
+        return str(ipaddress.ip_address(text.split("/", 1)[0].strip()))
+    except ValueError:
+        return ""
+
+
+@register("attachments", help="Attachments, missing networks, pod IPs and NADs as the API describes them.")
+class AttachmentsSource:
+    def __init__(self, config: Config):
+        self.config = config
+
+    def collect(self, snapshot: Snapshot):
+        info = Family("planewatch_pod_interface_info", GAUGE,
+                      "A network attached to a pod, from its network-status annotation (value 1).", INFO_LABELS)
+        ips = Family("planewatch_pod_ip_info", GAUGE,
+                     "One series per IP of a pod on a secondary network (value 1), for conflict rules.",
+                     ATTACHMENT_LABELS[:4] + ("ip",))
+        missing = Family("planewatch_pod_network_attachment_missing", GAUGE,
+                         "A network the pod requested (k8s.v1.cni.cncf.io/networks) that its network-status lacks.",
+                         ("namespace", "pod", "network"))
+        resolved = Family("planewatch_pod_netns_resolved", GAUGE,
+                          "1 when the pod's network namespace was found on this node, 0 when not (yet).",
+                          ("namespace", "pod"))
+        for view in snapshot.pods:
+            pod = view.pod
+            resolved.add((pod.namespace, pod.name), 1 if view.netns_inode else 0)
+            for network in pod.missing:
+                missing.add((pod.namespace, pod.name, network), 1)
+            for iv in view.interfaces:
+                att = iv.attachment
+                mac = (att.mac or (iv.link.mac if iv.link else "")).lower()
+                info.add(iv.labels + (mac, ",".join(att.ips), att.device.type, att.device.pci_address), 1)
+                if att.default:
+                    continue
+                for ip in sorted({canonical_ip(a) for a in att.ips} - {""}):
+                    ips.add(iv.labels[:4] + (ip,), 1)
+
+        errors = Family("planewatch_annotation_errors_total", COUNTER,
+                        "Malformed network annotations seen, by reason (each distinct annotation counted once).",
+                        ("reason",))
+        for reason in sorted(set(ERROR_REASONS) | set(snapshot.annotation_errors)):
+            errors.add((reason,), snapshot.annotation_errors.get(reason, 0))
+
+        nets = Family("planewatch_network_info", GAUGE,
+                      "A NetworkAttachmentDefinition known to the collector (value 1).",
+                      ("network", "type", "master", "ipam", "resource_name", "plane"))
+        broken = Family("planewatch_network_config_error", GAUGE,
+                        "A NetworkAttachmentDefinition whose spec.config does not parse (value 1).",
+                        ("network", "reason"))
+        for key in sorted(snapshot.networks):
+            net = snapshot.networks[key]
+            nets.add((key, net.cni_type, net.master, net.ipam, net.resource_name,
+                      snapshot.plane_for_network(key)), 1)
+            if net.config_error:
+                broken.add((key, net.config_error), 1)
+        return [info, ips, missing, resolved, errors, nets, broken]

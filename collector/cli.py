@@ -1,0 +1,158 @@
+"""The `planewatch` command: serve, lab, inspect."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from collector import __version__
+from collector.registry import Config, Paths, load_builtin_sources
+
+log = logging.getLogger("planewatch")
+
+DEFAULT_LISTEN = "127.0.0.1:9808"
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    sources = load_builtin_sources()
+    p.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
+                   help=f"address to serve on (default {DEFAULT_LISTEN}; in a DaemonSet use :9808 or the pod IP)")
+    p.add_argument("--web.config.file", dest="web_config", default="",
+                   help="exporter-toolkit web config: TLS, basic auth, bearer token")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                   help="this node's name (default: $NODE_NAME); pods are watched with spec.nodeName=<it>")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""),
+                   help="kubeconfig file (default: $KUBECONFIG, else in-cluster config unless --pods-file)")
+    p.add_argument("--pods-file", default="",
+                   help="read pods and NetworkAttachmentDefinitions from this JSON/YAML file instead of the API")
+    p.add_argument("--plane-map", default="", help="YAML file mapping networks (exact ns/name or glob) to planes")
+    p.add_argument("--path.procfs", dest="procfs", default="/proc", help="procfs mount point")
+    p.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point")
+    p.add_argument("--path.netns", dest="netns", default="/run/netns",
+                   help="directory where the runtime pins pod network namespaces")
+    p.add_argument("--log.level", dest="log_level", default="info",
+                   choices=["debug", "info", "warn", "error"])
+    for name, spec in sorted(sources.items()):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(f"--collector.{name}", dest=f"collector_{name}", action="store_true",
+                           default=spec.default_enabled,
+                           help=f"enable the {name} collector: {spec.help} (default: "
+                                f"{'enabled' if spec.default_enabled else 'disabled'})")
+        group.add_argument(f"--no-collector.{name}", dest=f"collector_{name}", action="store_false",
+                           help=argparse.SUPPRESS)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level={"warn": "WARNING"}.get(level, level.upper()), stream=sys.stderr,
+                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r")
+
+
+def config_from_args(args) -> Config:
+    return Config(paths=Paths(procfs=args.procfs, sysfs=args.sysfs, netns=args.netns),
+                  node_name=args.node_name)
+
+
+def build_server(args):
+    """Store, feeds, sources and the HTTP server from parsed flags. Raises on bad config."""
+    from collector.discovery import Store
+    from collector.netns import Resolver
+    from collector.planes import PlaneMap
+    from exporters.http import Server
+    from exporters.metrics import Scraper
+
+    plane_map = PlaneMap.load(args.plane_map) if args.plane_map else PlaneMap()
+    store = Store(args.node_name, plane_map)
+    feeds = []
+    if args.pods_file:
+        from collector.podsfile import PodsFile
+        feeds.append(PodsFile(args.pods_file, store))
+    else:
+        from collector.kube import KubeSource, api_client
+        feeds.append(KubeSource(store, api_client(args.kubeconfig or None), args.node_name))
+    config = config_from_args(args)
+    sources = {}
+    for name, spec in sorted(load_builtin_sources().items()):
+        if getattr(args, f"collector_{name}"):
+            sources[name] = spec.factory(config)
+    middlewares, ssl_context = [], None
+    if args.web_config:
+        from exporters.webconfig import load_web_config
+        web_config = load_web_config(args.web_config)
+        middlewares.append(web_config.middleware)
+        ssl_context = web_config.ssl_context()
+    ebpf = sources.get("ebpf")
+    server = Server(Scraper(store, Resolver(args.netns, args.procfs), sources, __version__),
+                    middlewares=middlewares,
+                    asymmetric_flows=getattr(ebpf, "top_asymmetric_flows", None))
+    return server, feeds, ssl_context
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.Event | None = None) -> None:
+    from aiohttp import web
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    for feed in feeds:
+        feed.start()
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    host, port = parse_listen(listen)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    log.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for feed in feeds:
+            feed.stop()
+        await runner.cleanup()
+
+
+def cmd_serve(args) -> int:
+    setup_logging(args.log_level)
+    try:
+        server, feeds, ssl_context = build_server(args)
+    except Exception as err:
+        log.error("cannot start: %s", err)
+        return 2
+    asyncio.run(serve_forever(server, feeds, ssl_context, args.listen))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="planewatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"planewatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the collector and serve /metrics")
+    add_serve_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    try:
+        from lab.cli import add_lab_commands
+        add_lab_commands(sub)
+    except ModuleNotFoundError as err:
+        if err.name not in ("lab", "lab.cli"):
+            raise
+    try:
+        from collector.inspect import add_inspect_command
+        add_inspect_command(sub)
+    except ModuleNotFoundError as err:
+        if err.name != "collector.inspect":
+            raise
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

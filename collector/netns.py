@@ -1,0 +1,259 @@
+"""Each pod on the node resolved to its network namespace, and its attachments
+to live interfaces there.
+
+Two ways, the exact one first:
+1. cgroup: a process whose /proc/<pid>/cgroup names the pod's UID
+   (collector/cgroups.py) gives /proc/<pid>/ns/net; when a pinned namespace
+   under --path.netns has the same inode, that stable path is kept instead.
+2. netns dir: the namespaces pinned under --path.netns (/run/netns for
+   containerd and CRI-O; some set-ups use /var/run/netns or /run/docker/netns)
+   whose interfaces carry one of the pod's annotated MACs, else one of its IPs.
+
+A resolution is kept until its namespace disappears; lookups of unresolved pods
+are rate-limited so a pod we can never see does not cost a scan per scrape.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from collector.cgroups import scan_pod_netns
+from collector.model import Attachment, InterfaceView, Link, Pod, PodView
+from collector.rtnl import LinkStats, RtnlSocket
+
+log = logging.getLogger(__name__)
+
+LINKS_TTL = 15.0           # seconds a namespace's interface table is trusted
+RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
+MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
+
+
+@dataclass
+class Namespace:
+    """A network namespace kept open: an fd (so the inode stays valid) and a socket."""
+
+    path: str
+    inode: int
+    fd: int
+    rtnl: RtnlSocket
+    links: list[LinkStats] = field(default_factory=list)
+    addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
+    refreshed: float = 0.0
+
+    def refresh(self, now: float) -> None:
+        self.links = self.rtnl.links()
+        self.addresses = {ip: idx for idx, ip, _ in self.rtnl.addresses()}
+        self.refreshed = now
+
+    def close(self) -> None:
+        self.rtnl.close()
+        os.close(self.fd)
+
+
+class NetnsPool:
+    """Namespaces kept open across scrapes, keyed by inode. Not thread-safe:
+    one scrape at a time uses it (exporters/metrics.py serialises scrapes)."""
+
+    def __init__(self):
+        self._by_inode: dict[int, Namespace] = {}
+
+    def open(self, path: str) -> Namespace:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            inode = os.fstat(fd).st_ino
+            known = self._by_inode.get(inode)
+            if known is None:
+                known = self._by_inode[inode] = Namespace(path, inode, fd, RtnlSocket.open(fd))
+                return known
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return known
+
+    def get(self, inode: int) -> Namespace | None:
+        return self._by_inode.get(inode)
+
+    def keep_only(self, inodes: set[int]) -> None:
+        for inode in list(self._by_inode):
+            if inode not in inodes:
+                self._by_inode.pop(inode).close()
+
+    def close(self) -> None:
+        self.keep_only(set())
+
+    def __len__(self) -> int:
+        return len(self._by_inode)
+
+
+def list_netns_dir(path: str) -> dict[int, str]:
+    """inode -> path of every namespace pinned in `path` (missing dir: none)."""
+    found: dict[int, str] = {}
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    found.setdefault(entry.stat(follow_symlinks=True).st_ino, entry.path)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return found
+
+
+def match_interfaces(pod: Pod, links: list[LinkStats], addresses: dict[str, int]) -> tuple[InterfaceView, ...]:
+    """Pair each attachment with its interface: by name, else MAC, else IP.
+
+    The default network's entry often has no `interface` (Multus quickstart
+    output); it is then found by MAC or IP, and last assumed to be eth0.
+    """
+    by_name = {l.name: l for l in links}
+    by_mac = {l.mac: l for l in links if l.mac and l.mac != "00:00:00:00:00:00"}
+    by_index = {l.ifindex: l for l in links}
+    views = []
+    for att in pod.attachments:
+        link = by_name.get(att.interface) if att.interface else None
+        if link is None and att.mac:
+            link = by_mac.get(att.mac.lower())
+        if link is None:
+            for ip in att.addresses:
+                idx = addresses.get(ip)
+                if idx is not None:
+                    link = by_index.get(idx)
+                    break
+        if link is None and not att.interface and att.default:
+            link = by_name.get("eth0")
+        views.append(InterfaceView(att, _as_link(link) if link else None))
+    return tuple(views)
+
+
+def _as_link(l: LinkStats) -> Link:
+    return Link(l.ifindex, l.name, l.mac, l.mtu, l.up, l.kind)
+
+
+def namespace_matches(pod: Pod, ns: Namespace) -> str:
+    """"mac" or "ip" when `ns` holds one of the pod's annotated interfaces, else ""."""
+    macs = {l.mac for l in ns.links}
+    if any(a.mac and a.mac.lower() in macs for a in pod.attachments):
+        return "mac"
+    if any(ip in ns.addresses for a in pod.attachments for ip in a.addresses):
+        return "ip"
+    return ""
+
+
+class Resolver:
+    """Keeps pod UID → namespace across scrapes; called once per scrape."""
+
+    def __init__(self, netns_dir: str, procfs: str, pool: NetnsPool | None = None,
+                 clock=time.monotonic):
+        self.netns_dir = netns_dir
+        self.procfs = procfs
+        self.pool = pool or NetnsPool()
+        self._clock = clock
+        self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
+        self._tried: dict[str, float] = {}                  # uid -> last failed attempt
+        self._lock = threading.Lock()
+
+    def resolve(self, pods: list[Pod]) -> list[PodView]:
+        with self._lock:
+            return self._resolve(pods)
+
+    def _resolve(self, pods: list[Pod]) -> list[PodView]:
+        now = self._clock()
+        pinned = list_netns_dir(self.netns_dir)
+        live_uids = {p.uid for p in pods}
+        for uid in list(self._resolved):
+            inode, _ = self._resolved[uid]
+            if uid not in live_uids or not self._still_there(inode, pinned):
+                del self._resolved[uid]
+        self._tried = {u: t for u, t in self._tried.items() if u in live_uids}
+
+        todo = [p for p in pods if p.uid not in self._resolved
+                and now - self._tried.get(p.uid, -RETRY_UNRESOLVED) >= RETRY_UNRESOLVED]
+        if todo:
+            self._find(todo, pinned, now)
+
+        views = []
+        used: set[int] = set()
+        for pod in pods:
+            found = self._resolved.get(pod.uid)
+            ns = self.pool.get(found[0]) if found else None
+            if ns is None:
+                views.append(PodView(pod, interfaces=tuple(InterfaceView(a, None) for a in pod.attachments)))
+                continue
+            used.add(ns.inode)
+            try:
+                if now - ns.refreshed > LINKS_TTL or (
+                        now - ns.refreshed > MIN_REFRESH and _interface_missing(pod, ns)):
+                    ns.refresh(now)
+            except OSError as err:
+                log.debug("refresh of %s failed: %s", ns.path, err)
+            views.append(PodView(pod, ns.path, ns.inode, found[1], match_interfaces(pod, ns.links, ns.addresses)))
+        self.pool.keep_only(used)
+        return views
+
+    def _still_there(self, inode: int, pinned: dict[int, str]) -> bool:
+        ns = self.pool.get(inode)
+        if ns is None:
+            return False
+        if inode in pinned:
+            return True
+        # Not pinned (found through /proc): alive while the process path still is.
+        try:
+            return os.stat(ns.path).st_ino == inode
+        except OSError:
+            return False
+
+    def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
+        claimed = {inode for inode, _ in self._resolved.values()}
+        by_cgroup = scan_pod_netns(self.procfs, {p.uid for p in todo if p.uid})
+        for pod in todo:
+            path = by_cgroup.get(pod.uid)
+            if not path:
+                continue
+            try:
+                inode = os.stat(path).st_ino
+                ns = self.pool.open(pinned.get(inode, path))
+                ns.refresh(now)
+            except OSError as err:
+                log.debug("pod %s: %s: %s", pod.key, path, err)
+                continue
+            self._resolved[pod.uid] = (ns.inode, "cgroup")
+            claimed.add(ns.inode)
+
+        left = [p for p in todo if p.uid not in self._resolved and p.attachments]
+        for inode, path in pinned.items():
+            if not left:
+                break
+            if inode in claimed:
+                continue
+            try:
+                ns = self.pool.open(path)
+                if now - ns.refreshed > LINKS_TTL or not ns.refreshed:
+                    ns.refresh(now)
+            except OSError as err:
+                log.debug("netns %s: %s", path, err)
+                continue
+            for pod in left:
+                how = namespace_matches(pod, ns)
+                if how:
+                    self._resolved[pod.uid] = (ns.inode, f"netns-dir:{how}")
+                    claimed.add(ns.inode)
+                    left.remove(pod)
+                    break
+        for pod in todo:
+            if pod.uid not in self._resolved:
+                self._tried[pod.uid] = now
+
+    def close(self) -> None:
+        with self._lock:
+            self.pool.close()
+            self._resolved.clear()
+
+
+def _interface_missing(pod: Pod, ns: Namespace) -> bool:
+    names = {l.name for l in ns.links}
+    return any(a.interface and a.interface not in names for a in pod.attachments)

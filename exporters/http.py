@@ -1,0 +1,132 @@
+"""The HTTP face: /metrics, /healthz, /readyz, /debug/attachments, /debug/asymmetric.
+
+Kernel work runs on one worker thread (setns is per thread; netns sockets and
+BPF maps are read by one scrape at a time). Concurrent scrapes share the one
+in flight instead of queueing behind it, so 50 scrapers cost one collection.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import zlib
+from dataclasses import asdict
+
+from aiohttp import web
+
+from collector.model import PodView
+from collector.registry import Snapshot
+from exporters.exposition import CONTENT_TYPE
+from exporters.metrics import Scraper
+
+log = logging.getLogger(__name__)
+
+LANDING = """<html><head><title>planewatch</title></head><body>
+<h1>planewatch</h1><p>Per-plane network metrics for multi-homed pods.</p>
+<ul><li><a href="/metrics">/metrics</a></li><li><a href="/debug/attachments">/debug/attachments</a></li>
+<li><a href="/debug/asymmetric">/debug/asymmetric</a></li><li><a href="/healthz">/healthz</a></li>
+<li><a href="/readyz">/readyz</a></li></ul></body></html>
+"""
+
+
+class Server:
+    def __init__(self, scraper: Scraper, *, middlewares=(), asymmetric_flows=None):
+        self.scraper = scraper
+        self.asymmetric_flows = asymmetric_flows        # callable(n) -> list[dict], or None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
+        self._inflight: asyncio.Future | None = None
+        self.app = web.Application(middlewares=list(middlewares))
+        self.app.add_routes([
+            web.get("/", self.landing),
+            web.get("/metrics", self.metrics),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/debug/attachments", self.debug_attachments),
+            web.get("/debug/asymmetric", self.debug_asymmetric),
+        ])
+        self.app.on_cleanup.append(self._cleanup)
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _scrape(self) -> bytes:
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
+            self._inflight.add_done_callback(self._clear_inflight)
+        return await asyncio.shield(self._inflight)
+
+    def _clear_inflight(self, _fut) -> None:
+        self._inflight = None
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._scrape()
+        headers = {"Content-Type": CONTENT_TYPE}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = await self._in_worker(_gzip, body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    async def landing(self, request):
+        return web.Response(text=LANDING, content_type="text/html")
+
+    async def healthz(self, request):
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request):
+        if self.scraper.store.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="waiting for the first pod list\n")
+
+    async def debug_attachments(self, request):
+        snapshot = await self._in_worker(self.scraper.snapshot)
+        body = {"node": self.scraper.store.node_name, "ready": self.scraper.store.ready,
+                "pods": [describe_pod(v) for v in snapshot.pods],
+                "findings": await self._in_worker(self._findings, snapshot)}
+        return web.json_response(body, dumps=lambda o: json.dumps(o, indent=2, sort_keys=True))
+
+    def _findings(self, snapshot: Snapshot) -> list:
+        out = []
+        for source in self.scraper.sources.values():
+            explain = getattr(source, "findings", None)
+            if explain:
+                out.extend(explain(snapshot))
+        return out
+
+    async def debug_asymmetric(self, request):
+        try:
+            limit = max(1, min(int(request.query.get("limit", "50")), 1000))
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be a number\n")
+        if self.asymmetric_flows is None:
+            return web.json_response({"available": False, "flows": []})
+        flows = await self._in_worker(self.asymmetric_flows, limit)
+        return web.json_response({"available": True, "flows": flows},
+                                 dumps=lambda o: json.dumps(o, indent=2, sort_keys=True))
+
+    async def _cleanup(self, app) -> None:
+        await self._in_worker(self.scraper.close)
+        self._executor.shutdown(wait=True)
+
+
+def _gzip(body: bytes) -> bytes:
+    c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    return c.compress(body) + c.flush()
+
+
+def describe_pod(view: PodView) -> dict:
+    pod = view.pod
+    return {
+        "namespace": pod.namespace, "pod": pod.name, "uid": pod.uid, "phase": pod.phase,
+        "terminating": pod.terminating, "netns": view.netns_path, "netns_inode": view.netns_inode,
+        "resolved_by": view.resolved_by, "missing_networks": list(pod.missing),
+        "annotation_errors": list(pod.errors),
+        "attachments": [{
+            "network": iv.attachment.network, "interface": iv.interface, "plane": iv.attachment.plane,
+            "default": iv.attachment.default, "mac": iv.attachment.mac, "ips": list(iv.attachment.ips),
+            "gateway": list(iv.attachment.gateway), "mtu": iv.attachment.mtu,
+            "device_info": {k: v for k, v in asdict(iv.attachment.device).items() if v},
+            "ifindex": iv.link.ifindex if iv.link else None,
+            "found_in_netns": iv.link is not None,
+        } for iv in view.interfaces],
+    }

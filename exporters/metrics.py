@@ -1,0 +1,93 @@
+"""One scrape: store view → resolved pods → every enabled source → families.
+
+Each source runs under a wrapper that times it and reports
+`planewatch_scrape_collector_success{collector}` (node_exporter `execute`);
+a failing source never fails the scrape. Scrapes are serialised: the netns
+pool and the BPF maps are read by one thread at a time.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Mapping
+
+from collector.discovery import Store
+from collector.netns import Resolver
+from collector.registry import NoData, Snapshot, Source
+from exporters.exposition import GAUGE, Family, render
+
+log = logging.getLogger(__name__)
+
+
+class Scraper:
+    def __init__(self, store: Store, resolver: Resolver, sources: Mapping[str, Source], version: str):
+        self.store = store
+        self.resolver = resolver
+        self.sources = dict(sources)
+        self.version = version
+        self._lock = threading.Lock()
+        self._failures_logged: set[str] = set()
+
+    def snapshot(self) -> Snapshot:
+        view = self.store.view()
+        pods = self.resolver.resolve(list(view.pods))
+        plane_map = self.store.plane_map
+        networks = view.networks
+        return Snapshot(
+            pods=tuple(pods), networks=networks, netns=self.resolver.pool,
+            annotation_errors=view.annotation_errors,
+            plane_for_network=lambda key: plane_map.plane_for(
+                key, default=False, nad_plane=networks[key].plane if key in networks else ""))
+
+    def collect(self) -> tuple[list[Family], Snapshot]:
+        with self._lock:
+            started = time.perf_counter()
+            families: list[Family] = []
+            success = Family("planewatch_scrape_collector_success", GAUGE,
+                             "1 when the collector's source succeeded in this scrape.", ("collector",))
+            duration = Family("planewatch_scrape_collector_duration_seconds", GAUGE,
+                              "Time the collector's source took in this scrape.", ("collector",))
+            snapshot = self.snapshot()
+            duration.add(("discovery",), time.perf_counter() - started)
+            success.add(("discovery",), 1)
+            for name, source in self.sources.items():
+                t0 = time.perf_counter()
+                ok = self._run(name, source, snapshot, families)
+                duration.add((name,), time.perf_counter() - t0)
+                success.add((name,), 1 if ok else 0)
+            build = Family("planewatch_build_info", GAUGE, "planewatch version (value 1).", ("version",))
+            build.add((self.version,), 1)
+            return families + [success, duration, build], snapshot
+
+    def _run(self, name: str, source: Source, snapshot: Snapshot, out: list[Family]) -> bool:
+        try:
+            families = list(source.collect(snapshot) or ())
+        except NoData:
+            return True
+        except Exception as err:
+            # Log a failing source once (with its traceback) and then at debug.
+            if name not in self._failures_logged:
+                log.exception("collector %s failed", name)
+                self._failures_logged.add(name)
+            else:
+                log.debug("collector %s failed: %s", name, err)
+            return False
+        self._failures_logged.discard(name)
+        out.extend(families)
+        return True
+
+    def scrape(self) -> bytes:
+        families, _ = self.collect()
+        return render(families)
+
+    def close(self) -> None:
+        with self._lock:
+            for name, source in self.sources.items():
+                close = getattr(source, "close", None)
+                if close:
+                    try:
+                        close()
+                    except Exception:
+                        log.exception("closing collector %s", name)
+            self.resolver.close()

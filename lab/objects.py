@@ -1,0 +1,85 @@
+"""The Kubernetes objects describing the lab: Pods with their Multus annotations
+and the NetworkAttachmentDefinitions, as a pods file for `planewatch serve`."""
+from __future__ import annotations
+
+import json
+
+from lab.topology import DEFAULT_NETWORK_NAME, NETWORKS, LabState, gateway, pod_uid
+
+NODE_NAME = "lab-node"
+
+
+def network_status(state: LabState, key: str, spec: dict) -> str:
+    """The annotation as Multus (thick plugin, v4) writes it: indented JSON."""
+    entries = []
+    for ifname, netkey in spec["interfaces"]:
+        net = NETWORKS[netkey]
+        entry = {"name": net.nad, "interface": ifname, "ips": state.addresses[key][ifname],
+                 "mac": state.macs[key][ifname]}
+        if netkey == "default":
+            entry.update({"default": True, "dns": {}, "gateway": [gateway(net)]})
+        else:
+            entry["dns"] = {}
+        entries.append(entry)
+    return json.dumps(entries, indent=4)
+
+
+def network_requests(spec: dict) -> str:
+    names = [f"{NETWORKS[n].nad}@{i}" for i, n in spec["interfaces"] if n != "default"]
+    return ",".join(names + list(spec.get("requests_extra") or ()))
+
+
+def pod_object(state: LabState, spec: dict) -> dict:
+    key = f"{spec['namespace']}/{spec['name']}"
+    annotations = {"k8s.v1.cni.cncf.io/network-status": network_status(state, key, spec)}
+    requests = network_requests(spec)
+    if requests:
+        annotations["k8s.v1.cni.cncf.io/networks"] = requests
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": spec["name"], "namespace": spec["namespace"],
+                     "uid": pod_uid(state.prefix, spec["namespace"], spec["name"]),
+                     "annotations": annotations},
+        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "registry.invalid/app"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+def host_network_pod(state: LabState) -> dict:
+    """Every node runs some; the collector must skip them."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "node-agent", "namespace": "kube-system",
+                         "uid": pod_uid(state.prefix, "kube-system", "node-agent")},
+            "spec": {"nodeName": NODE_NAME, "hostNetwork": True,
+                     "containers": [{"name": "agent", "image": "registry.invalid/agent"}]},
+            "status": {"phase": "Running"}}
+
+
+def nad_objects() -> list[dict]:
+    out = []
+    for net in NETWORKS.values():
+        if net.nad == DEFAULT_NETWORK_NAME:
+            continue
+        ns, name = net.nad.split("/")
+        if net.kind == "macvlan":
+            config = {"cniVersion": "0.3.1", "type": "macvlan", "master": net.host_dev, "mode": "bridge",
+                      "ipam": {"type": "whereabouts", "range": f"10.{net.octet}.0.0/16"}}
+        else:
+            config = {"cniVersion": "0.3.1", "type": "bridge", "bridge": net.host_dev,
+                      "ipam": {"type": "host-local", "subnet": f"10.{net.octet}.0.0/16"}}
+        out.append({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                    "metadata": {"name": name, "namespace": ns,
+                                 "annotations": {"planewatch.io/plane": net.plane}},
+                    "spec": {"config": json.dumps(config)}})
+    return out
+
+
+def lab_objects(state: LabState) -> list[dict]:
+    return nad_objects() + [pod_object(state, s) for s in state.specs] + [host_network_pod(state)]
+
+
+def write_pods_file(state: LabState, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "List", "items": lab_objects(state)}, f, indent=1)
+    state.pods_file = path
+    state.save()
