@@ -1,0 +1,52 @@
+# planewatch — the two commands a new user runs:
+#   make run    bring up the lab and serve /metrics on it (Ctrl-C tears it down)
+#   make test   run every test
+# Both install what they need first (Debian packages, a venv, the BPF objects).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LISTEN ?= 127.0.0.1:9808
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 \
+                openssl prometheus prometheus-node-exporter
+
+.PHONY: deps apt venv ebpf run test bench lab-down generate clean
+
+deps: apt venv ebpf
+
+apt:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo ">> installing Debian packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@echo ">> python venv in $(VENV)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip >/dev/null
+	@$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+ebpf:
+	@$(MAKE) -s -C ebpf
+
+run: deps
+	$(BIN)/planewatch lab run --web.listen-address $(LISTEN)
+
+test: deps
+	$(BIN)/python -m pytest -q tests
+
+bench: deps
+	$(BIN)/python bench/scrape.py
+
+generate: venv
+	$(BIN)/python deploy/rules/generate.py
+	$(BIN)/python dashboards/generate.py
+
+lab-down: venv
+	$(BIN)/planewatch lab down
+
+clean:
+	rm -rf $(VENV) ebpf/build

@@ -1,0 +1,139 @@
+"""Shared fixtures: root checks, unique kernel-object prefixes, the lab, a running
+collector, the real API server, and the --update-golden flag."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from this run")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+def unique_prefix(tag: str) -> str:
+    """A short prefix for kernel objects: tag + pid digits (lab names are <= 8 chars)."""
+    return f"{tag}{os.getpid() % 10000:04d}"[:8]
+
+
+@pytest.fixture
+def root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The demo lab under a unique prefix, removed afterwards whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces")
+    from lab import topology
+    prefix = unique_prefix("pwt")
+    topology.down(prefix)            # a leftover from a killed run of the same pid
+    state = topology.up(prefix)
+    try:
+        yield state
+    finally:
+        topology.down(prefix)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Collector:
+    """`planewatch serve` as a child process on 127.0.0.1."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "collector.cli", "serve", "--web.listen-address",
+               f"127.0.0.1:{self.port}", *args]
+        self.log_path = f"/tmp/planewatch-test-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def metrics(self) -> str:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return body.decode()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"collector exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if self.get("/readyz", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"collector not ready in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        os.unlink(self.log_path)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def collector_factory():
+    started: list[Collector] = []
+
+    def start(*args: str, env: dict | None = None) -> Collector:
+        c = Collector(*args, env=env)
+        started.append(c)
+        return c
+    yield start
+    for c in started:
+        c.stop()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(name, frozenset(labels.items())): value} via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def series(parsed: dict, name: str, **labels) -> dict[frozenset, float]:
+    """The series of one metric whose labels include `labels`."""
+    want = set(labels.items())
+    return {lbl: v for (n, lbl), v in parsed.items() if n == name and want <= lbl}
