@@ -50,7 +50,8 @@ class PlaneMap:
         if unknown:
             raise PlaneMapError(f"unknown keys in plane map: {sorted(unknown)}")
         default = data.get("default", DEFAULT_NETWORK_PLANE)
-        networks = data.get("networks") or {}
+        networks = data.get("networks")
+        networks = {} if networks is None else networks
         if not isinstance(networks, dict):
             raise PlaneMapError("`networks:` must map a network name or glob to a plane")
         exact, globs = {}, []

@@ -1,0 +1,73 @@
+"""Our text exposition round-trips through prometheus_client's parser and passes
+`promtool check metrics`, hostile label values included."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.exposition import COUNTER, GAUGE, Family, format_value, merge, render
+
+HOSTILE = ['plain', 'quote"inside', "back\\slash", "new\nline", "tab\tand unicode ✓ Ωmega",
+           '\\"', "\\n literal", "", "{curly}=,", "trailing\\"]
+
+
+def families():
+    c = Family("planewatch_test_events_total", COUNTER, "Events.\nSecond line with \\ backslash.", ("a", "b"))
+    g = Family("planewatch_test_level", GAUGE, "A level.", ("a",))
+    for i, v in enumerate(HOSTILE):
+        c.add((v, str(i)), i * 10)
+        g.add((v,), 0.5 + i)
+    n = Family("planewatch_test_nolabels", GAUGE, "No labels.")
+    n.add((), float("nan"))
+    return [c, g, n]
+
+
+def test_round_trip_through_prometheus_client_parser():
+    text = render(families()).decode()
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    # prometheus_client strips _total from counter family names
+    events = parsed["planewatch_test_events"]
+    assert events.type == "counter"
+    got = {(s.labels["a"], s.labels["b"]): s.value for s in events.samples}
+    assert got == {(v, str(i)): i * 10 for i, v in enumerate(HOSTILE)}
+    assert events.documentation == "Events.\nSecond line with \\ backslash."
+    level = {s.labels["a"]: s.value for s in parsed["planewatch_test_level"].samples}
+    assert level == {v: 0.5 + i for i, v in enumerate(HOSTILE)}
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian prometheus) not installed")
+def test_promtool_check_metrics_accepts_it():
+    res = subprocess.run(["promtool", "check", "metrics"], input=render(families()),
+                         capture_output=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_duplicate_series_written_once_and_families_merged():
+    a = Family("planewatch_x", GAUGE, "x", ("k",))
+    a.add(("1",), 1)
+    b = Family("planewatch_x", GAUGE, "x", ("k",))
+    b.add(("1",), 2)
+    b.add(("2",), 3)
+    text = render([a, b]).decode()
+    assert text.count("# TYPE planewatch_x gauge") == 1
+    assert 'planewatch_x{k="1"} 1\n' in text and 'planewatch_x{k="1"} 2' not in text
+    assert 'planewatch_x{k="2"} 3\n' in text
+    with pytest.raises(ValueError):
+        merge([a, Family("planewatch_x", COUNTER.replace("counter", "gauge"), "x", ("other",))])
+
+
+def test_counter_name_and_label_count_are_checked():
+    with pytest.raises(ValueError):
+        Family("planewatch_events", COUNTER, "no _total")
+    with pytest.raises(ValueError):
+        Family("planewatch_y", GAUGE, "y", ("a", "b")).add(("only-one",), 1)
+
+
+@pytest.mark.parametrize("value,text", [(0, "0"), (12345678901234, "12345678901234"), (True, "1"),
+                                        (1.0, "1"), (0.25, "0.25"), (float("inf"), "+Inf"),
+                                        (float("-inf"), "-Inf"), (1e20, "1e+20")])
+def test_format_value(value, text):
+    assert format_value(value) == text

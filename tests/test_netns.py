@@ -1,0 +1,125 @@
+"""Pods resolved to their network namespaces: netns dir by MAC and by IP, the
+cgroup path through a procfs tree, and namespaces that go away."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from collector.model import Attachment, Pod
+from collector.netns import RETRY_UNRESOLVED, Resolver
+from tests.conftest import unique_prefix
+
+
+def sh(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def namespaces(root):
+    """Three pod-like namespaces: eth0 + net1 each, with known MACs and IPs."""
+    p = unique_prefix("pwns")
+    made = []
+    try:
+        for i in range(3):
+            ns = f"{p}-{i}"
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            for j, ifname in enumerate(("eth0", "net1")):
+                sh("ip", "-n", ns, "link", "add", ifname, "address", f"02:00:00:00:{i:02x}:{j:02x}",
+                   "type", "veth", "peer", "name", f"peer{j}")
+                sh("ip", "-n", ns, "addr", "add", f"10.253.{j}.{10 + i}/24", "dev", ifname)
+                sh("ip", "-n", ns, "link", "set", ifname, "up")
+        yield made
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def pod(i: int, *, with_mac=True, with_ip=True, default_has_interface=True) -> Pod:
+    uid = f"00000000-0000-4000-8000-{i:012d}"
+    atts = (
+        Attachment("ns", f"pod{i}", uid, "k8s-pod-network", "eth0" if default_has_interface else "",
+                   default=True, mac=f"02:00:00:00:{i:02x}:00" if with_mac else "",
+                   ips=(f"10.253.0.{10 + i}/24",) if with_ip else ()),
+        Attachment("ns", f"pod{i}", uid, "ns/sig", "net1", mac=f"02:00:00:00:{i:02x}:01" if with_mac else "",
+                   ips=(f"10.253.1.{10 + i}",) if with_ip else ()),
+    )
+    return Pod("ns", f"pod{i}", uid, attachments=atts)
+
+
+def test_resolve_by_mac_ip_and_missing_interface_name(namespaces):
+    r = Resolver("/run/netns", "/nonexistent-procfs")
+    try:
+        views = r.resolve([pod(0), pod(1, with_mac=False), pod(2, default_has_interface=False),
+                           pod(9)])
+        by = {v.pod.name: v for v in views}
+        assert by["pod0"].netns_path == f"/run/netns/{namespaces[0]}"
+        assert by["pod0"].resolved_by == "netns-dir:mac"
+        assert by["pod1"].netns_path == f"/run/netns/{namespaces[1]}"
+        assert by["pod1"].resolved_by == "netns-dir:ip"
+        # the default entry had no `interface`: found by MAC, named from the kernel
+        assert [iv.interface for iv in by["pod2"].interfaces] == ["eth0", "net1"]
+        assert all(iv.link is not None for v in views[:3] for iv in v.interfaces)
+        assert by["pod9"].netns_inode == 0 and all(iv.link is None for iv in by["pod9"].interfaces)
+        assert by["pod0"].netns_inode == os.stat(f"/run/netns/{namespaces[0]}").st_ino
+        # ifindex comes from the namespace itself
+        links = json.loads(sh("ip", "-n", namespaces[0], "-j", "link", "show", "net1"))
+        assert by["pod0"].interfaces[1].link.ifindex == links[0]["ifindex"]
+        assert len(r.pool) == 3
+    finally:
+        r.close()
+
+
+def test_namespace_gone_drops_the_resolution(namespaces):
+    r = Resolver("/run/netns", "/nonexistent-procfs")
+    try:
+        assert r.resolve([pod(0)])[0].netns_inode
+        subprocess.run(["ip", "netns", "del", namespaces[0]], check=True)
+        view = r.resolve([pod(0)])[0]
+        assert view.netns_inode == 0 and len(r.pool) == 0
+    finally:
+        r.close()
+
+
+def test_unresolved_pods_are_retried_at_a_bounded_rate(namespaces):
+    now = [1000.0]
+    r = Resolver("/run/netns", "/nonexistent-procfs", clock=lambda: now[0])
+    stranger = pod(7)      # MACs/IPs that exist nowhere
+    try:
+        calls = []
+        original = r._find
+        r._find = lambda todo, pinned, t: (calls.append([p.name for p in todo]), original(todo, pinned, t))
+        r.resolve([stranger])
+        r.resolve([stranger])
+        now[0] += RETRY_UNRESOLVED + 0.1
+        r.resolve([stranger])
+        assert calls == [["pod7"], ["pod7"]]
+    finally:
+        r.close()
+
+
+def test_cgroup_path_resolves_unpinned_namespace(namespaces, tmp_path):
+    """Runtime that pins nothing: a process of the pod, found by its cgroup, gives the netns."""
+    procfs = tmp_path / "proc"
+    uid = "00000000-0000-4000-8000-000000000001"
+    (procfs / "4242" / "ns").mkdir(parents=True)
+    (procfs / "4242" / "cgroup").write_text(
+        "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{uid.replace('-', '_')}.slice/cri-containerd-0123.scope\n")
+    os.symlink(f"/run/netns/{namespaces[1]}", procfs / "4242" / "ns" / "net")
+    (procfs / "1").mkdir()
+    (procfs / "1" / "cgroup").write_text("0::/init.scope\n")
+    empty_netns_dir = tmp_path / "netns"
+    empty_netns_dir.mkdir()
+    # no MAC, no IP in the annotation: only the cgroup path can find it
+    r = Resolver(str(empty_netns_dir), str(procfs))
+    try:
+        view = r.resolve([pod(1, with_mac=False, with_ip=False)])[0]
+        assert view.resolved_by == "cgroup"
+        assert view.netns_inode == os.stat(f"/run/netns/{namespaces[1]}").st_ino
+        assert [iv.link.name for iv in view.interfaces] == ["eth0", "net1"]
+    finally:
+        r.close()
