@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 
 STATE_DIR = "/run/planewatch-lab"
@@ -109,6 +110,12 @@ def address(net: NetworkSpec, host: int, v6: bool = False) -> str:
     return f"10.{net.octet}.{host // 250}.{10 + host % 250}"
 
 
+def mac_address(prefix: str, pod_index: int, if_index: int) -> str:
+    """Locally administered, stable for a prefix, distinct between labs."""
+    h = zlib.crc32(prefix.encode()) & 0xFF
+    return f"02:{h:02x}:{pod_index >> 8:02x}:{pod_index & 0xFF:02x}:{if_index:02x}:01"
+
+
 def gateway(net: NetworkSpec) -> str:
     return f"10.{net.octet}.255.254"
 
@@ -172,16 +179,19 @@ def _build_pod(state: LabState, spec: PodSpec, index: int) -> None:
     for k in ("all", "default"):
         sysctl(ns, f"net.ipv4.conf.{k}.rp_filter", "0")
     state.addresses[key], state.macs[key] = {}, {}
-    for ifname, netkey in spec.interfaces:
+    for if_index, (ifname, netkey) in enumerate(spec.interfaces):
         net = NETWORKS[netkey]
+        mac = mac_address(state.prefix, index, if_index)
         tmp = f"{state.prefix[:4]}{index}{ifname}"[:15]
         if net.kind == "veth-bridge":
             host = f"{state.prefix[:4]}{index}h{ifname[-1]}"[:15]
-            ip("-n", node, "link", "add", host, "type", "veth", "peer", "name", tmp, "netns", ns)
+            ip("-n", node, "link", "add", host, "type", "veth", "peer", "name", tmp, "netns", ns,
+               "address", mac)
             ip("-n", node, "link", "set", host, "master", net.host_dev)
             ip("-n", node, "link", "set", host, "up")
         else:
-            ip("-n", node, "link", "add", tmp, "link", net.host_dev, "type", "macvlan", "mode", "bridge")
+            ip("-n", node, "link", "add", tmp, "address", mac, "link", net.host_dev,
+               "type", "macvlan", "mode", "bridge")
             ip("-n", node, "link", "set", tmp, "netns", ns)
         ip("-n", ns, "link", "set", tmp, "name", ifname)
         ip("-n", ns, "link", "set", ifname, "up")
@@ -192,7 +202,7 @@ def _build_pod(state: LabState, spec: PodSpec, index: int) -> None:
         if netkey == "default":
             ip("-n", ns, "route", "add", "default", "via", gateway(net))
         state.addresses[key][ifname] = addrs
-        state.macs[key][ifname] = json.loads(ip("-n", ns, "-j", "link", "show", ifname).stdout)[0]["address"]
+        state.macs[key][ifname] = mac
 
 
 def down(prefix: str = "pwlab") -> list[str]:

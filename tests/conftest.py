@@ -137,3 +137,29 @@ def series(parsed: dict, name: str, **labels) -> dict[frozenset, float]:
     """The series of one metric whose labels include `labels`."""
     want = set(labels.items())
     return {lbl: v for (n, lbl), v in parsed.items() if n == name and want <= lbl}
+
+
+@pytest.fixture(scope="session")
+def kube():
+    """One real kube-apiserver + etcd for the session, with the NAD CRD served.
+
+    Users: `collector` (stands for the DaemonSet's ServiceAccount; rights only
+    from RBAC) and `nobody` (no rights at all)."""
+    from tests.kubeapi import KubeAPIServer, kube_available
+    reason = kube_available()
+    if reason:
+        pytest.skip(reason)
+    with KubeAPIServer(users={"collector": ["system:serviceaccounts"], "nobody": []}) as server:
+        server.create_nad_crd()
+        yield server
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until predicate() is truthy; return its value or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,87 @@
+"""The golden /metrics: the collector on the lab (fixed prefix, no traffic) plus
+fixture objects and trees, normalised, diffed against tests/golden/metrics.prom.
+
+`pytest tests/test_golden.py --update-golden` rewrites the file; review the diff:
+the golden file is the list of every metric planewatch exposes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from lab import topology
+from lab.objects import NODE_NAME, lab_objects
+from tests.conftest import Collector
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, "golden", "metrics.prom")
+EXTRA = os.path.join(HERE, "fixtures", "golden", "extra-objects.yaml")
+PREFIX = "pwgold"
+
+HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
+          "# Normalised: values of kernel traffic counters are zeroed, scrape durations and\n"
+          "# the (traffic-dependent) drop-reason and asymmetric-flow series are removed.\n")
+DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet_drops_total|"
+                         r"asymmetric_packets_total)\{")
+ZERO_VALUE = re.compile(r"^(planewatch_(interface|ebpf_interface)_(receive|transmit)_[a-z]+_total\{.*\}) \S+$")
+
+
+def normalise(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        if DROP_SERIES.match(line):
+            continue
+        out.append(ZERO_VALUE.sub(r"\1 0", line))
+    return HEADER + "\n".join(out) + "\n"
+
+
+def golden_args(tmp_path) -> list[str]:
+    args = ["--node-name", NODE_NAME]
+    sysfs = os.path.join(HERE, "fixtures", "sysfs", "golden")
+    if os.path.isdir(sysfs):
+        args += ["--path.sysfs", sysfs]
+    return args
+
+
+@pytest.fixture
+def golden_lab(root, tmp_path):
+    topology.down(PREFIX)
+    state = topology.up(PREFIX)
+    try:
+        with open(EXTRA) as f:
+            extra = [d for d in yaml.safe_load_all(f) if d]
+        path = tmp_path / "pods.yaml"
+        path.write_text(yaml.safe_dump_all(lab_objects(state) + extra))
+        yield state, str(path)
+    finally:
+        topology.down(PREFIX)
+
+
+def test_golden_metrics(golden_lab, tmp_path, update_golden):
+    _, pods_file = golden_lab
+    c = Collector("--pods-file", pods_file, *golden_args(tmp_path))
+    try:
+        c.wait_ready()
+        got = normalise(c.metrics())
+    finally:
+        c.stop()
+    if update_golden or not os.path.exists(GOLDEN):
+        with open(GOLDEN, "w") as f:
+            f.write(got)
+        if not update_golden:
+            pytest.fail(f"{GOLDEN} did not exist: written, review and commit it")
+    with open(GOLDEN) as f:
+        want = f.read()
+    assert got == want, "golden /metrics differs: run pytest tests/test_golden.py --update-golden and review"
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian prometheus) not installed")
+def test_golden_file_passes_promtool():
+    with open(GOLDEN, "rb") as f:
+        res = subprocess.run(["promtool", "check", "metrics"], stdin=f, capture_output=True)
+    assert res.returncode == 0, res.stdout + res.stderr
