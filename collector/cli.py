@@ -33,6 +33,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point")
     p.add_argument("--path.netns", dest="netns", default="/run/netns",
                    help="directory where the runtime pins pod network namespaces")
+    p.add_argument("--collector.sriov.all-vfs", dest="sriov_all_vfs", action="store_true",
+                   help="also export VFs no pod uses (pod=\"\", interface=<VF PCI address>)")
+    p.add_argument("--collector.sriov.host-netns", dest="sriov_host_netns", default=None,
+                   help="netns of the PFs for the netlink VF reader (default <procfs>/1/ns/net; "
+                        "\"\" = the collector's own, e.g. with hostNetwork)")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "error"])
     for name, spec in sorted(sources.items()):
@@ -51,8 +56,11 @@ def setup_logging(level: str) -> None:
 
 
 def config_from_args(args) -> Config:
+    options = {"sriov_all_vfs": args.sriov_all_vfs}
+    if args.sriov_host_netns is not None:
+        options["host_netns"] = args.sriov_host_netns
     return Config(paths=Paths(procfs=args.procfs, sysfs=args.sysfs, netns=args.netns),
-                  node_name=args.node_name)
+                  node_name=args.node_name, options=options)
 
 
 def build_server(args):

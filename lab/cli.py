@@ -18,6 +18,8 @@ def add_lab_commands(sub) -> None:
         p.add_argument("--prefix", default="pwlab", help="name prefix of everything the lab makes")
         p.add_argument("--pods", type=int, default=0,
                        help="N scale pods with 4 interfaces each instead of the demo pods")
+        p.add_argument("--sriov-fixture", action="store_true",
+                       help="add a DPDK pod whose SR-IOV VFs live in a fake sysfs tree (this kernel has no SR-IOV)")
 
     p_up = lab_sub.add_parser("up", help="create the lab and write its pods file")
     common(p_up)
@@ -36,7 +38,15 @@ def add_lab_commands(sub) -> None:
 
 
 def _pods(args):
-    return topology.scale_pods(args.pods) if args.pods else None
+    pods = topology.scale_pods(args.pods) if args.pods else topology.demo_pods()
+    return pods + (topology.sriov_pods() if args.sriov_fixture else [])
+
+
+def _sriov_sysfs(prefix: str) -> str:
+    from lab.sriov_fixture import write_sriov_fixture
+    root = os.path.join(topology.STATE_DIR, f"{prefix}-sysfs")
+    write_sriov_fixture(root)
+    return root
 
 
 def _default_pods_file(prefix: str) -> str:
@@ -49,6 +59,8 @@ def cmd_up(args) -> int:
     write_pods_file(state, path)
     topology.warm_up(state)
     print(f"lab {args.prefix}: {len(state.pod_ns)} pods; pods file {path}")
+    if args.sriov_fixture:
+        print(f"SR-IOV fixture sysfs: {_sriov_sysfs(args.prefix)} (serve with --path.sysfs pointing at it)")
     return 0
 
 
@@ -69,6 +81,8 @@ def cmd_run(args) -> int:
     try:
         args.pods_file = _default_pods_file(args.prefix)
         args.node_name = NODE_NAME
+        if args.sriov_fixture:
+            args.sysfs = _sriov_sysfs(args.prefix)
         write_pods_file(state, args.pods_file)
         topology.warm_up(state)
         server, feeds, ssl_context = build_server(args)

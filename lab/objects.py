@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lab.topology import DEFAULT_NETWORK_NAME, NETWORKS, LabState, gateway, pod_uid
+from lab.topology import DEFAULT_NETWORK_NAME, NETWORKS, SRIOV_NAD, LabState, gateway, pod_uid
 
 NODE_NAME = "lab-node"
 
@@ -21,11 +21,18 @@ def network_status(state: LabState, key: str, spec: dict) -> str:
         else:
             entry["dns"] = {}
         entries.append(entry)
+    for ifname, nad, pci in spec.get("vfs") or ():
+        entry = {"name": nad, "dns": {},
+                 "device-info": {"type": "pci", "version": "1.1.0", "pci": {"pci-address": pci}}}
+        if ifname:
+            entry = {"name": nad, "interface": ifname, **{k: v for k, v in entry.items() if k != "name"}}
+        entries.append(entry)
     return json.dumps(entries, indent=4)
 
 
 def network_requests(spec: dict) -> str:
     names = [f"{NETWORKS[n].nad}@{i}" for i, n in spec["interfaces"] if n != "default"]
+    names += [nad + (f"@{i}" if i else "") for i, nad, _ in spec.get("vfs") or ()]
     return ",".join(names + list(spec.get("requests_extra") or ()))
 
 
@@ -74,8 +81,21 @@ def nad_objects() -> list[dict]:
     return out
 
 
+def sriov_nad() -> dict:
+    ns, name = SRIOV_NAD.split("/")
+    return {"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": ns,
+                         "annotations": {"k8s.v1.cni.cncf.io/resourceName": "intel.com/sriov_n3",
+                                         "planewatch.io/plane": "data"}},
+            "spec": {"config": json.dumps({"cniVersion": "0.3.1", "type": "sriov", "vlan": 300,
+                                           "ipam": {"type": "static"}})}}
+
+
 def lab_objects(state: LabState) -> list[dict]:
-    return nad_objects() + [pod_object(state, s) for s in state.specs] + [host_network_pod(state)]
+    nads = nad_objects()
+    if any(s.get("vfs") for s in state.specs):
+        nads.append(sriov_nad())
+    return nads + [pod_object(state, s) for s in state.specs] + [host_network_pod(state)]
 
 
 def write_pods_file(state: LabState, path: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import uuid
 import zlib
@@ -51,6 +52,7 @@ class PodSpec:
     name: str
     interfaces: tuple[tuple[str, str], ...]          # (ifname in pod, network key)
     requests_extra: tuple[str, ...] = ()             # requested networks that will not be attached
+    vfs: tuple[tuple[str, str, str], ...] = ()       # SR-IOV VFs: (ifname or "", nad, pci address)
 
 
 def demo_pods() -> list[PodSpec]:
@@ -61,6 +63,16 @@ def demo_pods() -> list[PodSpec]:
         PodSpec(NAD_NAMESPACE, "smf-d", (("eth0", "default"), ("net1", "signaling")),
                 requests_extra=(f"{NAD_NAMESPACE}/storage",)),
     ]
+
+
+SRIOV_NAD = f"{NAD_NAMESPACE}/n3-sriov"
+
+
+def sriov_pods() -> list[PodSpec]:
+    """A DPDK user-plane pod: its VFs live only in the SR-IOV fixture sysfs tree
+    (lab/sriov_fixture.py): one bound to vfio-pci (no netdev anywhere), one mlx5."""
+    return [PodSpec(NAD_NAMESPACE, "dpdk-upf", (("eth0", "default"),),
+                    vfs=(("", SRIOV_NAD, "0000:3b:02.1"), ("net3", SRIOV_NAD, "0000:5e:00.2")))]
 
 
 def scale_pods(n: int) -> list[PodSpec]:
@@ -222,6 +234,7 @@ def down(prefix: str = "pwlab") -> list[str]:
             removed.append(ns)
     if state.pods_file and os.path.exists(state.pods_file):
         os.unlink(state.pods_file)
+    shutil.rmtree(os.path.join(STATE_DIR, f"{prefix}-sysfs"), ignore_errors=True)
     os.unlink(state.path())
     return removed
 

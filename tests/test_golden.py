@@ -41,17 +41,17 @@ def normalise(text: str) -> str:
 
 
 def golden_args(tmp_path) -> list[str]:
-    args = ["--node-name", NODE_NAME]
-    sysfs = os.path.join(HERE, "fixtures", "sysfs", "golden")
-    if os.path.isdir(sysfs):
-        args += ["--path.sysfs", sysfs]
-    return args
+    """The SR-IOV VFs of the lab's DPDK pod live in a fixture sysfs tree."""
+    from lab.sriov_fixture import write_sriov_fixture
+    sysfs = str(tmp_path / "sysfs")
+    write_sriov_fixture(sysfs)
+    return ["--node-name", NODE_NAME, "--path.sysfs", sysfs]
 
 
 @pytest.fixture
 def golden_lab(root, tmp_path):
     topology.down(PREFIX)
-    state = topology.up(PREFIX)
+    state = topology.up(PREFIX, topology.demo_pods() + topology.sriov_pods())
     try:
         with open(EXTRA) as f:
             extra = [d for d in yaml.safe_load_all(f) if d]
