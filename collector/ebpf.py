@@ -1,0 +1,211 @@
+"""eBPF source: per-interface packets/bytes, drop reasons and asymmetric routing.
+
+The programs (ebpf/*.bpf.c) key everything by (netns inode, ifindex); this
+module keeps the programs attached to exactly the pod interfaces of the
+current snapshot and turns the map contents into families labelled by the
+InterfaceView found under the same key. Loading happens at the first collect,
+once: when it fails (objects not built, no BTF, no CAP_BPF, verifier refusal,
+kernel too old) the reason is logged once and every scrape reports
+`planewatch_ebpf_up 0` plus `planewatch_ebpf_info{reason=...}` while the
+other sources carry on.
+
+Options (Config.options["ebpf"], all optional): objects_dir, btf_path,
+attach_mode ("auto" | "tcx" | "clsact"), flow_entries.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Mapping
+
+from collector.model import ATTACHMENT_LABELS, InterfaceView
+from collector.registry import Config, NoData, Snapshot, register
+from exporters.exposition import COUNTER, GAUGE, Family
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]                       # (netns inode, ifindex)
+DEFAULT_TOP_FLOWS = 20
+
+_TRAFFIC_HELP = ("{what} {direction} by the pod interface, counted by planewatch's "
+                 "TCX/tc {hook} program since it was attached (bytes include the L2 header).")
+
+
+# --- pure: what to attach, and the families ------------------------------------------
+
+def wanted_attachments(snapshot: Snapshot) -> dict[Key, tuple[str, InterfaceView]]:
+    """(netns inode, ifindex) -> (netns path, view) for every live pod interface.
+
+    hostNetwork pods are left out: their interfaces are the node's, and
+    watching them would count the host's own traffic and drops.
+    """
+    wanted: dict[Key, tuple[str, InterfaceView]] = {}
+    for pv in snapshot.pods:
+        if pv.pod.host_network or not pv.netns_path or not pv.netns_inode:
+            continue
+        for view in pv.interfaces:
+            if view.link is not None:
+                wanted.setdefault((pv.netns_inode, view.link.ifindex), (pv.netns_path, view))
+    return wanted
+
+
+def traffic_families(index: Mapping[Key, InterfaceView],
+                     traffic: Mapping[tuple[int, int, str], tuple[int, int]]) -> list[Family]:
+    fams = {}
+    for direction, hook, verb in (("receive", "ingress", "received"), ("transmit", "egress", "transmitted")):
+        for unit, what in (("packets", "Packets"), ("bytes", "Bytes")):
+            fams[(hook, unit)] = Family(
+                f"planewatch_ebpf_interface_{direction}_{unit}_total", COUNTER,
+                _TRAFFIC_HELP.format(what=what, direction=verb, hook=hook), ATTACHMENT_LABELS)
+    # every watched interface gets a series, 0 until its first packet
+    for key, view in sorted(index.items()):
+        for hook in ("ingress", "egress"):
+            packets, nbytes = traffic.get((*key, hook), (0, 0))
+            fams[(hook, "packets")].add(view.labels, packets)
+            fams[(hook, "bytes")].add(view.labels, nbytes)
+    return list(fams.values())
+
+
+def drop_family(index: Mapping[Key, InterfaceView], drops: Mapping[tuple[int, int, str], int]) -> Family:
+    fam = Family("planewatch_packet_drops_total", COUNTER,
+                 "Packets the kernel dropped (kfree_skb) on the pod interface, by skb_drop_reason "
+                 "name without the SKB_DROP_REASON_ prefix; interface = skb->dev at drop time.",
+                 ATTACHMENT_LABELS + ("reason",))
+    for (netns, ifindex, reason), packets in sorted(drops.items()):
+        view = index.get((netns, ifindex))
+        if view is not None:
+            fam.add(view.labels + (reason,), packets)
+    return fam
+
+
+def asymmetric_family(index: Mapping[Key, InterfaceView],
+                      asymmetric: Mapping[tuple[int, int, int], int]) -> Family:
+    fam = Family("planewatch_asymmetric_packets_total", COUNTER,
+                 "Packets that left the pod by egress_interface while the reversed 5-tuple last "
+                 "came in by another interface (ingress_interface). The identity labels "
+                 "(network, interface, plane) are those of the ingress interface.",
+                 ATTACHMENT_LABELS + ("ingress_interface", "egress_interface"))
+    for (netns, ingress, egress), packets in sorted(asymmetric.items()):
+        inbound, outbound = index.get((netns, ingress)), index.get((netns, egress))
+        if inbound is not None and outbound is not None:
+            fam.add(inbound.labels + (inbound.interface, outbound.interface), packets)
+    return fam
+
+
+def status_families(reason: str, attach_mode: str, attached: int) -> list[Family]:
+    up = Family("planewatch_ebpf_up", GAUGE,
+                "1 when planewatch's BPF programs are loaded; 0 otherwise, "
+                "with the reason on planewatch_ebpf_info.")
+    up.add((), 1 if reason == "ok" else 0)
+    info = Family("planewatch_ebpf_info", GAUGE,
+                  "BPF status: reason is ok or why loading failed (objects_missing, libbpf_missing, "
+                  "btf_missing, permission_denied, verifier_rejected, kernel_unsupported, "
+                  "load_failed); attach_mode is tcx, clsact, auto (nothing attached yet) or none (not loaded).",
+                  ("reason", "attach_mode"))
+    info.add((reason, attach_mode), 1)
+    count = Family("planewatch_ebpf_attached_interfaces", GAUGE,
+                   "Pod interfaces the BPF programs are attached to.")
+    count.add((), attached)
+    return [up, info, count]
+
+
+def label_flow(flow: dict, index: Mapping[Key, InterfaceView]) -> dict:
+    """A loader flow with pod and interface names added (when still known)."""
+    inbound = index.get((flow["netns"], flow["ingress_ifindex"]))
+    outbound = index.get((flow["netns"], flow["egress_ifindex"]))
+    labelled = dict(flow)
+    if inbound is not None:
+        labelled.update(zip(ATTACHMENT_LABELS, inbound.labels))
+        labelled["ingress_interface"] = inbound.interface
+    if outbound is not None:
+        labelled["egress_interface"] = outbound.interface
+    return labelled
+
+
+# --- the source --------------------------------------------------------------------
+
+@register("ebpf")
+class EbpfSource:
+    """eBPF per-interface counters, drop reasons and asymmetric flows (TCX/tc + kfree_skb)."""
+
+    def __init__(self, config: Config):
+        self.options = dict(config.options.get("ebpf") or {})
+        self.loader = None
+        self.reason = ""                     # "" = not tried yet
+        self.index: dict[Key, InterfaceView] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._attach_warned: set[Key] = set()
+
+    def _ensure_loaded(self):
+        if self.reason:
+            return self.loader
+        from ebpf.loader import OBJECTS_DIR, Loader, LoadError
+        try:
+            self.loader = Loader(self.options.get("objects_dir", OBJECTS_DIR),
+                                 btf_path=self.options.get("btf_path", "/sys/kernel/btf/vmlinux"),
+                                 attach_mode=self.options.get("attach_mode", "auto"),
+                                 flow_entries=int(self.options.get("flow_entries", 16384)))
+            self.reason = "ok"
+            log.info("BPF programs loaded in %.0f ms", self.loader.load_seconds * 1000)
+        except LoadError as err:
+            self.reason = err.reason
+            log.warning("eBPF source disabled: %s", err)
+        except OSError as err:           # anything libbpf raised outside load()
+            self.reason = "load_failed"
+            log.warning("eBPF source disabled: %s", err)
+        return self.loader
+
+    def collect(self, snapshot: Snapshot) -> list[Family]:
+        with self._lock:
+            if self._closed:
+                raise NoData("closed")
+            loader = self._ensure_loaded()
+            if loader is None:
+                return status_families(self.reason, "none", 0)
+            wanted = wanted_attachments(snapshot)
+            self._reconcile(loader, wanted)
+            self.index = {key: view for key, (_, view) in wanted.items() if key in loader.hooks}
+            index = self.index
+            families = traffic_families(index, loader.interface_traffic())
+            families.append(drop_family(index, loader.packet_drops()))
+            families.append(asymmetric_family(index, loader.asymmetric_packets()))
+            families.extend(status_families(self.reason, loader.mode, len(loader.hooks)))
+            return families
+
+    def _reconcile(self, loader, wanted: Mapping[Key, tuple[str, InterfaceView]]) -> None:
+        loader.prune_dead()     # a reused (netns inode, ifindex) must get fresh links
+        for key in [k for k in loader.hooks if k not in wanted]:
+            loader.detach(*key)
+            self._attach_warned.discard(key)
+        for key, (path, _) in wanted.items():
+            if key in loader.hooks:
+                continue
+            try:
+                hook = loader.attach(path, key[1])
+            except FileNotFoundError:
+                log.debug("netns %s vanished before attach", path)
+                continue
+            except OSError as err:
+                level = logging.DEBUG if key in self._attach_warned else logging.WARNING
+                self._attach_warned.add(key)
+                log.log(level, "attach to ifindex %d in %s: %s", key[1], path, err)
+                continue
+            if (hook.netns_inode, hook.ifindex) != key:
+                # the path now names another netns than the snapshot saw: not ours
+                loader.detach(hook.netns_inode, hook.ifindex)
+
+    def top_asymmetric_flows(self, n: int = DEFAULT_TOP_FLOWS) -> list[dict]:
+        """The n flows with most asymmetric packets, for /debug/asymmetric.
+        Blocking (reads the flow table): call it from a worker thread."""
+        with self._lock:        # not while close() unloads the maps
+            if self.loader is None:
+                return []
+            return [label_flow(flow, self.index) for flow in self.loader.top_asymmetric_flows(n)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self.loader is not None:
+                self.loader.close()
+                self.loader = None

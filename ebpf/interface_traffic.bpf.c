@@ -1,0 +1,269 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Per-interface packets/bytes and a flow table that spots asymmetric routing.
+ *
+ * Attached with TCX (or clsact) on ingress and egress of every pod interface
+ * the collector watches, so everything it sees is wanted: no filter map here.
+ * Keys carry the netns inode because ifindex is only unique inside one netns.
+ *
+ * Maps (named after what they count):
+ *   iface_traffic  per-CPU (netns, ifindex, direction) -> packets, bytes
+ *   flows          LRU (netns, 5-tuple) -> last ingress/egress ifindex
+ *   asym_packets   per-CPU (netns, request ifindex, reply ifindex) -> packets
+ *                  whose reversed tuple last came in by another interface
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "planewatch.bpf.h"
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IP_OFFSET_MASK 0x1fff
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+#define MAX_L2_HEADER 64
+#define PROTO_ICMPV6 58      /* IPPROTO_ICMPV6 is a uapi #define, not in vmlinux.h */
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct traffic_key);
+	__type(value, struct traffic_value);
+} iface_traffic SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);    /* the loader may resize before load */
+	__type(key, struct flow_key);
+	__type(value, struct flow_value);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct asym_key);
+	__type(value, __u64);
+} asym_packets SEC(".maps");
+
+/* The netns of the device the program runs on; not bpf_get_netns_cookie(),
+ * which is the sending socket's netns. */
+static __always_inline __u32 device_netns(struct sk_buff *kskb)
+{
+	return kskb->dev->nd_net.net->ns.inum;
+}
+
+static __always_inline void count_traffic(__u32 netns, __u32 ifindex, __u32 direction, __u32 len)
+{
+	struct traffic_key key = { .netns = netns, .ifindex = ifindex, .direction = direction };
+	struct traffic_value *value = bpf_map_lookup_elem(&iface_traffic, &key);
+
+	if (!value) {
+		struct traffic_value first = { .packets = 1, .bytes = len };
+
+		if (bpf_map_update_elem(&iface_traffic, &key, &first, BPF_NOEXIST) == 0)
+			return;
+		/* another CPU created it meanwhile: count into that one */
+		value = bpf_map_lookup_elem(&iface_traffic, &key);
+		if (!value)
+			return;
+	}
+	value->packets++;         /* per-CPU slot: no atomics needed */
+	value->bytes += len;
+}
+
+static __always_inline void count_asymmetric(__u32 netns, __u32 ingress, __u32 egress)
+{
+	struct asym_key key = { .netns = netns, .ingress_ifindex = ingress, .egress_ifindex = egress };
+	__u64 one = 1, *value = bpf_map_lookup_elem(&asym_packets, &key);
+
+	if (value) {
+		(*value)++;
+		return;
+	}
+	if (bpf_map_update_elem(&asym_packets, &key, &one, BPF_NOEXIST) == 0)
+		return;
+	value = bpf_map_lookup_elem(&asym_packets, &key);
+	if (value)
+		(*value)++;
+}
+
+/* Offset of the IP header from skb->data: 14 on Ethernet devices, 0 on L3
+ * devices; the kernel's own header offsets say which, on ingress and egress. */
+static __always_inline __u32 network_offset(struct sk_buff *kskb)
+{
+	__u16 mac = kskb->mac_header, net = kskb->network_header;
+
+	if (mac == (__u16)~0U || net < mac)
+		return 0;
+	return net - mac;
+}
+
+static __always_inline void load_ports(struct __sk_buff *skb, __u32 l4, struct flow_key *key)
+{
+	__u8 icmp[8];
+
+	switch (key->proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		bpf_skb_load_bytes(skb, l4, &key->sport, 4);   /* sport, dport adjacent */
+		break;
+	case IPPROTO_ICMP:
+	case PROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, l4, icmp, sizeof(icmp)))
+			break;
+		/* echo request and reply share the identifier: use it as both
+		 * ports so the reversed tuple of a reply is its request */
+		if (icmp[0] == ICMP_ECHO || icmp[0] == ICMP_ECHOREPLY ||
+		    icmp[0] == ICMPV6_ECHO_REQUEST || icmp[0] == ICMPV6_ECHO_REPLY) {
+			__builtin_memcpy(&key->sport, &icmp[4], 2);
+			key->dport = key->sport;
+		}
+		break;
+	}
+}
+
+/* Fill `key` with the packet's 5-tuple; non-zero when it is not IP. IPv6
+ * extension headers are not walked (the next header is taken as the L4). */
+static __always_inline int parse_flow(struct __sk_buff *skb, struct sk_buff *kskb,
+				      __u32 netns, struct flow_key *key)
+{
+	__u32 l3 = network_offset(kskb), l4;
+
+	if (l3 > MAX_L2_HEADER)
+		return -1;
+	key->netns = netns;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
+			return -1;
+		key->family = 4;
+		key->proto = ip.protocol;
+		__builtin_memcpy(key->saddr, &ip.saddr, 4);
+		__builtin_memcpy(key->daddr, &ip.daddr, 4);
+		if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
+			return 0;          /* later fragments carry no ports */
+		l4 = l3 + ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)))
+			return -1;
+		key->family = 6;
+		key->proto = ip6.nexthdr;
+		__builtin_memcpy(key->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(key->daddr, &ip6.daddr, 16);
+		l4 = l3 + sizeof(ip6);
+	} else {
+		return -1;
+	}
+	load_ports(skb, l4, key);
+	return 0;
+}
+
+static __always_inline void reverse_flow(const struct flow_key *key, struct flow_key *rev)
+{
+	rev->netns = key->netns;
+	rev->family = key->family;
+	rev->proto = key->proto;
+	rev->pad = 0;
+	rev->sport = key->dport;
+	rev->dport = key->sport;
+	__builtin_memcpy(rev->saddr, key->daddr, 16);
+	__builtin_memcpy(rev->daddr, key->saddr, 16);
+}
+
+static __always_inline void track_ingress(struct flow_key *key, __u32 ifindex, __u64 now)
+{
+	struct flow_value *value = bpf_map_lookup_elem(&flows, key);
+
+	if (value) {
+		value->ingress_ifindex = ifindex;
+		value->last_seen_ns = now;
+		return;
+	}
+	struct flow_value first = { .ingress_ifindex = ifindex, .last_seen_ns = now };
+	bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST);
+}
+
+/* A packet leaving by `ifindex` whose reversed tuple last came in by another
+ * interface is a reply (or the next request) taking another path back. */
+static __always_inline void track_egress(struct flow_key *key, __u32 ifindex, __u64 now)
+{
+	struct flow_key rev = {};
+	struct flow_value *request, *value;
+	__u32 request_ifindex = 0;
+
+	reverse_flow(key, &rev);
+	request = bpf_map_lookup_elem(&flows, &rev);
+	if (request && request->ingress_ifindex && request->ingress_ifindex != ifindex)
+		request_ifindex = request->ingress_ifindex;
+
+	value = bpf_map_lookup_elem(&flows, key);
+	if (value) {
+		value->egress_ifindex = ifindex;
+		value->last_seen_ns = now;
+		if (request_ifindex) {
+			value->request_ifindex = request_ifindex;
+			__sync_fetch_and_add(&value->asymmetric_packets, 1);
+		}
+	} else {
+		struct flow_value first = {
+			.egress_ifindex = ifindex,
+			.request_ifindex = request_ifindex,
+			.last_seen_ns = now,
+			.asymmetric_packets = request_ifindex ? 1 : 0,
+		};
+		bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST);
+	}
+	if (request_ifindex)
+		count_asymmetric(key->netns, request_ifindex, ifindex);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool with_flows)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	__u32 netns = device_netns(kskb);
+	struct flow_key key = {};
+
+	count_traffic(netns, skb->ifindex, direction, skb->len);
+	if (!with_flows || parse_flow(skb, kskb, netns, &key))
+		return TCX_NEXT;
+	if (direction == DIRECTION_INGRESS)
+		track_ingress(&key, skb->ifindex, bpf_ktime_get_ns());
+	else
+		track_egress(&key, skb->ifindex, bpf_ktime_get_ns());
+	return TCX_NEXT;
+}
+
+SEC("tc")
+int tcx_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_INGRESS, true);
+}
+
+SEC("tc")
+int tcx_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_EGRESS, true);
+}
+
+/* Variants for bench/ebpf_prog_test_run.py only; "?" = not loaded unless asked. */
+SEC("?tc")
+int bench_noop(struct __sk_buff *skb)
+{
+	return TCX_NEXT;
+}
+
+SEC("?tc")
+int bench_counters(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_INGRESS, false);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,308 @@
+"""Load the planewatch BPF objects, attach them to pod interfaces, read the maps.
+
+One `Loader` per process. TCX links (kernel >= 6.6) are created inside the
+pod's netns and die with their fd, so a SIGKILLed collector leaves nothing
+behind; on older kernels clsact + cls_bpf filters are used instead and must be
+removed explicitly (`detach`, `close`). Readers return plain dicts keyed by
+(netns inode, ifindex, ...) because ifindex is only unique inside one netns.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from collector.nsenter import in_netns, netns_inode
+from ebpf import btf, libbpf, maps, tc
+
+log = logging.getLogger(__name__)
+
+OBJECTS_DIR = Path(__file__).resolve().parent / "build"
+TRAFFIC_OBJECT = "interface_traffic.bpf.o"
+DROPS_OBJECT = "packet_drops.bpf.o"
+BENCH_PROGRAMS = ("bench_noop", "bench_counters")
+MAX_TOP_FLOWS = 1000
+ATTACH_MODES = ("auto", "tcx", "clsact")
+
+# Why loading failed, as a bounded label value (collector/ebpf.py exports it).
+OK = "ok"
+OBJECTS_MISSING = "objects_missing"
+LIBBPF_MISSING = "libbpf_missing"
+BTF_MISSING = "btf_missing"
+PERMISSION_DENIED = "permission_denied"
+VERIFIER_REJECTED = "verifier_rejected"
+KERNEL_UNSUPPORTED = "kernel_unsupported"
+LOAD_FAILED = "load_failed"
+REASONS = (OK, OBJECTS_MISSING, LIBBPF_MISSING, BTF_MISSING, PERMISSION_DENIED,
+           VERIFIER_REJECTED, KERNEL_UNSUPPORTED, LOAD_FAILED)
+
+
+class LoadError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def load_failure_reason(err: OSError) -> str:
+    """Map libbpf's errno to a reason: EPERM without CAP_BPF, EACCES/EINVAL from
+    the verifier, ESRCH/ENOTSUPP when a kfunc or attach point does not exist."""
+    if err.errno == errno.EPERM:
+        return PERMISSION_DENIED
+    if err.errno in (errno.EACCES, errno.EINVAL, errno.E2BIG):
+        return VERIFIER_REJECTED
+    if err.errno in (errno.ESRCH, errno.ENOENT, errno.EOPNOTSUPP, 524):   # 524: ENOTSUPP
+        return KERNEL_UNSUPPORTED
+    return LOAD_FAILED
+
+
+@dataclass
+class Hook:
+    """Our programs on one interface."""
+
+    netns_inode: int
+    ifindex: int
+    netns_path: str
+    mode: str                          # "tcx" | "clsact"
+    link_fds: tuple[int, ...] = ()     # tcx
+    created_clsact: bool = False       # clsact: the qdisc is ours to remove
+
+
+def tcx_link_alive(hook: Hook) -> bool:
+    """False when the device of a TCX hook went away (clsact hooks: always True)."""
+    for fd in hook.link_fds:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                if "\nifindex:\t0\n" in f.read():
+                    return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+class Loader:
+    """Loads both objects at construction; raises LoadError (with a reason)."""
+
+    def __init__(self, objects_dir: str | Path = OBJECTS_DIR, *, btf_path: str = btf.VMLINUX_BTF,
+                 attach_mode: str = "auto", flow_entries: int = 16384, bench: bool = False):
+        if attach_mode not in ATTACH_MODES:
+            raise ValueError(f"attach_mode {attach_mode!r} not in {ATTACH_MODES}")
+        self.mode = attach_mode
+        self.hooks: dict[tuple[int, int], Hook] = {}
+        self._lock = threading.RLock()
+        self._objects: list[int] = []
+        self._drop_link = 0
+        started = time.monotonic()
+        self._preflight(Path(objects_dir), btf_path)
+        try:
+            self._load(Path(objects_dir), flow_entries, bench)
+            self.reasons = btf.drop_reasons(btf_path)
+        except btf.BTFError as err:
+            self.close()
+            raise LoadError(KERNEL_UNSUPPORTED, f"{btf_path}: {err}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.load_seconds = time.monotonic() - started
+
+    # --- loading ------------------------------------------------------------------
+
+    @staticmethod
+    def _preflight(objects_dir: Path, btf_path: str) -> None:
+        for name in (TRAFFIC_OBJECT, DROPS_OBJECT):
+            if not (objects_dir / name).is_file():
+                raise LoadError(OBJECTS_MISSING, f"{objects_dir / name} (run make -C ebpf)")
+        if not os.path.exists(btf_path):
+            raise LoadError(BTF_MISSING, f"{btf_path} (kernel without CONFIG_DEBUG_INFO_BTF)")
+        try:
+            libbpf.lib()
+        except OSError as err:
+            raise LoadError(LIBBPF_MISSING, str(err)) from None
+
+    def _open_and_load(self, path: Path, before_load=None) -> int:
+        try:
+            obj = libbpf.open_object(str(path))
+        except OSError as err:
+            raise LoadError(LOAD_FAILED, str(err)) from None
+        self._objects.append(obj)
+        if before_load:
+            before_load(obj)
+        with libbpf.capture_messages() as messages:
+            try:
+                libbpf.load_object(obj)
+            except OSError as err:
+                # the verifier's verdict is at the end of its (long) log
+                tail = " | ".join(messages).replace("\n", " | ")[-1500:]
+                raise LoadError(load_failure_reason(err), f"{path.name}: {err}; {tail}") from None
+        return obj
+
+    def _load(self, objects_dir: Path, flow_entries: int, bench: bool) -> None:
+        def tune(obj: int) -> None:
+            libbpf.set_max_entries(libbpf.find_map(obj, "flows"), flow_entries)
+            for name in BENCH_PROGRAMS if bench else ():
+                libbpf.set_autoload(libbpf.find_program(obj, name), True)
+
+        traffic = self._open_and_load(objects_dir / TRAFFIC_OBJECT, tune)
+        drops = self._open_and_load(objects_dir / DROPS_OBJECT)
+        self.traffic_obj = traffic
+        self.ingress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_ingress"))
+        self.egress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_egress"))
+        self.fds = {name: libbpf.map_fd(libbpf.find_map(obj, name)) for obj, name in (
+            (traffic, "iface_traffic"), (traffic, "flows"), (traffic, "asym_packets"),
+            (drops, "packet_drops"), (drops, "watched"))}
+        try:
+            self._drop_link = libbpf.attach_program(libbpf.find_program(drops, "count_drop"))
+        except OSError as err:
+            raise LoadError(load_failure_reason(err), f"attach tp_btf/kfree_skb: {err}") from None
+        self.ncpus = libbpf.num_possible_cpus()
+
+    def kernel_ids(self) -> dict[str, set[int]]:
+        """Ids of our programs and links, as `bpftool prog/link show` lists them."""
+        fds = [self.ingress_fd, self.egress_fd, libbpf.link_fd(self._drop_link)]
+        fds += [fd for hook in self.hooks.values() for fd in hook.link_fds]
+        ids: dict[str, set[int]] = {"programs": set(), "links": set()}
+        for fd in fds:
+            found = libbpf.fd_ids(fd)
+            ids["programs"].add(found["prog_id"])
+            if "link_id" in found:
+                ids["links"].add(found["link_id"])
+        return ids
+
+    def program_fd(self, name: str) -> int:
+        """fd of any program of interface_traffic (bench variants need bench=True)."""
+        return libbpf.program_fd(libbpf.find_program(self.traffic_obj, name))
+
+    # --- attach / detach ------------------------------------------------------------
+
+    def attach(self, netns_path: str, ifindex: int) -> Hook:
+        """Attach to `ifindex` inside the netns at `netns_path` (idempotent).
+        Raises OSError when the netns or the interface is gone."""
+        with self._lock:
+            key = (netns_inode(netns_path), ifindex)
+            if key in self.hooks:
+                return self.hooks[key]
+            with in_netns(netns_path):
+                hook = self._attach_here(netns_path, key)
+            maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
+            self.hooks[key] = hook
+            return hook
+
+    def _attach_here(self, netns_path: str, key: tuple[int, int]) -> Hook:
+        netns, ifindex = key
+        if self.mode in ("auto", "tcx"):
+            try:
+                hook = Hook(netns, ifindex, netns_path, "tcx", self._tcx_links(ifindex))
+                self.mode = "tcx"
+                return hook
+            except OSError as err:
+                # EINVAL: the kernel does not know BPF_TCX_* (< 6.6)
+                if self.mode == "tcx" or err.errno != errno.EINVAL:
+                    raise
+                log.info("TCX unavailable (%s); using clsact + cls_bpf", err)
+                self.mode = "clsact"
+        created = tc.attach(ifindex, self.ingress_fd, self.egress_fd)
+        return Hook(netns, ifindex, netns_path, "clsact", created_clsact=created)
+
+    def _tcx_links(self, ifindex: int) -> tuple[int, int]:
+        ingress = libbpf.link_create(self.ingress_fd, ifindex, libbpf.BPF_TCX_INGRESS, libbpf.BPF_F_BEFORE)
+        try:
+            egress = libbpf.link_create(self.egress_fd, ifindex, libbpf.BPF_TCX_EGRESS, libbpf.BPF_F_BEFORE)
+        except OSError:
+            os.close(ingress)
+            raise
+        return ingress, egress
+
+    def detach(self, netns_inode: int, ifindex: int) -> None:
+        """Remove our programs from one interface and forget its counts."""
+        with self._lock:
+            hook = self.hooks.pop((netns_inode, ifindex), None)
+            if hook is not None:
+                self._unhook(hook)
+            self._forget(netns_inode, ifindex)
+
+    def _unhook(self, hook: Hook) -> None:
+        for fd in hook.link_fds:
+            os.close(fd)        # an unpinned TCX link goes away with its last fd
+        if hook.mode == "clsact":
+            self._remove_clsact(hook)
+
+    @staticmethod
+    def _remove_clsact(hook: Hook) -> None:
+        try:
+            with in_netns(hook.netns_path):
+                # the path may now name another netns: only touch the one we used
+                if netns_inode("/proc/thread-self/ns/net") != hook.netns_inode:
+                    return
+                tc.detach(hook.ifindex, hook.created_clsact)
+        except FileNotFoundError:
+            pass                # the netns is gone, and our filters with it
+        except OSError as err:
+            log.warning("removing clsact filters from ifindex %d: %s", hook.ifindex, err)
+
+    def _forget(self, netns: int, ifindex: int) -> None:
+        """Drop the interface's counts, so a later interface under the same key
+        (netns inodes and ifindexes are reused) starts from zero. Traffic keys
+        are known exactly; drop and asymmetry keys need one pass over small maps."""
+        maps.remove(self.fds["watched"], maps.WATCHED, (netns, ifindex))
+        for direction in range(len(maps.DIRECTIONS)):
+            maps.remove(self.fds["iface_traffic"], maps.TRAFFIC, (netns, ifindex, direction))
+        maps.delete_where(self.fds["packet_drops"], maps.DROPS, lambda k: k[:2] == (netns, ifindex))
+        maps.delete_where(self.fds["asym_packets"], maps.ASYMMETRIC,
+                          lambda k: k[0] == netns and ifindex in (k[1], k[2]))
+
+    def prune_dead(self) -> list[tuple[int, int]]:
+        """Detach hooks whose interface is gone, returning their keys. A TCX link
+        outlives its device (fdinfo then shows ifindex 0); without this, a new pod
+        netns that reuses the inode and ifindex would look attached but count nothing."""
+        with self._lock:
+            dead = [key for key, hook in self.hooks.items() if not tcx_link_alive(hook)]
+            for key in dead:
+                self.detach(*key)
+            return dead
+
+    def close(self) -> None:
+        """Detach everything and unload; safe to call twice."""
+        with self._lock:
+            for hook in list(self.hooks.values()):
+                try:
+                    self._unhook(hook)
+                except OSError as err:
+                    log.warning("detach %s: %s", hook, err)
+            self.hooks.clear()
+            if self._drop_link:
+                libbpf.destroy_link(self._drop_link)
+                self._drop_link = 0
+            self._close_objects()
+
+    def _close_objects(self) -> None:
+        for obj in self._objects:
+            libbpf.close_object(obj)
+        self._objects.clear()
+
+    # --- readers --------------------------------------------------------------------
+
+    def _counters(self, name: str, layout: maps.Layout) -> dict:
+        return maps.decode_counters(maps.read_entries(self.fds[name], layout, self.ncpus), layout, self.ncpus)
+
+    def interface_traffic(self) -> dict[tuple[int, int, str], tuple[int, int]]:
+        """(netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
+        return maps.traffic_by_direction(self._counters("iface_traffic", maps.TRAFFIC))
+
+    def packet_drops(self) -> dict[tuple[int, int, str], int]:
+        """(netns, ifindex, drop reason name) -> packets."""
+        return maps.drops_by_reason(self._counters("packet_drops", maps.DROPS), self.reasons)
+
+    def asymmetric_packets(self) -> dict[tuple[int, int, int], int]:
+        """(netns, ingress ifindex of the request, egress ifindex of the reply) -> packets."""
+        return {k: v[0] for k, v in self._counters("asym_packets", maps.ASYMMETRIC).items()}
+
+    def top_asymmetric_flows(self, n: int) -> list[dict]:
+        """The `n` (at most MAX_TOP_FLOWS) flows with most asymmetric packets."""
+        n = max(0, min(n, MAX_TOP_FLOWS))
+        entries = maps.read_entries(self.fds["flows"], maps.FLOWS, 1)
+        top = maps.top_asymmetric_flows(entries, n)
+        now_unix, now_mono = time.time(), time.monotonic_ns()
+        return [flow.as_dict(now_unix, now_mono) for flow in top]

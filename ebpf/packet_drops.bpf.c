@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Dropped packets per (netns inode, ifindex, skb_drop_reason).
+ *
+ * tp_btf/kfree_skb needs no tracefs and gets the reason as a typed argument.
+ * It fires for every drop on the host, so only devices in `watched` (filled
+ * by the loader with the pod interfaces it attached to) are counted. The
+ * interface is skb->dev at drop time: the receiving device on the receive
+ * path, the sending one on the transmit path.
+ *
+ * Maps: packet_drops  per-CPU (netns, ifindex, reason) -> packets
+ *       watched       (netns, ifindex) -> 1
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "planewatch.bpf.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct drop_key);
+	__type(value, __u64);
+} packet_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct interface_key);
+	__type(value, __u8);
+} watched SEC(".maps");
+
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(count_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct interface_key where;
+	struct drop_key key;
+	__u64 one = 1, *value;
+
+	if (!dev)
+		return 0;
+	where.netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	where.ifindex = BPF_CORE_READ(dev, ifindex);
+	if (!bpf_map_lookup_elem(&watched, &where))
+		return 0;
+
+	key.netns = where.netns;
+	key.ifindex = where.ifindex;
+	key.reason = reason;
+	value = bpf_map_lookup_elem(&packet_drops, &key);
+	if (value) {
+		(*value)++;
+		return 0;
+	}
+	if (bpf_map_update_elem(&packet_drops, &key, &one, BPF_NOEXIST) == 0)
+		return 0;
+	value = bpf_map_lookup_elem(&packet_drops, &key);
+	if (value)
+		(*value)++;
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

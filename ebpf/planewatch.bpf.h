@@ -1,0 +1,61 @@
+/* Map layouts shared by the BPF programs; ebpf/maps.py decodes the same bytes.
+ * Keep every struct free of implicit padding (explicit pad fields) so the
+ * Python `struct` formats stay a plain transcription. */
+#ifndef PLANEWATCH_BPF_H
+#define PLANEWATCH_BPF_H
+
+#define TCX_NEXT -1            /* also TC_ACT_UNSPEC: let the next program run */
+
+#define DIRECTION_INGRESS 0
+#define DIRECTION_EGRESS 1
+
+/* (netns inode, ifindex): ifindex is only unique inside one netns. */
+struct interface_key {
+	__u32 netns;
+	__u32 ifindex;
+};
+
+struct traffic_key {           /* "=III" */
+	__u32 netns;
+	__u32 ifindex;
+	__u32 direction;
+};
+
+struct traffic_value {         /* "=QQ" per CPU */
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct drop_key {              /* "=III" */
+	__u32 netns;
+	__u32 ifindex;
+	__u32 reason;
+};
+
+struct asym_key {              /* "=III" */
+	__u32 netns;
+	__u32 ingress_ifindex;
+	__u32 egress_ifindex;
+};
+
+struct flow_key {              /* "=IBBH2s2s16s16s", 44 bytes */
+	__u32 netns;
+	__u8 family;           /* 4 or 6 */
+	__u8 proto;
+	__u16 pad;
+	__be16 sport;          /* ICMP echo: the identifier, on both ports */
+	__be16 dport;
+	__u8 saddr[16];        /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+};
+
+struct flow_value {            /* "=IIIIQQ", 32 bytes */
+	__u32 ingress_ifindex;     /* last interface this tuple came in by */
+	__u32 egress_ifindex;      /* last interface this tuple left by */
+	__u32 request_ifindex;     /* where the reversed tuple came in, when it differs */
+	__u32 pad;
+	__u64 last_seen_ns;        /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 asymmetric_packets;
+};
+
+#endif

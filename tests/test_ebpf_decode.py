@@ -1,0 +1,274 @@
+"""Pure parts of the eBPF source: BTF enum reading, map decoding, tc messages,
+and the families built from (netns, ifindex)-keyed readings. No kernel needed."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import struct
+
+import pytest
+
+from collector.ebpf import (asymmetric_family, drop_family, label_flow, status_families,
+                            traffic_families, wanted_attachments)
+from collector.model import Attachment, InterfaceView, Link, Pod, PodView
+from collector.registry import Snapshot
+from ebpf import btf, maps, tc
+from ebpf.loader import (KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED,
+                         load_failure_reason)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- BTF ----------------------------------------------------------------------------------
+
+def btf_blob(types: list[tuple[str, int, int, int, bytes]], order: str = "<") -> bytes:
+    """A BTF blob from (name, kind, vlen, size_or_type, trailer) and member names
+    referenced in trailers as b'@name@' placeholders (replaced by string offsets)."""
+    strings = [b""]
+
+    def offset(name: str) -> int:
+        raw = name.encode()
+        if raw not in strings:
+            strings.append(raw)
+        return sum(len(s) + 1 for s in strings[:strings.index(raw)])
+
+    body = b""
+    for name, kind, vlen, size, trailer in types:
+        trailer = re.sub(rb"@(\w+)@", lambda m: struct.pack(order + "I", offset(m.group(1).decode())), trailer)
+        body += struct.pack(order + "III", offset(name), (kind << 24) | vlen, size) + trailer
+    strtab = b"".join(s + b"\0" for s in strings)
+    header = struct.pack(order + "HBBIIIII", btf.BTF_MAGIC, 1, 0, 24, 0, len(body), len(body), len(strtab))
+    return header + body + strtab
+
+
+def enum_trailer(members: dict[str, int], order="<") -> bytes:
+    return b"".join(b"@" + n.encode() + b"@" + struct.pack(order + "i", v) for n, v in members.items())
+
+
+TYPES = [
+    ("int", btf.KIND_INT, 0, 4, struct.pack("<I", 32)),
+    ("", 2, 0, 1, b""),                                                        # PTR
+    ("pair", btf.KIND_STRUCT, 2, 8, b"@a@" + struct.pack("<II", 1, 0) + b"@b@" + struct.pack("<II", 1, 32)),
+    ("", btf.KIND_ARRAY, 0, 0, struct.pack("<III", 1, 1, 4)),
+    ("other", btf.KIND_ENUM, 2, 4, enum_trailer({"X": 3, "Y": 4})),
+    ("proto", btf.KIND_FUNC_PROTO, 1, 1, b"@p@" + struct.pack("<I", 1)),
+    ("big", btf.KIND_ENUM64, 1, 8, b"@HUGE@" + struct.pack("<II", 1, 2)),
+    ("skb_drop_reason", btf.KIND_ENUM, 4, 4, enum_trailer({
+        "SKB_NOT_DROPPED_YET": 0, "SKB_CONSUMED": 1, "SKB_DROP_REASON_NO_SOCKET": 3,
+        "SKB_DROP_REASON_IP_RPFILTER": 9})),
+]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("other", {3: "X", 4: "Y"}),
+    ("big", {(2 << 32) | 1: "HUGE"}),
+    ("skb_drop_reason", {0: "SKB_NOT_DROPPED_YET", 1: "SKB_CONSUMED",
+                         3: "SKB_DROP_REASON_NO_SOCKET", 9: "SKB_DROP_REASON_IP_RPFILTER"}),
+])
+def test_enum_values_walks_every_kind(name, expected):
+    assert btf.enum_values(btf_blob(TYPES), name) == expected
+
+
+def test_drop_reasons_strip_the_prefix(tmp_path):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(btf_blob(TYPES))
+    assert btf.drop_reasons(str(path)) == {0: "SKB_NOT_DROPPED_YET", 1: "SKB_CONSUMED",
+                                           3: "NO_SOCKET", 9: "IP_RPFILTER"}
+
+
+@pytest.mark.parametrize("blob,message", [
+    (b"\0" * 24, "bad magic"),
+    (btf_blob(TYPES)[:60], "truncated"),
+    (btf_blob([("x", 31, 0, 0, b"")]), "unknown BTF kind"),
+    (btf_blob(TYPES[:3]), "not in BTF"),
+])
+def test_enum_values_rejects(blob, message):
+    with pytest.raises(btf.BTFError, match=message):
+        btf.enum_values(blob, "skb_drop_reason")
+
+
+def test_big_endian_blob():
+    types = [("skb_drop_reason", btf.KIND_ENUM, 1, 4, enum_trailer({"SKB_DROP_REASON_X": 7}, ">"))]
+    assert btf.enum_values(btf_blob(types, ">"), "skb_drop_reason") == {7: "SKB_DROP_REASON_X"}
+
+
+def test_running_kernel_matches_bpftool_vmlinux_h():
+    """Our reader and bpftool's C dump must agree on the running kernel's enum."""
+    header = os.path.join(ROOT, "ebpf", "build", "vmlinux.h")
+    if not (os.path.exists(btf.VMLINUX_BTF) and os.path.exists(header)):
+        pytest.skip("no kernel BTF or no ebpf/build/vmlinux.h (make -C ebpf)")
+    text = open(header).read()
+    body = re.search(r"enum skb_drop_reason \{(.*?)\};", text, re.S).group(1)
+    dumped = {int(v, 0): n for n, v in re.findall(r"(\w+) = (-?\w+),", body)}
+    assert btf.enum_values(open(btf.VMLINUX_BTF, "rb").read(), "skb_drop_reason") == dumped
+    reasons = btf.drop_reasons()
+    assert {"NO_SOCKET", "NETFILTER_DROP", "IP_RPFILTER"} <= set(reasons.values())
+
+
+# --- maps ---------------------------------------------------------------------------------
+
+def percpu(layout: maps.Layout, *per_cpu: tuple) -> bytes:
+    pad = b"\0" * (layout.stride - layout.value.size)
+    return b"".join(layout.value.pack(*v) + pad for v in per_cpu)
+
+
+def test_layouts_match_the_c_structs():
+    assert (maps.TRAFFIC.key.size, maps.TRAFFIC.stride) == (12, 16)
+    assert (maps.FLOWS.key.size, maps.FLOWS.value.size) == (44, 32)
+    assert maps.WATCHED.value_size(4) == 1 and maps.DROPS.value_size(4) == 32
+
+
+def test_counters_are_summed_over_cpus():
+    entries = [(maps.TRAFFIC.key.pack(7, 2, 0), percpu(maps.TRAFFIC, (1, 100), (2, 300), (0, 0))),
+               (maps.TRAFFIC.key.pack(7, 2, 1), percpu(maps.TRAFFIC, (0, 0), (0, 0), (5, 70))),
+               (maps.TRAFFIC.key.pack(7, 3, 9), percpu(maps.TRAFFIC, (1, 1), (0, 0), (0, 0)))]
+    counters = maps.decode_counters(entries, maps.TRAFFIC, 3)
+    assert maps.traffic_by_direction(counters) == {(7, 2, "ingress"): (3, 400), (7, 2, "egress"): (5, 70)}
+
+
+@pytest.mark.parametrize("layout", [maps.TRAFFIC, maps.Layout(struct.Struct("=I"), struct.Struct("=IH"), True)])
+def test_sum_percpu_both_paths(layout):
+    """u64-only values take the memoryview path, others the unpack loop."""
+    raw = percpu(layout, (1, 2), (10, 20), (100, 200), (7, 7))
+    assert layout.stride == (16 if layout is maps.TRAFFIC else 8)
+    assert maps.sum_percpu(raw, layout, 3) == (111, 222)
+
+
+def test_drops_named_and_frees_left_out():
+    entries = [(maps.DROPS.key.pack(7, 2, r), percpu(maps.DROPS, (n,), (1,))) for r, n in
+               ((1, 50), (3, 4), (9, 0), (0xFFFF0001, 2))]
+    reasons = {1: "SKB_CONSUMED", 3: "NO_SOCKET", 9: "IP_RPFILTER"}
+    assert maps.drops_by_reason(maps.decode_counters(entries, maps.DROPS, 2), reasons) == {
+        (7, 2, "NO_SOCKET"): 5, (7, 2, "IP_RPFILTER"): 1, (7, 2, f"UNKNOWN_{0xFFFF0001}"): 3}
+
+
+def flow_bytes(family, proto, src, sport, dst, dport, egress=0, request=0, seen=0, asym=0):
+    def raw(a):
+        return ipaddress.ip_address(a).packed.ljust(16, b"\0")
+    key = maps.FLOWS.key.pack(99, family, proto, 0, sport.to_bytes(2, "big"), dport.to_bytes(2, "big"),
+                              raw(src), raw(dst))
+    return key, maps.FLOWS.value.pack(0, egress, request, 0, seen, asym)
+
+
+@pytest.mark.parametrize("family,proto,src,dst,name", [
+    (4, 17, "10.250.2.2", "10.250.1.1", "udp"),
+    (6, 6, "fd00:250::2", "fd00:250::1", "tcp"),
+    (6, 200, "fd00:250::2", "fd00:250::1", "200"),
+])
+def test_decode_flow(family, proto, src, dst, name):
+    flow = maps.decode_flow(*flow_bytes(family, proto, src, 7010, dst, 40000, 2, 3, 5_000_000_000, 11))
+    assert (flow.protocol, flow.source, flow.source_port, flow.destination, flow.destination_port) == \
+        (name, src, 7010, dst, 40000)
+    assert (flow.netns, flow.ingress_ifindex, flow.egress_ifindex, flow.asymmetric_packets) == (99, 3, 2, 11)
+    d = flow.as_dict(now_unix=1000.0, now_monotonic_ns=7_000_000_000)
+    assert (d["last_seen"], d["packets"]) == (998.0, 11)
+
+
+@pytest.mark.parametrize("n,expected", [(10, [9, 3, 1]), (2, [9, 3]), (0, [])])
+def test_top_asymmetric_flows_ranked_and_bounded(n, expected):
+    entries = [flow_bytes(4, 17, "10.0.0.1", port, "10.0.0.2", 2, asym=count)
+               for port, count in enumerate((0, 3, 0, 1, 9))]
+    top = maps.top_asymmetric_flows(entries, n)
+    assert [f.asymmetric_packets for f in top] == expected
+    assert [f.source_port for f in top] == [{9: 4, 3: 1, 1: 3}[c] for c in expected]
+
+
+# --- tc messages --------------------------------------------------------------------------
+
+def attrs(raw: bytes) -> dict[int, bytes]:
+    out, off = {}, 0
+    while off < len(raw):
+        length, kind = struct.unpack_from("=HH", raw, off)
+        out[kind & ~tc.NLA_F_NESTED] = raw[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def test_bpf_filter_message():
+    msg = tc.bpf_filter_message(5, tc.PARENT_EGRESS, 42)
+    family, _, _, ifindex, handle, parent, info = struct.unpack_from("=BBHiIII", msg)
+    assert (ifindex, handle, parent, info >> 16, info & 0xFFFF) == (5, 0, 0xFFFFFFF3, tc.FILTER_PRIO, 0x0300)
+    top = attrs(msg[20:])
+    assert top[tc.TCA_KIND] == b"bpf\0"
+    options = attrs(top[tc.TCA_OPTIONS])
+    assert struct.unpack("=I", options[tc.TCA_BPF_FD]) == (42,)
+    assert options[tc.TCA_BPF_NAME] == b"planewatch\0"
+    assert struct.unpack("=I", options[tc.TCA_BPF_FLAGS]) == (tc.TCA_BPF_FLAG_ACT_DIRECT,)
+
+
+def test_clsact_message():
+    msg = tc.clsact_message(5)
+    assert struct.unpack_from("=BBHiIII", msg)[3:6] == (5, 0xFFFF0000, 0xFFFFFFF1)
+    assert attrs(msg[20:])[tc.TCA_KIND] == b"clsact\0"
+
+
+@pytest.mark.parametrize("errno_,reason", [(1, PERMISSION_DENIED), (13, VERIFIER_REJECTED),
+                                           (22, VERIFIER_REJECTED), (3, KERNEL_UNSUPPORTED),
+                                           (524, KERNEL_UNSUPPORTED), (12, LOAD_FAILED)])
+def test_load_failure_reason(errno_, reason):
+    assert load_failure_reason(OSError(errno_, "x")) == reason
+
+
+# --- families -----------------------------------------------------------------------------
+
+def view(pod, dev, ifindex, network="default", plane="management"):
+    return InterfaceView(Attachment("ns1", pod, "u-" + pod, network, dev, plane=plane), Link(ifindex, dev))
+
+
+def test_wanted_attachments_skip_host_network_unresolved_and_linkless():
+    eth0, net1 = view("p", "eth0", 2), view("p", "net1", 3, "ns1/sig", "signaling")
+    dpdk = InterfaceView(Attachment("ns1", "p", "u", "ns1/dpdk", "net2"), None)
+    snap = Snapshot((
+        PodView(Pod("ns1", "p", "u"), "/run/netns/p", 10, "x", (eth0, net1, dpdk, view("p", "eth0", 2))),
+        PodView(Pod("ns1", "h", "uh", host_network=True), "/proc/1/ns/net", 1, "x", (view("h", "eth0", 2),)),
+        PodView(Pod("ns1", "q", "uq"), "", 0, "", (view("q", "eth0", 2),)),
+    ))
+    assert wanted_attachments(snap) == {(10, 2): ("/run/netns/p", eth0), (10, 3): ("/run/netns/p", net1)}
+
+
+INDEX = {(10, 2): view("p", "eth0", 2), (10, 3): view("p", "net1", 3, "ns1/sig", "signaling"),
+         (11, 2): view("q", "eth0", 2)}
+
+
+def samples(fam):
+    return {labels: v for labels, v in fam.samples}
+
+
+def test_traffic_families_zero_fill_and_ignore_unknown():
+    fams = {f.name: f for f in traffic_families(INDEX, {(10, 3, "ingress"): (4, 400), (99, 1, "egress"): (1, 1)})}
+    rx = samples(fams["planewatch_ebpf_interface_receive_packets_total"])
+    assert rx['namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling"'] == 4
+    assert rx['namespace="ns1",pod="q",network="default",interface="eth0",plane="management"'] == 0
+    assert len(rx) == 3 and len(fams) == 4
+    assert sum(samples(fams["planewatch_ebpf_interface_transmit_bytes_total"]).values()) == 0
+
+
+def test_drop_family_labels_by_netns_and_ifindex():
+    fam = drop_family(INDEX, {(11, 2, "NO_SOCKET"): 5, (10, 2, "IP_RPFILTER"): 1, (12, 2, "X"): 9})
+    assert samples(fam) == {
+        'namespace="ns1",pod="q",network="default",interface="eth0",plane="management",reason="NO_SOCKET"': 5,
+        'namespace="ns1",pod="p",network="default",interface="eth0",plane="management",reason="IP_RPFILTER"': 1}
+
+
+def test_asymmetric_family_takes_the_ingress_identity():
+    fam = asymmetric_family(INDEX, {(10, 3, 2): 7, (10, 3, 9): 1})
+    assert samples(fam) == {
+        'namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling",'
+        'ingress_interface="net1",egress_interface="eth0"': 7}
+
+
+@pytest.mark.parametrize("reason,up", [("ok", 1), ("btf_missing", 0)])
+def test_status_families(reason, up):
+    fams = {f.name: f for f in status_families(reason, "tcx", 3)}
+    assert samples(fams["planewatch_ebpf_up"]) == {"": up}
+    assert samples(fams["planewatch_ebpf_info"]) == {f'reason="{reason}",attach_mode="tcx"': 1}
+    assert samples(fams["planewatch_ebpf_attached_interfaces"]) == {"": 3}
+
+
+def test_label_flow():
+    flow = {"netns": 10, "ingress_ifindex": 3, "egress_ifindex": 2, "packets": 4}
+    got = label_flow(flow, INDEX)
+    assert (got["pod"], got["network"], got["ingress_interface"], got["egress_interface"]) == \
+        ("p", "ns1/sig", "net1", "eth0")
+    assert "pod" not in label_flow({**flow, "netns": 77}, INDEX)
