@@ -9,8 +9,9 @@ kernel too old) the reason is logged once and every scrape reports
 `planewatch_ebpf_up 0` plus `planewatch_ebpf_info{reason=...}` while the
 other sources carry on.
 
-Options (Config.options["ebpf"], all optional): objects_dir, btf_path,
-attach_mode ("auto" | "tcx" | "clsact"), flow_entries.
+Options, all optional, either nested (Config.options["ebpf"] = {"attach_mode": ...})
+or flat with an ebpf_ prefix (Config.options["ebpf_attach_mode"]): objects_dir,
+btf_path, attach_mode ("auto" | "tcx" | "clsact"), flow_entries.
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ DEFAULT_TOP_FLOWS = 20
 
 _TRAFFIC_HELP = ("{what} {direction} by the pod interface, counted by planewatch's "
                  "TCX/tc {hook} program since it was attached (bytes include the L2 header).")
+
+
+OPTION_NAMES = ("objects_dir", "btf_path", "attach_mode", "flow_entries")
+
+
+def ebpf_options(options: Mapping) -> dict:
+    """This source's settings from Config.options (flat ebpf_* keys win)."""
+    found = dict(options.get("ebpf") or {})
+    found.update({name: options[f"ebpf_{name}"] for name in OPTION_NAMES if f"ebpf_{name}" in options})
+    return found
 
 
 # --- pure: what to attach, and the families ------------------------------------------
@@ -129,7 +140,7 @@ class EbpfSource:
     """eBPF per-interface counters, drop reasons and asymmetric flows (TCX/tc + kfree_skb)."""
 
     def __init__(self, config: Config):
-        self.options = dict(config.options.get("ebpf") or {})
+        self.options = ebpf_options(config.options)
         self.loader = None
         self.reason = ""                     # "" = not tried yet
         self.index: dict[Key, InterfaceView] = {}
