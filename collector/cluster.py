@@ -1,0 +1,204 @@
+"""`planewatch cluster`: cluster-wide facts (Whereabouts IP pools), one replica.
+
+Watches, in all namespaces, with collector/kube.py's ListWatch (paged list, watch,
+relist on 410, backoff): pods (only their names are kept: leak detection),
+NetworkAttachmentDefinitions (whereabouts ranges, start/end, exclusions), IPPools,
+and OverlappingRangeIPReservations (optional: clusters without that CRD just lack
+those two series). /metrics is computed from those objects at each scrape.
+
+Ready (/readyz 200, `scrape_collector_success{collector="whereabouts"} 1`) once pods,
+NADs and IPPools have each been listed once: before that, "leaked" would be wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable, Mapping
+
+from aiohttp import web
+
+from collector import __version__
+from collector.whereabouts import (GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, ippool_families,
+                                   nad_ranges, parse_pool, parse_reservation)
+from exporters.exposition import CONTENT_TYPE, GAUGE, Family, render
+
+log = logging.getLogger("planewatch.cluster")
+
+DEFAULT_LISTEN = "127.0.0.1:9809"
+COLLECTOR = "whereabouts"
+
+
+def object_key(obj: Mapping) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+class Keyed:
+    """One watched resource: parsed objects by "namespace/name", behind a shared lock."""
+
+    def __init__(self, lock: threading.Lock, parse: Callable[[Mapping], object]):
+        self.lock, self.parse = lock, parse
+        self.items: dict[str, object] = {}
+        self.listed = False
+
+    def replace(self, objects: list) -> None:
+        parsed = {object_key(o): self.parse(o) for o in objects}
+        with self.lock:
+            self.items = parsed
+
+    def upsert(self, obj: Mapping) -> None:
+        parsed = self.parse(obj)
+        with self.lock:
+            self.items[object_key(obj)] = parsed
+
+    def delete(self, obj: Mapping) -> None:
+        with self.lock:
+            self.items.pop(object_key(obj), None)
+
+    def mark_listed(self) -> None:
+        self.listed = True
+
+
+class ClusterState:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pods = Keyed(self.lock, lambda obj: None)      # existence is all we need
+        self.nads = Keyed(self.lock, nad_ranges)
+        self.pools = Keyed(self.lock, parse_pool)
+        self.reservations = Keyed(self.lock, parse_reservation)
+
+    @property
+    def ready(self) -> bool:
+        return self.pods.listed and self.nads.listed and self.pools.listed
+
+    def families(self, version: str = __version__) -> list[Family]:
+        started = time.perf_counter()
+        families, ok = [], self.ready
+        if ok:
+            with self.lock:
+                pods = set(self.pods.items)
+                ranges = [rc for rcs in self.nads.items.values() for rc in rcs]
+                pools = list(self.pools.items.values())
+                reservations = list(self.reservations.items.values()) if self.reservations.listed else None
+            try:
+                families = ippool_families(pools, ranges, pods, reservations)
+            except Exception:               # a bug here must not take /metrics down
+                log.exception("whereabouts metrics failed")
+                families, ok = [], False
+        success = Family("planewatch_scrape_collector_success", GAUGE,
+                         "1 when the collector's source succeeded in this scrape.", ("collector",))
+        success.add((COLLECTOR,), 1 if ok else 0)
+        duration = Family("planewatch_scrape_collector_duration_seconds", GAUGE,
+                          "Time the collector's source took in this scrape.", ("collector",))
+        duration.add((COLLECTOR,), time.perf_counter() - started)
+        build = Family("planewatch_build_info", GAUGE, "planewatch version (value 1).", ("version",))
+        build.add((version,), 1)
+        return families + [success, duration, build]
+
+
+class ClusterFeed:
+    """The four ListWatches, each on its own daemon thread."""
+
+    def __init__(self, state: ClusterState, api):
+        from kubernetes import client
+        from collector.kube import NAD_GROUP, NAD_PLURAL, NAD_VERSION, ListWatch
+        self.stop_event = threading.Event()
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        cluster_objects = custom.list_cluster_custom_object
+        feeds = [
+            ("pods", core.list_pod_for_all_namespaces, state.pods),
+            ("network-attachment-definitions",
+             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads),
+            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools),
+            (RESERVATION_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, RESERVATION_PLURAL),
+             state.reservations),
+        ]
+        self.watches = [ListWatch(name, call, keyed.replace, keyed.upsert, keyed.delete,
+                                  on_listed=keyed.mark_listed, stop=self.stop_event)
+                        for name, call, keyed in feeds]
+
+    def start(self) -> None:
+        for w in self.watches:
+            threading.Thread(target=w.run, name=f"watch-{w.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class ClusterServer:
+    """/metrics, /healthz, /readyz; `.app` is what collector.cli.serve_forever runs."""
+
+    def __init__(self, state: ClusterState, middlewares=()):
+        self.state = state
+        self.app = web.Application(middlewares=list(middlewares))
+        self.app.add_routes([web.get("/", self.landing), web.get("/metrics", self.metrics),
+                             web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: render(self.state.families()))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def landing(self, request):
+        return web.Response(text="planewatch cluster: /metrics /healthz /readyz\n")
+
+    async def healthz(self, request):
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request):
+        if self.state.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="waiting for the first list of pods, NADs and IPPools\n")
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
+                   help=f"address to serve on (default {DEFAULT_LISTEN}; in a Deployment use :9809)")
+    p.add_argument("--web.config.file", dest="web_config", default="",
+                   help="exporter-toolkit web config: TLS, basic auth, bearer token")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""),
+                   help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+    p.add_argument("--log.level", dest="log_level", default="info", choices=["debug", "info", "warn", "error"])
+
+
+def cmd_cluster(args) -> int:
+    from collector.cli import serve_forever, setup_logging
+    from collector.kube import api_client
+    setup_logging(args.log_level)
+    try:
+        middlewares, ssl_context = [], None
+        if args.web_config:
+            from exporters.webconfig import load_web_config
+            web_config = load_web_config(args.web_config)
+            middlewares.append(web_config.middleware)
+            ssl_context = web_config.ssl_context()
+        state = ClusterState()
+        feed = ClusterFeed(state, api_client(args.kubeconfig or None))
+    except Exception as err:
+        log.error("cannot start: %s", err)
+        return 2
+    asyncio.run(serve_forever(ClusterServer(state, middlewares), [feed], ssl_context, args.listen))
+    return 0
+
+
+def add_cluster_command(sub) -> None:
+    """Add `cluster` to the `planewatch` subcommands (collector/cli.py main())."""
+    p = sub.add_parser("cluster", help="cluster-wide metrics (Whereabouts IP pools); run one replica")
+    add_cluster_flags(p)
+    p.set_defaults(func=cmd_cluster)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="planewatch cluster", description=__doc__.split("\n")[0])
+    add_cluster_flags(parser)
+    return cmd_cluster(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
