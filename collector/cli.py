@@ -152,12 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name not in ("lab", "lab.cli"):
             raise
-    try:
-        from collector.inspect import add_inspect_command
-        add_inspect_command(sub)
-    except ModuleNotFoundError as err:
-        if err.name != "collector.inspect":
-            raise
+    from collector.cluster import add_cluster_command
+    from collector.inspect import add_inspect_command
+    add_cluster_command(sub)
+    add_inspect_command(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
