@@ -1,0 +1,67 @@
+"""Plane overview: which plane loses packets, which pods carry the loss, how much
+traffic each plane moves.
+
+Loss per plane is cluster-wide (the same recording rules and thresholds the alerts
+use); the per-pod and throughput panels follow the node/namespace/pod filters.
+"""
+from dashboards.generate import dashboard, dashed, graph, selector, table, target
+
+POD = "namespace_pod_network_plane"
+
+
+def loss_per_plane():
+    return graph("Interface loss per plane (cluster)", [
+        target('plane:planewatch_interface_loss:ratio_rate5m{plane=~"$plane"}', "{{plane}}"),
+        target('plane:planewatch_packet_loss_threshold:ratio{plane=~"$plane"}', "{{plane}} threshold"),
+    ], unit="percentunit", overrides=[dashed(".* threshold")],
+        description="(drops + errors) / (packets + drops + errors), rx and tx, over 5m; "
+                    "dashed lines: the alert threshold of each plane.")
+
+
+def other_drops_per_plane():
+    return graph("Kernel and VF drops per plane (cluster)", [
+        target('plane:planewatch_packet_drops:ratio_rate5m{plane=~"$plane"}', "{{plane}} kernel (eBPF)"),
+        target('plane:planewatch_vf_drops:ratio_rate5m{plane=~"$plane"}', "{{plane}} VF (PF view)"),
+    ], unit="percentunit",
+        description="Packets the kernel freed as dropped (any reason), and SR-IOV VF drops, "
+                    "over the packets of the plane.")
+
+
+def top_pods_by_loss():
+    return table("Top pods by interface loss", [
+        target(f"topk(10, {POD}:planewatch_interface_loss:ratio_rate5m{selector()})", instant=True),
+    ], description="The ten pod networks with the highest loss ratio over the last 5m.")
+
+
+def loss_per_node():
+    return graph("Interface loss per node and plane", [
+        target(f'node_plane:planewatch_interface_loss:ratio_rate5m{{node=~"$node", plane=~"$plane"}}',
+               "{{node}} {{instance}} {{plane}}"),
+    ], unit="percentunit")
+
+
+def throughput(direction: str):
+    return graph(f"{direction.capitalize()} throughput per plane", [
+        target(f"8 * sum by (plane) ({POD}:planewatch_interface_{direction}_bytes:rate5m{selector()})",
+               "{{plane}}"),
+    ], unit="bps")
+
+
+def packet_rate():
+    return graph("Packet rate per plane", [
+        target(f"sum by (plane) ({POD}:planewatch_interface_receive_packets:rate5m{selector()})",
+               "{{plane}} rx"),
+        target(f"sum by (plane) ({POD}:planewatch_interface_transmit_packets:rate5m{selector()})",
+               "{{plane}} tx"),
+    ], unit="pps")
+
+
+dashboard = dashboard(
+    "planewatch / Planes", uid="planewatch-planes",
+    description="Loss and throughput per network plane of multi-homed pods.",
+    rows=[
+        [loss_per_plane(), other_drops_per_plane()],
+        [top_pods_by_loss(), loss_per_node()],
+        [throughput("receive"), throughput("transmit"), packet_rate()],
+    ],
+)
