@@ -38,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import functools
 import hashlib
 import hmac
 import logging
@@ -133,9 +134,12 @@ class WebConfig:
         """The server context (built and checked at load), or None for plain HTTP."""
         return self._context
 
-    @property
+    @functools.cached_property
     def middleware(self):
-        """aiohttp middleware enforcing client SANs, basic auth and bearer tokens."""
+        """aiohttp middleware enforcing client SANs, basic auth and bearer tokens.
+
+        One per config (cached): its bcrypt cache and worker threads are shared by
+        every request."""
         return make_middleware(self)
 
 

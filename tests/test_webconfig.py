@@ -192,6 +192,7 @@ def test_load_plain_config(tmp_path):
         str(tmp_path), f"basic_auth_users:\n  prom: '{HASH}'\nbearer_token_file: token\n"))
     assert config.ssl_context() is None
     assert config.auth_required
+    assert config.middleware is config.middleware       # one bcrypt cache per config
     assert config.bearer_tokens == (TOKEN.encode(),)
 
 
