@@ -9,6 +9,10 @@ in the systemd driver:
   v2 systemd:  0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/crio-<id>.scope
   v2 cgroupfs: 0::/kubepods/pod<uid>/<container>
 
+Inside a private cgroup namespace (the collector's own container, cgroupfs
+driver), other pods' paths read relative to ours: 0::/../../pod<uid>/<container>,
+with no "kubepods" left in them; those are accepted too.
+
 Parsing is a pure function; the scan only reads files under the procfs root.
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ def pod_uid_from_cgroup(text: str) -> str:
     """The pod UID a /proc/<pid>/cgroup file names, "" when it is no pod's."""
     for line in text.splitlines():
         parts = line.split(":", 2)
-        if len(parts) != 3 or "kubepods" not in parts[2]:
+        if len(parts) != 3 or not ("kubepods" in parts[2] or parts[2].startswith("/..")):
             continue
         match = _POD_UID.search(parts[2])
         if match:

@@ -130,6 +130,8 @@ async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.E
 
 def cmd_serve(args) -> int:
     setup_logging(args.log_level)
+    from collector.caps import raise_effective
+    raise_effective()
     try:
         server, feeds, ssl_context = build_server(args)
     except Exception as err:

@@ -137,7 +137,12 @@ class InterfaceView:
 
     @property
     def interface(self) -> str:
-        return self.link.name if self.link else self.attachment.interface
+        """The name in the pod; for a device with no name at all (a DPDK VF the
+        annotation lists without `interface`), its PCI address, so two such VFs of
+        one pod on one network stay two series."""
+        if self.link:
+            return self.link.name
+        return self.attachment.interface or self.attachment.device.pci_address
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ CASES = {
     "300": "c0ffee00-1234-4abc-9def-001122334455",    # v2, systemd driver, CRI-O
     "400": "aabbccdd-eeff-4011-8233-445566778899",    # v2, cgroupfs driver
     "600": "11111111-2222-4333-8444-555555555555",    # v2, systemd, guaranteed QoS (no QoS slice)
+    "800": "22222222-3333-4444-8555-666666666666",    # v2 read from inside a cgroup namespace
     "500": "",                                        # containerd itself: no pod
     "1": "",                                          # init
 }

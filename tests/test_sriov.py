@@ -319,7 +319,8 @@ def test_every_vf_value_in_metrics_equals_the_fixture(expected):
     source = make_source(FIXTURE, transport)
     scraped = scrape(source, one_pod_per_vf(expected["vfs"]))
     for i, vf in enumerate(expected["vfs"]):
-        iface = "" if vf["driver"] == "vfio-pci" else "net1"
+        # no netdev and no name in the annotation: the PCI address names it (model.InterfaceView)
+        iface = vf["pci_address"] if vf["driver"] == "vfio-pci" else "net1"
         labels = dict(namespace="tenant", pod=f"p{i}", network="tenant/sriov-a", interface=iface, plane="data")
         for metric in ALL_METRICS:
             got = series(scraped, metric, **labels)
