@@ -131,6 +131,30 @@ class ClusterFeed:
         self.stop_event.set()
 
 
+class ClusterFile:
+    """The same objects from a file (Pods, NADs, IPPools, reservations), for the lab."""
+
+    KINDS = {"Pod": "pods", "NetworkAttachmentDefinition": "nads", "IPPool": "pools",
+             "OverlappingRangeIPReservation": "reservations"}
+
+    def __init__(self, state: ClusterState, path: str):
+        from collector.podsfile import ObjectsFile
+        self.state = state
+        self._file = ObjectsFile(path, self._apply)
+        self.start, self.stop = self._file.start, self._file.stop
+
+    def _apply(self, objects: list) -> None:
+        by_kind = {attr: [] for attr in self.KINDS.values()}
+        for obj in objects:
+            attr = self.KINDS.get(obj.get("kind", "Pod"))
+            if attr:
+                by_kind[attr].append(obj)
+        for attr, items in by_kind.items():
+            keyed = getattr(self.state, attr)
+            keyed.replace(items)
+            keyed.mark_listed()
+
+
 class ClusterServer:
     """/metrics, /healthz, /readyz; `.app` is what collector.cli.serve_forever runs."""
 
@@ -164,6 +188,8 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="exporter-toolkit web config: TLS, basic auth, bearer token")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""),
                    help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+    p.add_argument("--pods-file", default="",
+                   help="read Pods, NADs and IPPools from this JSON/YAML file instead of the API (the lab)")
     p.add_argument("--log.level", dest="log_level", default="info", choices=["debug", "info", "warn", "error"])
 
 
@@ -179,7 +205,10 @@ def cmd_cluster(args) -> int:
             middlewares.append(web_config.middleware)
             ssl_context = web_config.ssl_context()
         state = ClusterState()
-        feed = ClusterFeed(state, api_client(args.kubeconfig or None))
+        if args.pods_file:
+            feed = ClusterFile(state, args.pods_file)
+        else:
+            feed = ClusterFeed(state, api_client(args.kubeconfig or None))
     except Exception as err:
         log.error("cannot start: %s", err)
         return 2

@@ -7,7 +7,9 @@ Two ways, the exact one first:
    under --path.netns has the same inode, that stable path is kept instead.
 2. netns dir: the namespaces pinned under --path.netns (/run/netns for
    containerd and CRI-O; some set-ups use /var/run/netns or /run/docker/netns)
-   whose interfaces carry one of the pod's annotated MACs, else one of its IPs.
+   whose interfaces carry one of the pod's annotated MACs; for a pod whose
+   annotation has no MAC at all, one of its IPs. A pod matching more than one
+   namespace stays unresolved rather than mislabelled.
 
 A resolution is kept until its namespace disappears; lookups of unresolved pods
 are rate-limited so a pod we can never see does not cost a scan per scrape.
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 LINKS_TTL = 15.0           # seconds a namespace's interface table is trusted
 RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
 MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
+NO_MAC = "00:00:00:00:00:00"
 
 
 @dataclass
@@ -111,7 +114,7 @@ def match_interfaces(pod: Pod, links: list[LinkStats], addresses: dict[str, int]
     output); it is then found by MAC or IP, and last assumed to be eth0.
     """
     by_name = {l.name: l for l in links}
-    by_mac = {l.mac: l for l in links if l.mac and l.mac != "00:00:00:00:00:00"}
+    by_mac = {l.mac: l for l in links if l.mac and l.mac != NO_MAC}
     by_index = {l.ifindex: l for l in links}
     views = []
     for att in pod.attachments:
@@ -134,14 +137,26 @@ def _as_link(l: LinkStats) -> Link:
     return Link(l.ifindex, l.name, l.mac, l.mtu, l.up, l.kind)
 
 
-def namespace_matches(pod: Pod, ns: Namespace) -> str:
-    """"mac" or "ip" when `ns` holds one of the pod's annotated interfaces, else ""."""
-    macs = {l.mac for l in ns.links}
-    if any(a.mac and a.mac.lower() in macs for a in pod.attachments):
-        return "mac"
-    if any(ip in ns.addresses for a in pod.attachments for ip in a.addresses):
-        return "ip"
-    return ""
+def pod_keys(pod: Pod, how: str) -> set[str]:
+    """What identifies the pod's namespace. IPs only for pods the annotation gives
+    no MAC for: a MAC that matches nowhere means the namespace is not here, and an
+    IP reused by another isolated network must not stand in for it."""
+    macs = {a.mac.lower() for a in pod.attachments if a.mac}
+    if how == "mac":
+        return macs
+    return set() if macs else {ip for a in pod.attachments for ip in a.addresses}
+
+
+def namespace_index(namespaces: list[Namespace]) -> dict[str, dict[str, set[int]]]:
+    """{"mac": mac -> inodes, "ip": ip -> inodes} over the given namespaces."""
+    index: dict[str, dict[str, set[int]]] = {"mac": {}, "ip": {}}
+    for ns in namespaces:
+        for l in ns.links:
+            if l.mac and l.mac != NO_MAC:
+                index["mac"].setdefault(l.mac, set()).add(ns.inode)
+        for ip in ns.addresses:
+            index["ip"].setdefault(ip, set()).add(ns.inode)
+    return index
 
 
 class Resolver:
@@ -225,9 +240,28 @@ class Resolver:
             claimed.add(ns.inode)
 
         left = [p for p in todo if p.uid not in self._resolved and p.attachments]
+        if left:
+            index = namespace_index(self._open_unclaimed(pinned, claimed, now))
+            # MACs first across every namespace, then IPs: an IP can repeat between
+            # isolated networks where a MAC does not. A pod matching several
+            # namespaces the same way stays unresolved rather than mislabelled.
+            for how in ("mac", "ip"):
+                for pod in list(left):
+                    found = set().union(*(index[how].get(k, ()) for k in pod_keys(pod, how))) - claimed
+                    if len(found) == 1:
+                        inode = found.pop()
+                        self._resolved[pod.uid] = (inode, f"netns-dir:{how}")
+                        claimed.add(inode)
+                        left.remove(pod)
+                    elif found:
+                        log.debug("pod %s: %d namespaces hold its %s", pod.key, len(found), how)
+        for pod in todo:
+            if pod.uid not in self._resolved:
+                self._tried[pod.uid] = now
+
+    def _open_unclaimed(self, pinned: dict[int, str], claimed: set[int], now: float) -> list[Namespace]:
+        out = []
         for inode, path in pinned.items():
-            if not left:
-                break
             if inode in claimed:
                 continue
             try:
@@ -237,16 +271,8 @@ class Resolver:
             except OSError as err:
                 log.debug("netns %s: %s", path, err)
                 continue
-            for pod in left:
-                how = namespace_matches(pod, ns)
-                if how:
-                    self._resolved[pod.uid] = (ns.inode, f"netns-dir:{how}")
-                    claimed.add(ns.inode)
-                    left.remove(pod)
-                    break
-        for pod in todo:
-            if pod.uid not in self._resolved:
-                self._tried[pod.uid] = now
+            out.append(ns)
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -2,7 +2,7 @@
 
 The file holds Kubernetes objects as JSON or YAML: a list, a `kind: List` with
 `items`, or several YAML documents. Objects of kind NetworkAttachmentDefinition
-feed the networks; everything else with a metadata block is taken as a Pod.
+feed the networks, objects of kind Pod (or no kind) the pods; others are skipped.
 The file is re-read when it changes (mtime, size or inode); a file that does not
 parse leaves the previous content in place.
 """
@@ -61,31 +61,35 @@ def _flatten(doc, out: list) -> None:
 
 
 def split_kinds(objects: list[Mapping]) -> tuple[list[Mapping], list[Mapping]]:
+    """(pods, NADs); objects of other kinds (e.g. IPPools for cluster mode) are not ours."""
     pods, nads = [], []
     for obj in objects:
-        (nads if obj.get("kind") == NAD_KIND else pods).append(obj)
+        kind = obj.get("kind")
+        if kind == NAD_KIND:
+            nads.append(obj)
+        elif kind in (None, "Pod"):
+            pods.append(obj)
     return pods, nads
 
 
-class PodsFile:
-    """Polls a file and mirrors its content into the store."""
+class ObjectsFile:
+    """Polls a file and hands all its objects to `apply` whenever it changes."""
 
-    def __init__(self, path: str, store: Store, interval: float = 1.0):
+    def __init__(self, path: str, apply, interval: float = 1.0):
         self.path = path
-        self.store = store
+        self.apply = apply
         self.interval = interval
         self._stamp: tuple | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        store.expect(FEED)
 
     def load_once(self) -> bool:
-        """Re-read the file if it changed; True when the store was updated."""
+        """Re-read the file if it changed; True when `apply` was called."""
         try:
             st = os.stat(self.path)
         except OSError as err:
             if self._stamp is not None:
-                log.warning("pods file %s: %s", self.path, err)
+                log.warning("objects file %s: %s", self.path, err)
             self._stamp = None
             return False
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -93,21 +97,18 @@ class PodsFile:
             return False
         try:
             with open(self.path, encoding="utf-8") as f:
-                pods, nads = split_kinds(parse_objects(f.read()))
+                objects = parse_objects(f.read())
         except (OSError, PodsFileError, UnicodeDecodeError) as err:
-            log.error("pods file %s does not parse, keeping the previous content: %s", self.path, err)
+            log.error("objects file %s does not parse, keeping the previous content: %s", self.path, err)
             self._stamp = stamp
             return False
         self._stamp = stamp
-        self.store.replace_networks(nads)
-        self.store.replace_pods(pods)
-        self.store.mark_ready(FEED)
-        log.info("pods file %s: %d objects, %d networks", self.path, len(pods), len(nads))
+        self.apply(objects)
         return True
 
     def start(self) -> None:
         self.load_once()
-        self._thread = threading.Thread(target=self._run, name="pods-file", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="objects-file", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -115,9 +116,25 @@ class PodsFile:
             try:
                 self.load_once()
             except Exception:       # never let the poller die
-                log.exception("pods file reload failed")
+                log.exception("objects file reload failed")
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+
+class PodsFile(ObjectsFile):
+    """Pods and NADs from a file, mirrored into the store."""
+
+    def __init__(self, path: str, store: Store, interval: float = 1.0):
+        super().__init__(path, self._apply, interval)
+        self.store = store
+        store.expect(FEED)
+
+    def _apply(self, objects: list[Mapping]) -> None:
+        pods, nads = split_kinds(objects)
+        self.store.replace_networks(nads)
+        self.store.replace_pods(pods)
+        self.store.mark_ready(FEED)
+        log.info("pods file %s: %d objects, %d networks", self.path, len(pods), len(nads))

@@ -18,6 +18,8 @@ def add_lab_commands(sub) -> None:
         p.add_argument("--prefix", default="pwlab", help="name prefix of everything the lab makes")
         p.add_argument("--pods", type=int, default=0,
                        help="N scale pods with 4 interfaces each instead of the demo pods")
+        p.add_argument("--ip-conflict", action="store_true",
+                       help="give smf-d's net1 the same address as upf-a's (an IP conflict to find)")
         p.add_argument("--sriov-fixture", action="store_true",
                        help="add a DPDK pod whose SR-IOV VFs live in a fake sysfs tree (this kernel has no SR-IOV)")
 
@@ -39,6 +41,8 @@ def add_lab_commands(sub) -> None:
 
 def _pods(args):
     pods = topology.scale_pods(args.pods) if args.pods else topology.demo_pods()
+    if args.ip_conflict:
+        pods = topology.with_ip_conflict(pods)
     return pods + (topology.sriov_pods() if args.sriov_fixture else [])
 
 
@@ -90,6 +94,8 @@ def cmd_run(args) -> int:
         print(f"\nlab {args.prefix} is up: {len(state.pod_ns)} pods.\n"
               f"  curl -s {scheme}://{args.listen}/metrics | grep planewatch_interface_receive_packets\n"
               f"  curl -s {scheme}://{args.listen}/debug/attachments\n"
+              f"  planewatch inspect --url {scheme}://{args.listen}\n"
+              f"Whereabouts pool of the lab: planewatch cluster --pods-file {args.pods_file}\n"
               f"Ctrl-C stops the collector and removes the lab.\n", flush=True)
         asyncio.run(serve_forever(server, feeds, ssl_context, args.listen))
     finally:

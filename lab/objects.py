@@ -62,7 +62,26 @@ def host_network_pod(state: LabState) -> dict:
             "status": {"phase": "Running"}}
 
 
-def nad_objects() -> list[dict]:
+def whereabouts_range(state: LabState) -> str:
+    """The signaling network's pool: small for the demo lab, so its fill shows."""
+    return "10.71.0.0/26" if len(state.specs) <= 50 else "10.71.0.0/16"
+
+
+def ippool_object(state: LabState) -> dict:
+    """The Whereabouts IPPool of the signaling network, as whereabouts writes it: one
+    allocation per lab pod on it, plus one whose pod was deleted long ago (a leak)."""
+    from collector.whereabouts import example_ippool
+    allocations = {}
+    for spec in state.specs:
+        key = f"{spec['namespace']}/{spec['name']}"
+        for ifname, netkey in spec["interfaces"]:
+            if netkey == "signaling":
+                allocations.setdefault(state.addresses[key][ifname][0], key)
+    allocations["10.71.0.60"] = f"{NETWORKS['signaling'].nad.split('/')[0]}/upf-decommissioned"
+    return example_ippool(whereabouts_range(state), allocations)
+
+
+def nad_objects(state: LabState) -> list[dict]:
     out = []
     for net in NETWORKS.values():
         if net.nad == DEFAULT_NETWORK_NAME:
@@ -70,7 +89,7 @@ def nad_objects() -> list[dict]:
         ns, name = net.nad.split("/")
         if net.kind == "macvlan":
             config = {"cniVersion": "0.3.1", "type": "macvlan", "master": net.host_dev, "mode": "bridge",
-                      "ipam": {"type": "whereabouts", "range": f"10.{net.octet}.0.0/16"}}
+                      "ipam": {"type": "whereabouts", "range": whereabouts_range(state)}}
         else:
             config = {"cniVersion": "0.3.1", "type": "bridge", "bridge": net.host_dev,
                       "ipam": {"type": "host-local", "subnet": f"10.{net.octet}.0.0/16"}}
@@ -92,7 +111,7 @@ def sriov_nad() -> dict:
 
 
 def lab_objects(state: LabState) -> list[dict]:
-    nads = nad_objects()
+    nads = nad_objects(state) + [ippool_object(state)]
     if any(s.get("vfs") for s in state.specs):
         nads.append(sriov_nad())
     return nads + [pod_object(state, s) for s in state.specs] + [host_network_pod(state)]

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import uuid
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 STATE_DIR = "/run/planewatch-lab"
 
@@ -53,6 +53,7 @@ class PodSpec:
     interfaces: tuple[tuple[str, str], ...]          # (ifname in pod, network key)
     requests_extra: tuple[str, ...] = ()             # requested networks that will not be attached
     vfs: tuple[tuple[str, str, str], ...] = ()       # SR-IOV VFs: (ifname or "", nad, pci address)
+    fixed_ips: tuple[tuple[str, str], ...] = ()      # (ifname, IPv4) instead of the lab's choice
 
 
 def demo_pods() -> list[PodSpec]:
@@ -73,6 +74,13 @@ def sriov_pods() -> list[PodSpec]:
     (lab/sriov_fixture.py): one bound to vfio-pci (no netdev anywhere), one mlx5."""
     return [PodSpec(NAD_NAMESPACE, "dpdk-upf", (("eth0", "default"),),
                     vfs=(("", SRIOV_NAD, "0000:3b:02.1"), ("net3", SRIOV_NAD, "0000:5e:00.2")))]
+
+
+def with_ip_conflict(pods: list[PodSpec]) -> list[PodSpec]:
+    """smf-d's net1 gets upf-a's signaling address: the mistake host-local IPAM
+    makes across nodes, seen here on one."""
+    first = address(NETWORKS["signaling"], 0)
+    return [replace(p, fixed_ips=(("net1", first),)) if p.name == "smf-d" else p for p in pods]
 
 
 def scale_pods(n: int) -> list[PodSpec]:
@@ -124,8 +132,8 @@ def address(net: NetworkSpec, host: int, v6: bool = False) -> str:
 
 def mac_address(prefix: str, pod_index: int, if_index: int) -> str:
     """Locally administered, stable for a prefix, distinct between labs."""
-    h = zlib.crc32(prefix.encode()) & 0xFF
-    return f"02:{h:02x}:{pod_index >> 8:02x}:{pod_index & 0xFF:02x}:{if_index:02x}:01"
+    h = zlib.crc32(prefix.encode()) & 0xFFFF        # two labs share MACs 1 time in 65536
+    return f"02:{h >> 8:02x}:{h & 0xFF:02x}:{pod_index >> 8:02x}:{pod_index & 0xFF:02x}:{if_index:02x}"
 
 
 def gateway(net: NetworkSpec) -> str:
@@ -207,7 +215,8 @@ def _build_pod(state: LabState, spec: PodSpec, index: int) -> None:
             ip("-n", node, "link", "set", tmp, "netns", ns)
         ip("-n", ns, "link", "set", tmp, "name", ifname)
         ip("-n", ns, "link", "set", ifname, "up")
-        addrs = [address(net, index)] + ([address(net, index, v6=True)] if net.ipv6 else [])
+        fixed = dict(spec.fixed_ips).get(ifname)
+        addrs = [fixed or address(net, index)] + ([address(net, index, v6=True)] if net.ipv6 else [])
         for a in addrs:
             plen = 64 if ":" in a else 16
             ip("-n", ns, "addr", "add", f"{a}/{plen}", "dev", ifname, *(["nodad"] if ":" in a else []))

@@ -47,7 +47,7 @@ def delete_pod(api, ns, name):
 def cluster(kube, lab):
     """The lab's NADs and pods created in the API server (except smf-d, added by a test)."""
     api = kube.api_client()
-    objs = lab_objects(lab)
+    objs = [o for o in lab_objects(lab) if o["kind"] in ("Pod", "NetworkAttachmentDefinition")]
     held_back = [o for o in objs if o["metadata"]["name"] == "smf-d"]
     for obj in objs:
         if obj not in held_back:

@@ -123,3 +123,22 @@ def test_cgroup_path_resolves_unpinned_namespace(namespaces, tmp_path):
         assert [iv.link.name for iv in view.interfaces] == ["eth0", "net1"]
     finally:
         r.close()
+
+
+def test_mac_wins_over_an_ip_seen_elsewhere_and_ambiguity_resolves_nothing(namespaces):
+    """Two isolated networks reuse 10.253.0.10: the MAC decides; without a MAC the
+    pod matches two namespaces and stays unresolved rather than mislabelled."""
+    sh("ip", "-n", namespaces[2], "addr", "add", "10.253.0.10/24", "dev", "eth0")   # pod0's IP, again
+    r = Resolver("/run/netns", "/nonexistent-procfs")
+    try:
+        v = r.resolve([pod(0)])[0]
+        assert (v.netns_path, v.resolved_by) == (f"/run/netns/{namespaces[0]}", "netns-dir:mac")
+    finally:
+        r.close()
+    r = Resolver("/run/netns", "/nonexistent-procfs")
+    try:
+        ip_only = pod(0, with_mac=False)
+        ip_only = Pod(ip_only.namespace, ip_only.name, ip_only.uid, attachments=ip_only.attachments[:1])
+        assert r.resolve([ip_only])[0].netns_inode == 0
+    finally:
+        r.close()
