@@ -39,6 +39,12 @@ class Row:
     asymmetric_per_s: float = 0.0
     findings: list = field(default_factory=list)
 
+    @property
+    def lost_per_s(self) -> float:
+        """Loss as the recording rules count it: interface drops + errors, VF drops.
+        eBPF drop reasons say why; they overlap those counters and are not added."""
+        return self.drops_per_s + self.vf_drops_per_s
+
 
 def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
     out: dict[str, list] = defaultdict(list)
@@ -98,8 +104,7 @@ def build_rows(before: dict, after: dict, debug: dict, interval: float) -> list[
             for rk, row in rows.items():
                 if rk[:2] == k[:2]:
                     row.findings.append(f.get("sentence") or f.get("kind", ""))
-    return sorted(rows.values(), key=lambda r: (-(r.drops_per_s + sum(r.drop_reasons.values())
-                                                   + r.vf_drops_per_s), r.namespace, r.pod, r.interface))
+    return sorted(rows.values(), key=lambda r: (-r.lost_per_s, r.namespace, r.pod, r.interface))
 
 
 def select(rows: list[Row], pod: str = "", plane: str = "") -> list[Row]:
@@ -121,12 +126,12 @@ def _num(v: float) -> str:
 
 
 def render_table(rows: list[Row]) -> str:
-    header = ["POD", "INTERFACE", "NETWORK", "PLANE", "IPS", "RX PPS", "TX PPS", "DROPS/S",
-              "DROP REASONS", "VF", "FINDINGS"]
+    header = ["POD", "INTERFACE", "NETWORK", "PLANE", "IPS", "RX PPS", "TX PPS", "LOST/S",
+              "KERNEL DROP REASONS/S", "VF", "FINDINGS"]
     lines = [header]
     for r in rows:
         reasons = ",".join(f"{k}={_num(v)}" for k, v in sorted(r.drop_reasons.items(), key=lambda kv: -kv[1]))
-        drops = _num(r.drops_per_s + r.vf_drops_per_s)
+        drops = _num(r.lost_per_s)
         lines.append([f"{r.namespace}/{r.pod}", r.interface or "-", r.network, r.plane, r.ips or "-",
                       _num(r.rx_pps), _num(r.tx_pps), drops, reasons or "-", r.vf or "-",
                       " | ".join(r.findings) or "-"])
@@ -139,12 +144,12 @@ def plane_summary(rows: list[Row]) -> str:
     by = defaultdict(lambda: [0.0, 0.0])
     for r in rows:
         by[r.plane][0] += r.rx_pps + r.tx_pps
-        by[r.plane][1] += r.drops_per_s + r.vf_drops_per_s + sum(r.drop_reasons.values())
+        by[r.plane][1] += r.lost_per_s
     parts = []
     for plane, (pps, drops) in sorted(by.items(), key=lambda kv: -kv[1][1]):
         loss = drops / (pps + drops) if pps + drops else 0.0
-        parts.append(f"{plane}: {_num(pps)} pps, {_num(drops)} drops/s ({loss:.2%})")
-    return "planes: " + "; ".join(parts)
+        parts.append(f"{plane}: {_num(pps)} pps, {_num(drops)} lost/s ({loss:.2%})")
+    return "planes (loss = interface drops+errors and VF drops): " + "; ".join(parts)
 
 
 class Client:

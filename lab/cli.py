@@ -96,8 +96,16 @@ def cmd_run(args) -> int:
               f"  curl -s {scheme}://{args.listen}/debug/attachments\n"
               f"  planewatch inspect --url {scheme}://{args.listen}\n"
               f"Whereabouts pool of the lab: planewatch cluster --pods-file {args.pods_file}\n"
+              f"A few UDP datagrams per second flow between the lab's pods on every network.\n"
               f"Ctrl-C stops the collector and removes the lab.\n", flush=True)
-        asyncio.run(serve_forever(server, feeds, ssl_context, args.listen))
+        import threading
+        stop_traffic = threading.Event()
+        threading.Thread(target=topology.keep_traffic_flowing, args=(state, stop_traffic),
+                         name="lab-traffic", daemon=True).start()
+        try:
+            asyncio.run(serve_forever(server, feeds, ssl_context, args.listen))
+        finally:
+            stop_traffic.set()
     finally:
         topology.down(args.prefix)
         print(f"lab {args.prefix}: removed", flush=True)

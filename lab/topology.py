@@ -262,6 +262,16 @@ def warm_up(state: LabState, count: int = 5) -> int:
     return got
 
 
+def keep_traffic_flowing(state: LabState, stop, period: float = 1.0, count: int = 5) -> None:
+    """Until `stop` (a threading.Event) is set: every `period` seconds, warm_up's
+    pattern with `count` datagrams per pair, so rates and eBPF counters move."""
+    while not stop.wait(period):
+        try:
+            warm_up(state, count)
+        except OSError:         # the lab is being torn down
+            return
+
+
 def _same_network_ip(state: LabState, target_pod: str, src_pod: str, ifname: str) -> str:
     src_net = _network_of(state, src_pod, ifname)
     for t_if, t_ips in state.addresses[target_pod].items():
