@@ -81,7 +81,8 @@ def pod_ip(state: LabState, pod: str, ifname: str) -> str:
     return next(a for a in state.addresses[pod][ifname] if ":" not in a)
 
 
-def subnet_of(address: str) -> str:
+def lab_subnet(address: str) -> str:
+    """Every lab network is a /16 (lab/topology.py)."""
     return str(ipaddress.ip_network(f"{address}/16", strict=False))
 
 
@@ -177,7 +178,7 @@ def policy_routing_fix(state: LabState, pod: str = "telco/upf-a", ifname: str = 
     def build(c: Change) -> None:
         c.ip(ns, "rule", "add", "from", src, "table", str(table), "priority", "1000",
              undo=("rule", "del", "from", src, "table", str(table), "priority", "1000"))
-        c.ip(ns, "route", "add", subnet_of(src), "dev", ifname, "table", str(table),
+        c.ip(ns, "route", "add", lab_subnet(src), "dev", ifname, "table", str(table),
              undo=("route", "flush", "table", str(table)))
         c.ip(ns, "route", "add", "default", "via", via, "dev", ifname, "table", str(table))
         c.info.update(pod=pod, interface=ifname, table=table, source=src)

@@ -1,0 +1,345 @@
+"""Routes source: static asymmetric-routing analysis inside each pod's netns.
+
+Per pod, inside its netns (collector/routes_analysis.py says what it means):
+addresses, routes of every table, rules, `ip route get DST from SRC` for the
+destinations each attachment should serve, and rp_filter from
+/proc/sys/net/ipv4/conf — which shows the netns of the *reading thread*, so it
+is read while the thread is inside. Exports route_mismatch, subnet_overlap,
+interface_rp_filter and the pod's source-based policy rules; `findings()`
+explains them for /debug/attachments.
+
+Routes change rarely and the analysis costs a few ms of CPU a pod (pyroute2
+parsing), so results are cached. A pod is analysed again when its attachments
+or namespace change, when the kernel announces a route/rule/address/link/
+rp_filter change in its netns (rtnetlink multicast, `ChangeWatch`; at most once
+per `min_gap`), and otherwise every `interval` as a safety net; all within a
+per-scrape time budget (new pods first, under `budget_new`, so the first
+scrape shows a normal node whole; then changed, then the stalest, under
+`budget`): a scrape of 250 pods serves cached results.
+
+pyroute2: one AsyncIPRoute per analysis, created (socket included) while the
+thread is inside the netns, closed right after. Opening one costs ~0.25 ms,
+less than keeping 4 fds and an event loop per pod. `netns=None, flags=0` so
+pyroute2 never creates or enters a namespace itself; `groups=0` so the socket
+subscribes to no event stream.
+
+Options (Config.options["routes"]): interval (s, 300), min_gap (s, 1),
+budget (s of analysis per scrape, 0.2), budget_new (s, 2).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from collector.model import ATTACHMENT_LABELS, PodView
+from collector.nsenter import in_netns
+from collector.registry import Config, NoData, Snapshot, register
+from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
+from exporters.exposition import GAUGE, Family
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 300.0       # a safety net: kernel events trigger re-analysis (ChangeWatch)
+DEFAULT_MIN_GAP = 1.0          # a pod whose routing keeps changing: at most one analysis a second
+DEFAULT_BUDGET = 0.2           # seconds of analysis per scrape for pods already known
+DEFAULT_BUDGET_NEW = 2.0       # ... and for pods never analysed (the first scrape shows them all)
+FAMILY_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
+# errnos of a route lookup that mean "no route", not "the analysis failed"
+NO_ROUTE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.EACCES, errno.EPERM}
+
+
+# --- pyroute2 messages -> plain dicts (the shapes routes_analysis documents) -------
+
+def route_from_msg(msg) -> dict:
+    dst = msg.get_attr("RTA_DST")
+    oif = msg.get_attr("RTA_OIF")
+    oifs = (oif,) if oif else tuple(hop.get("oif") for hop in msg.get_attr("RTA_MULTIPATH") or ())
+    return {"family": FAMILY_VERSION.get(msg["family"], 0),
+            "dst": f"{dst}/{msg['dst_len']}" if dst else "default",
+            "table": msg.get_attr("RTA_TABLE") or msg["table"], "type": msg["type"],
+            "oifs": tuple(i for i in oifs if i), "gateway": msg.get_attr("RTA_GATEWAY") or ""}
+
+
+def rule_from_msg(msg) -> dict:
+    src = msg.get_attr("FRA_SRC")
+    return {"family": FAMILY_VERSION.get(msg["family"], 0), "priority": msg.get_attr("FRA_PRIORITY") or 0,
+            "src": f"{src}/{msg['src_len']}" if src else "",
+            "table": msg.get_attr("FRA_TABLE") or msg["table"], "action": msg["action"]}
+
+
+def address_from_msg(msg) -> dict:
+    ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+    return {"ifindex": msg["index"], "address": f"{ip}/{msg['prefixlen']}"}
+
+
+def answer_from_msg(msg) -> dict:
+    return {"oif": msg.get_attr("RTA_OIF") or 0, "table": msg.get_attr("RTA_TABLE") or msg["table"],
+            "type": msg["type"], "error": 0}
+
+
+# --- I/O: one pod --------------------------------------------------------------------
+
+def attached_interfaces(view: PodView) -> tuple[Attached, ...]:
+    out = []
+    for iv in view.interfaces:
+        if iv.link is None:
+            continue        # a VF bound to DPDK, or not there yet: no routes to check
+        a = iv.attachment
+        out.append(Attached(iv.labels, iv.link.name, iv.link.ifindex, a.network, a.ips, a.gateway, a.default))
+    return tuple(out)
+
+
+def read_rp_filter(procfs: str, interfaces) -> dict[str, int]:
+    """Call with the thread inside the pod netns: /proc/sys/net is per reader."""
+    out = {}
+    for name in ("all", *interfaces):
+        try:
+            with open(os.path.join(procfs, "sys/net/ipv4/conf", name, "rp_filter")) as f:
+                out[name] = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+async def _all(result) -> list:
+    result = await result
+    if isinstance(result, (list, tuple)):
+        return list(result)
+    return [m async for m in result]
+
+
+async def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
+                   atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+    """Everything the analysis needs from one netns: the facts, the lookups
+    planned and their answers."""
+    from pyroute2 import AsyncIPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    ipr = None
+    try:
+        with in_netns(netns_fd):
+            ipr = AsyncIPRoute(netns=None, flags=0, groups=0)
+            await ipr.setup_endpoint()          # the socket is made here: inside
+            rp_filter = read_rp_filter(procfs, [a.interface for a in atts])
+        versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
+        families = [f for f, v in FAMILY_VERSION.items() if v in versions]
+        addresses = [address_from_msg(m) for m in await _all(ipr.addr("dump"))]
+        routes, rules = [], []
+        for fam in families:
+            routes += [r for r in map(route_from_msg, await _all(ipr.route("dump", family=fam)))
+                       if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
+            rules += [rule_from_msg(m) for m in await _all(ipr.rule("dump", family=fam))]
+        facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
+        answers = {}
+        plan = probe_plan(facts)
+        for probe in plan:
+            try:
+                msgs = await _all(ipr.route("get", dst=probe.address, src=probe.source))
+                answers[(probe.source, probe.address)] = answer_from_msg(msgs[0])
+            except NetlinkError as err:
+                if err.code not in NO_ROUTE_ERRNOS:
+                    raise
+                answers[(probe.source, probe.address)] = {"error": err.code}
+        return facts, plan, answers
+    finally:
+        if ipr is not None:
+            ipr.close()
+
+
+# --- knowing when to look again ---------------------------------------------------
+
+# rtnetlink multicast groups whose events can change the analysis: links, addresses,
+# routes and rules of both families, and netconf (rp_filter changes are announced there).
+WATCHED_GROUPS = (1, 5, 7, 8, 9, 11, 19, 24, 25)
+
+
+class ChangeWatch:
+    """A non-blocking rtnetlink socket per pod netns, subscribed to route, rule,
+    address, link and netconf events: a pod whose routing changed is analysed at
+    the next scrape instead of when its cached result expires."""
+
+    def __init__(self):
+        self._socks: dict[int, socket.socket] = {}      # netns inode -> socket
+
+    def changed(self, inode: int, netns_fd: int) -> bool:
+        """True when something changed since the last call (or this netns is new)."""
+        sock = self._socks.get(inode)
+        if sock is None:
+            with in_netns(netns_fd):
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, 0)
+            sock.bind((0, sum(1 << (g - 1) for g in WATCHED_GROUPS)))
+            self._socks[inode] = sock
+            return True
+        seen = False
+        while True:
+            try:
+                sock.recv(1 << 16)
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError as err:          # ENOBUFS: events were lost, so something changed
+                if err.errno != errno.ENOBUFS:
+                    raise
+                seen = True
+
+    def keep_only(self, inodes: set[int]) -> None:
+        for inode in [i for i in self._socks if i not in inodes]:
+            self._socks.pop(inode).close()
+
+
+# --- the source ----------------------------------------------------------------------
+
+@dataclass
+class Cached:
+    fingerprint: tuple
+    facts: PodFacts
+    analysis: Analysis
+    at: float
+    seconds: float          # what the analysis cost: wall clock
+    cpu_seconds: float      # and this thread's CPU time
+
+
+@register("routes", help="Asymmetric-routing analysis (route lookups, overlaps, rp_filter) in each pod netns.")
+class RoutesSource:
+    def __init__(self, config: Config, clock=time.monotonic):
+        import pyroute2  # noqa: F401  -- imported now (~0.2 s), not during the first scrape
+        opts = dict(config.options.get("routes") or {})
+        self.procfs = config.paths.procfs
+        self.interval = float(opts.get("interval", DEFAULT_INTERVAL))
+        self.min_gap = float(opts.get("min_gap", DEFAULT_MIN_GAP))
+        self.budget = float(opts.get("budget", DEFAULT_BUDGET))
+        self.budget_new = float(opts.get("budget_new", DEFAULT_BUDGET_NEW))
+        self._clock = clock
+        self._cache: dict[str, Cached] = {}
+        self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
+        self._watch = ChangeWatch()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()       # collect() and findings() may come from two threads
+
+    def refresh(self, snapshot: Snapshot) -> list[Cached]:
+        """Analyse what is new, changed or stale (within the budget); the cached
+        result of every live pod, in snapshot order."""
+        with self._lock:
+            return self._refresh(snapshot)
+
+    def _refresh(self, snapshot: Snapshot) -> list[Cached]:
+        live = self._live(snapshot)
+        for uid in [u for u in self._cache if u not in live]:
+            del self._cache[uid]
+        self._dirty &= set(live)
+        for uid, (view, ns, _, _) in live.items():
+            try:
+                if self._watch.changed(ns.inode, ns.fd):
+                    self._dirty.add(uid)
+            except OSError as err:
+                log.debug("pod %s: change watch: %s", view.pod.key, err)
+                self._dirty.add(uid)
+        self._watch.keep_only({v[1].inode for v in live.values()})
+        now, started = self._clock(), time.perf_counter()
+        for n, uid in enumerate(self._due(live, now)):
+            limit = self.budget_new if uid not in self._cache else self.budget
+            if n and time.perf_counter() - started > limit:
+                break       # the rest waits for the next scrape; at least one pod progresses
+            self._analyse(uid, *live[uid], now)
+        return [self._cache[u] for u in live if u in self._cache]
+
+    def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
+        """uid -> (view, namespace, attachments, fingerprint) of every pod to analyse."""
+        pool = snapshot.netns
+        live = {}
+        for view in snapshot.pods:
+            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            if ns is None or view.pod.host_network:
+                continue
+            atts = attached_interfaces(view)
+            if atts:
+                live[view.pod.uid] = (view, ns, atts, (view.netns_inode, atts))
+        return live
+
+    def _due(self, live: dict[str, tuple], now: float) -> list[str]:
+        """New or re-attached pods first, then those the kernel changed, then the stalest."""
+        cache = self._cache
+        new = [u for u, v in live.items() if u not in cache or cache[u].fingerprint != v[3]]
+        changed = [u for u in live if u not in new and u in self._dirty and now - cache[u].at >= self.min_gap]
+        stale = sorted((u for u in live if u not in new and u not in changed
+                        and now - cache[u].at >= self.interval), key=lambda u: cache[u].at)
+        return new + changed + stale
+
+    def _analyse(self, uid: str, view: PodView, ns, atts, fp, now: float) -> None:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._dirty.discard(uid)        # events from here on are after what we read
+        try:
+            links = {l.ifindex: l.name for l in ns.rtnl.links()}
+            facts, plan, answers = self._loop.run_until_complete(
+                read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name, atts, links))
+        except OSError as err:          # the pod's netns went away meanwhile: not a failure
+            log.debug("pod %s: %s", view.pod.key, err)
+            self._cache.pop(uid, None)
+            return
+        analysis = analyse(facts, answers, plan)
+        self._cache[uid] = Cached(fp, facts, analysis, now, time.perf_counter() - t0, time.thread_time() - c0)
+
+    def collect(self, snapshot: Snapshot) -> list[Family]:
+        results = self.refresh(snapshot)
+        if not results and not snapshot.pods:
+            raise NoData("no pods")
+        return families([c.analysis for c in results])
+
+    def findings(self, snapshot: Snapshot) -> list[dict]:
+        out = []
+        for cached in self.refresh(snapshot):
+            out.extend(findings(cached.facts, cached.analysis))
+        return out
+
+    def costs(self) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds each cached analysis took, for benchmarks and tests."""
+        return [(c.seconds, c.cpu_seconds) for c in self._cache.values()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._watch.keep_only(set())
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
+
+
+def families(analyses: list[Analysis]) -> list[Family]:
+    mismatch = Family("planewatch_route_mismatch", GAUGE,
+                      "1 when, in the pod, the route lookup from the attachment's address to a destination "
+                      "it serves (its gateway, its subnet, a route via it) leaves by egress_interface "
+                      "instead (\"none\": no route). destination is the gateway address or the prefix "
+                      "checked.", ATTACHMENT_LABELS + ("destination", "egress_interface"))
+    overlap = Family("planewatch_subnet_overlap", GAUGE,
+                     "1 when a subnet of the attachment overlaps a subnet of the pod's other_interface.",
+                     ATTACHMENT_LABELS + ("other_interface",))
+    rp = Family("planewatch_interface_rp_filter", GAUGE,
+                "Effective rp_filter of the pod interface: max(net.ipv4.conf.all, net.ipv4.conf.<if>); "
+                "0 off, 1 strict, 2 loose.", ATTACHMENT_LABELS)
+    policy = Family("planewatch_pod_policy_routing", GAUGE,
+                    "1 when the pod has source-based policy rules (ip rule from ... table N).",
+                    ("namespace", "pod"))
+    rules = Family("planewatch_pod_policy_rule_info", GAUGE,
+                   "One series per source-based policy rule in the pod (value 1).",
+                   ("namespace", "pod", "source", "table"))
+    for a in analyses:
+        for labels in sorted({m.attached.labels + (m.probe.destination, m.egress_interface)
+                              for m in a.mismatches}):
+            mismatch.add(labels, 1)
+        for labels in sorted({o.attached.labels + (o.other.interface,) for o in a.overlaps}):
+            overlap.add(labels, 1)
+        for r in a.rp_filters:
+            rp.add(r.attached.labels, r.effective)
+        policy.add((a.namespace, a.pod), 1 if a.policy_rules else 0)
+        for source, table in a.policy_rules:
+            rules.add((a.namespace, a.pod, source, str(table)), 1)
+    return [mismatch, overlap, rp, policy, rules]
