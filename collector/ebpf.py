@@ -184,6 +184,16 @@ class EbpfSource:
             families.extend(status_families(self.reason, loader.mode, len(loader.hooks)))
             return families
 
+    def reconcile(self, snapshot: Snapshot) -> None:
+        """Attach to new pod interfaces (and detach gone ones) between scrapes, so a
+        new pod is counted from its first packets, not from the next scrape."""
+        with self._lock:
+            if self._closed:
+                return
+            loader = self._ensure_loaded()
+            if loader is not None:
+                self._reconcile(loader, wanted_attachments(snapshot))
+
     def _reconcile(self, loader, wanted: Mapping[Key, tuple[str, InterfaceView]]) -> None:
         loader.prune_dead()     # a reused (netns inode, ifindex) must get fresh links
         for key in [k for k in loader.hooks if k not in wanted]:

@@ -30,8 +30,12 @@ LANDING = """<html><head><title>planewatch</title></head><body>
 """
 
 
+RECONCILE_SECONDS = 5.0
+
+
 class Server:
-    def __init__(self, scraper: Scraper, *, middlewares=(), asymmetric_flows=None):
+    def __init__(self, scraper: Scraper, *, middlewares=(), asymmetric_flows=None,
+                 reconcile_seconds: float = RECONCILE_SECONDS):
         self.scraper = scraper
         self.asymmetric_flows = asymmetric_flows        # callable(n) -> list[dict], or None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
@@ -45,7 +49,22 @@ class Server:
             web.get("/debug/attachments", self.debug_attachments),
             web.get("/debug/asymmetric", self.debug_asymmetric),
         ])
+        self.reconcile_seconds = reconcile_seconds
+        self._reconciler: asyncio.Task | None = None
+        self.app.on_startup.append(self._start_reconciler)
         self.app.on_cleanup.append(self._cleanup)
+
+    async def _start_reconciler(self, app) -> None:
+        self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            if self.scraper.store.ready:
+                try:
+                    await self._in_worker(self.scraper.reconcile)
+                except Exception:
+                    log.exception("reconcile failed")
+            await asyncio.sleep(self.reconcile_seconds)
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -105,6 +124,8 @@ class Server:
                                  dumps=lambda o: json.dumps(o, indent=2, sort_keys=True))
 
     async def _cleanup(self, app) -> None:
+        if self._reconciler:
+            self._reconciler.cancel()
         await self._in_worker(self.scraper.close)
         self._executor.shutdown(wait=True)
 

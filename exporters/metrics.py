@@ -77,6 +77,20 @@ class Scraper:
         out.extend(families)
         return True
 
+    def reconcile(self) -> None:
+        """Let sources that keep kernel state (BPF attachments) follow the pods
+        between scrapes."""
+        with self._lock:
+            hooks = [(n, s.reconcile) for n, s in self.sources.items() if hasattr(s, "reconcile")]
+            if not hooks:
+                return
+            snapshot = self.snapshot()
+            for name, reconcile in hooks:
+                try:
+                    reconcile(snapshot)
+                except Exception:
+                    log.exception("reconciling collector %s", name)
+
     def scrape(self) -> bytes:
         families, _ = self.collect()
         return render(families)

@@ -140,3 +140,25 @@ def test_pod_namespace_vanishing_between_scrapes(served, tmp_path):
     finally:
         # put a namespace back under the recorded name so the lab teardown stays uniform
         subprocess.run(["ip", "netns", "add", netns], check=False, capture_output=True)
+
+
+@pytest.mark.ebpf
+def test_ebpf_attaches_before_the_first_scrape(lab, tmp_path):
+    """Pods are attached by the background reconcile, so packets sent before
+    Prometheus first scrapes are counted."""
+    from tests.conftest import Collector
+    path = str(tmp_path / "pods.json")
+    write_pods_file(lab, path)
+    c = Collector("--pods-file", path, "--node-name", NODE_NAME, "--no-collector.sriov")
+    try:
+        c.wait_ready()
+        src, dst = lab.pod_ns["telco/upf-b"], lab.pod_ns["telco/upf-a"]
+
+        from exporters.http import RECONCILE_SECONDS
+        time.sleep(RECONCILE_SECONDS + 3)       # no /metrics read yet: only the reconcile attaches
+        assert udp_exchange(src, dst, "10.72.0.10", 40, 100) == 40
+        parsed = parse_metrics(collector_text := c.metrics())
+        rx = series(parsed, "planewatch_ebpf_interface_receive_packets_total", pod="upf-a", interface="net2")
+        assert list(rx.values())[0] >= 40, collector_text[:500]
+    finally:
+        c.stop()
