@@ -9,7 +9,7 @@ added to the machine's own namespace. One "node" namespace holds the host side:
   br1   bridge, the data network (pods' net2 are veth ports), IPv4 + IPv6
   br2   bridge, the storage network (net3 in scale pods)
 
-Each network has a /16 so large labs fit: host i gets 10.<base+n>.<i // 250>.<10 + i % 250>.
+Each network has a /16 so large labs fit: host i gets 10.<base+n>.<i // 240>.<10 + i % 240>.
 The state file lists what was made; `down` removes exactly that.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def nsexec(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProces
 def address(net: NetworkSpec, host: int, v6: bool = False) -> str:
     if v6:
         return f"fd00:{net.octet}::{host + 10:x}"
-    return f"10.{net.octet}.{host // 250}.{10 + host % 250}"
+    return f"10.{net.octet}.{host // 240}.{10 + host % 240}"
 
 
 def mac_address(prefix: str, pod_index: int, if_index: int) -> str:
