@@ -68,8 +68,9 @@ def traffic_families(index: Mapping[Key, InterfaceView],
             fams[(hook, unit)] = Family(
                 f"planewatch_ebpf_interface_{direction}_{unit}_total", COUNTER,
                 _TRAFFIC_HELP.format(what=what, direction=verb, hook=hook), ATTACHMENT_LABELS)
-    # every watched interface gets a series, 0 until its first packet
-    for key, view in sorted(index.items()):
+    # every watched interface gets a series, 0 until its first packet; in snapshot
+    # order (netns inodes differ from run to run, pods' order does not)
+    for key, view in index.items():
         for hook in ("ingress", "egress"):
             packets, nbytes = traffic.get((*key, hook), (0, 0))
             fams[(hook, "packets")].add(view.labels, packets)
