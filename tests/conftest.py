@@ -55,14 +55,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Collector:
-    """`planewatch serve` as a child process on 127.0.0.1."""
+SERVE = ("collector.cli", "serve")
+CLUSTER = ("collector.cluster",)
 
-    def __init__(self, *args: str, env: dict | None = None):
+
+class Collector:
+    """`planewatch serve` (or another planewatch server: `command=CLUSTER`) as a
+    child process on 127.0.0.1."""
+
+    def __init__(self, *args: str, env: dict | None = None, command: tuple[str, ...] = SERVE):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "collector.cli", "serve", "--web.listen-address",
-               f"127.0.0.1:{self.port}", *args]
+        cmd = [sys.executable, "-m", *command, "--web.listen-address", f"127.0.0.1:{self.port}", *args]
         self.log_path = f"/tmp/planewatch-test-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
@@ -79,6 +83,15 @@ class Collector:
         status, body = self.get("/metrics")
         assert status == 200, body
         return body.decode()
+
+    def answering(self) -> bool:
+        """True once /healthz answers; raises if the process died."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            return self.get("/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

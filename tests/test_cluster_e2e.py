@@ -8,10 +8,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import yaml
 from kubernetes import client
 
 from collector.whereabouts import GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION
-from tests.conftest import REPO, free_port, parse_metrics, series, wait_for
+from tests.conftest import CLUSTER, REPO, Collector, parse_metrics, series, wait_for
 
 pytestmark = pytest.mark.kube
 
@@ -159,55 +156,12 @@ def service_account_kubeconfig(kube, tmp_path: Path) -> str:
     return str(path)
 
 
-class ClusterCollector:
-    """`python -m collector.cluster` as a child process on 127.0.0.1."""
-
-    def __init__(self, kubeconfig: str, log_path: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector.cluster", "--kubeconfig", kubeconfig,
-             "--web.listen-address", self.url.removeprefix("http://")],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
-
-    def answering(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-        try:
-            return self.get("/healthz")[0] == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> dict:
-        status, text = self.get("/metrics")
-        assert status == 200, text
-        return parse_metrics(text)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
 def start_collector(tmp_path):
-    started: list[ClusterCollector] = []
+    started: list[Collector] = []
 
-    def start(kubeconfig: str) -> ClusterCollector:
-        c = ClusterCollector(kubeconfig, tmp_path / f"cluster-{len(started)}.log")
+    def start(kubeconfig: str) -> Collector:
+        c = Collector("--kubeconfig", kubeconfig, command=CLUSTER)
         started.append(c)
         wait_for(c.answering, timeout=30, what="the cluster collector to answer")
         return c
@@ -225,11 +179,11 @@ def pool_numbers(parsed: dict, labels: dict) -> dict[str, float]:
     return out
 
 
-def wait_numbers(collector: ClusterCollector, labels: dict, want: dict, timeout: float = 20.0) -> dict:
+def wait_numbers(collector: Collector, labels: dict, want: dict, timeout: float = 20.0) -> dict:
     seen = {}
 
     def matches() -> bool:
-        seen.update(pool_numbers(collector.metrics(), labels))
+        seen.update(pool_numbers(parse_metrics(collector.metrics()), labels))
         return all(seen.get(k) == v for k, v in want.items())
     try:
         wait_for(matches, timeout=timeout, what=f"{labels['pool']} = {want}")
@@ -250,7 +204,7 @@ def test_pools_sizes_allocations_and_leaks_follow_the_api(whereabouts_world, sta
         == {"size": 16, "allocated": 2, "free": 14, "leaked": 1}
     assert wait_numbers(collector, ORPHAN, {"size": 254, "allocated": 1, "free": 253, "leaked": 0}) \
         == {"size": 254, "allocated": 1, "free": 253, "leaked": 0}
-    parsed = collector.metrics()
+    parsed = parse_metrics(collector.metrics())
     invalid = {dict(l)["reason"]: v for l, v in
                series(parsed, "planewatch_ippool_invalid_entries", pool=ORPHAN["pool"]).items()}
     assert invalid == {"invalid_offset": 1, "offset_out_of_range": 1}
@@ -295,7 +249,7 @@ def test_without_rights_it_stays_unready_but_alive(whereabouts_world, start_coll
     assert collector.get("/healthz")[0] == 200
     status, body = collector.get("/readyz")
     assert status == 503, body
-    parsed = collector.metrics()
+    parsed = parse_metrics(collector.metrics())
     assert list(series(parsed, "planewatch_scrape_collector_success", collector="whereabouts").values()) == [0]
     assert series(parsed, "planewatch_ippool_size") == {}
-    assert "403" in collector.log_path.read_text()
+    assert "403" in collector.logs()

@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,12 +17,12 @@ import pytest
 import yaml
 
 from dashboards import generate
+from tests import prom
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "rules" / "planewatch-rules.yaml"
 VARIABLES = {"datasource", "node", "namespace", "pod", "plane"}
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -252,60 +249,21 @@ class _Exposition(BaseHTTPRequestHandler):
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(port: int, path: str, **params) -> dict:
-    url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.load(response)
-
-
 @pytest.fixture(scope="module")
 def live_prometheus(tmp_path_factory):
     """Prometheus on 127.0.0.1 scraping the synthetic exposition every second with
-    the project's rules, a static `node` label standing in for the relabelling."""
-    if PROMETHEUS is None:
+    the project's rules, a relabelled `node` label as the ServiceMonitor adds."""
+    if prom.PROMETHEUS is None:
         pytest.skip("needs Debian's prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Exposition)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "planewatch", "honor_labels": True, "static_configs": [{
-            "targets": [f"127.0.0.1:{server.server_address[1]}"], "labels": {"node": "lab-node"}}]}],
-    }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    log = open(workdir / "prometheus.log", "w")
-    process = subprocess.Popen([PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={workdir / 'data'}",
-                                f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                ready = _api(port, "/api/v1/query",
-                             query="namespace_pod_network_plane:planewatch_vf_drops:ratio_rate5m")
-                if ready["data"]["result"]:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (workdir / "prometheus.log").read_text()[-2000:]
-            time.sleep(0.5)
-        yield port
+        config = prom.config([f"127.0.0.1:{server.server_address[1]}"], [RULES])
+        with prom.Prometheus(workdir, config) as prometheus:
+            prometheus.wait_for("namespace_pod_network_plane:planewatch_vf_drops:ratio_rate5m")
+            yield prometheus
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
         server.shutdown()
 
 
@@ -313,9 +271,7 @@ def live_prometheus(tmp_path_factory):
 def test_every_dashboard_query_returns_data_from_a_live_prometheus(live_prometheus):
     empty = []
     for q in generate.all_queries():
-        answer = _api(live_prometheus, "/api/v1/query", query=generate.to_promql(q.expr))
-        assert answer["status"] == "success", (q, answer)
-        if not answer["data"]["result"]:
+        if not live_prometheus.query(generate.to_promql(q.expr)):
             empty.append(f"{q.dashboard} / {q.panel}: {q.expr}")
     assert empty == []
 
@@ -324,7 +280,7 @@ def test_every_dashboard_query_returns_data_from_a_live_prometheus(live_promethe
 def test_every_rule_evaluates_without_error_on_the_same_data(live_prometheus):
     # Runtime errors (many-to-many matching, duplicate series) pass promtool check.
     time.sleep(1.5)   # at least one evaluation of every group after the first data
-    groups = _api(live_prometheus, "/api/v1/rules")["data"]["groups"]
+    groups = live_prometheus.api("/api/v1/rules")["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []

@@ -25,6 +25,7 @@ from collector.ebpf import EbpfSource
 from collector.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
+from tests.test_ebpf import need_root_and_objects, sh
 
 pytestmark = pytest.mark.ebpf
 
@@ -51,18 +52,6 @@ SEC("tc") int tcx_ingress(struct __sk_buff *skb) { return *(int *)(long)skb->dat
 SEC("tc") int tcx_egress(struct __sk_buff *skb) { return -1; }
 char LICENSE[] SEC("license") = "GPL";
 """
-
-
-def sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
-
-def need_root_and_objects() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_BPF, network namespaces)")
-    build = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "ebpf")], capture_output=True, text=True)
-    if build.returncode:
-        pytest.skip(f"BPF objects cannot be built: {build.stderr.strip()[-300:]}")
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@ small Whereabouts pool read by `planewatch cluster --pods-file`."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from lab import topology
 from lab.objects import NODE_NAME, write_pods_file
-from tests.conftest import REPO, Collector, free_port, parse_metrics, series, unique_prefix, wait_for
+from tests.conftest import CLUSTER, Collector, parse_metrics, series, unique_prefix, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -52,23 +51,13 @@ def test_conflicting_ip_is_visible_as_two_pods(conflict_lab):
 
 def test_cluster_mode_reads_the_labs_whereabouts_pool(conflict_lab):
     _, path = conflict_lab
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cluster", "--pods-file", path,
-                             "--web.listen-address", f"127.0.0.1:{port}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = Collector("--pods-file", path, command=CLUSTER)
     try:
-        import urllib.request
-
-        def scrape():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                    return parse_metrics(r.read().decode())
-            except OSError:
-                return None
-        parsed = wait_for(scrape, what="cluster mode /metrics")
+        wait_for(c.answering, timeout=30, what="cluster mode to answer")
+        parsed = wait_for(lambda: c.get("/readyz")[0] == 200 and parse_metrics(c.metrics()),
+                          what="cluster mode /metrics")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        c.stop()
     pool = dict(pool="kube-system/10.71.0.0-26", range="10.71.0.0/26", network="telco/signaling")
     # /26: 62 usable; upf-a and upf-b hold .10 and .11 (smf-d's copy of .10 got no allocation
     # of its own: that is the conflict), plus .60 held for a pod deleted long ago
