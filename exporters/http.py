@@ -1,8 +1,9 @@
 """The HTTP face: /metrics, /healthz, /readyz, /debug/attachments, /debug/asymmetric.
 
 Kernel work runs on one worker thread (setns is per thread; netns sockets and
-BPF maps are read by one scrape at a time). Concurrent scrapes share the one
-in flight instead of queueing behind it, so 50 scrapers cost one collection.
+BPF maps are read by one scrape at a time). Requests that arrive while a
+collection runs share the *next* one: every answer is read after its request
+arrived, and 50 concurrent scrapers cost two collections, not fifty.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Server:
         self.scraper = scraper
         self.asymmetric_flows = asymmetric_flows        # callable(n) -> list[dict], or None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
-        self._inflight: asyncio.Future | None = None
+        self._inflight: asyncio.Future | None = None      # the collection running now
+        self._next: asyncio.Future | None = None          # the one queued behind it
         self.app = web.Application(middlewares=list(middlewares))
         self.app.add_routes([
             web.get("/", self.landing),
@@ -71,12 +73,25 @@ class Server:
 
     async def _scrape(self) -> bytes:
         if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
-            self._inflight.add_done_callback(self._clear_inflight)
-        return await asyncio.shield(self._inflight)
+            return await asyncio.shield(self._start_collection())
+        if self._next is None:          # the running one started before we arrived
+            self._next = asyncio.ensure_future(self._after(self._inflight))
+        return await asyncio.shield(self._next)
 
-    def _clear_inflight(self, _fut) -> None:
-        self._inflight = None
+    def _start_collection(self) -> asyncio.Future:
+        fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
+        self._inflight = fut
+        fut.add_done_callback(self._clear_inflight)
+        return fut
+
+    async def _after(self, running: asyncio.Future) -> bytes:
+        await asyncio.wait([running])
+        self._next = None
+        return await self._start_collection()
+
+    def _clear_inflight(self, fut) -> None:
+        if self._inflight is fut:
+            self._inflight = None
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await self._scrape()

@@ -1,0 +1,57 @@
+"""The HTTP layer alone (no kernel): concurrent scrapes share collections, and
+every answer is read after its request arrived."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporters.http import Server
+
+
+class SlowScraper:
+    """Counts collections; each takes 0.3 s and reports when it started."""
+
+    def __init__(self):
+        self.started: list[float] = []
+        self.lock = threading.Lock()
+        self.store = type("S", (), {"ready": True, "node_name": "n"})()
+        self.sources = {}
+
+    def scrape(self) -> bytes:
+        with self.lock:
+            self.started.append(time.monotonic())
+            n = len(self.started)
+        time.sleep(0.3)
+        return f"planewatch_test_collection {n}\n".encode()
+
+    def reconcile(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_requests_during_a_collection_share_the_next_one():
+    async def run():
+        scraper = SlowScraper()
+        server = Server(scraper, reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)) as client:
+            async def get(delay):
+                await asyncio.sleep(delay)
+                arrived = time.monotonic()
+                resp = await client.get("/metrics")
+                return arrived, int((await resp.text()).split()[-1])
+            results = await asyncio.gather(get(0), *(get(0.1) for _ in range(20)), get(0.35))
+        return scraper, results
+    scraper, results = asyncio.run(run())
+    first, *middle, late = results
+    assert first[1] == 1
+    # 20 requests that arrived while #1 ran all got #2, started after they arrived
+    assert {n for _, n in middle} == {2}
+    assert all(scraper.started[1] >= arrived for arrived, _ in middle)
+    # one arriving while #2 runs gets #3; three collections for 22 requests
+    assert late[1] == 3 and len(scraper.started) == 3
+    assert scraper.started[2] >= late[0]
