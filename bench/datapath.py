@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""What planewatch's BPF programs cost the datapath.
+
+iperf3 between two lab pods (pod 0 -> pod 1 over eth0: veth, bridge, veth),
+with and without the programs attached to every interface of both pods (the
+kfree_skb program loaded too), in interleaved runs so machine load hits both
+alike. Two loads: TCP (GSO-sized segments: throughput) and UDP with 64-byte
+datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
+there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
+
+    sudo python3 bench/datapath.py [--rounds 5] [--seconds 10] [--no-udp]
+
+Needs root, iperf3 and `make -C ebpf`. Everything made is removed on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PORT = 5201
+
+
+def iperf3(client_ns: str, server_ns: str, server_ip: str, seconds: int, udp: bool) -> dict:
+    """One run; returns throughput and CPU numbers from iperf3's JSON."""
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_ip,
+                               "-p", str(PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        cmd = ["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", str(PORT), "-t", str(seconds), "-J"]
+        if udp:
+            cmd += ["-u", "-b", "0", "-l", "64"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
+    finally:
+        try:
+            server.wait(timeout=5)          # -1: the server leaves after one client
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return summarise(json.loads(out), udp)
+
+
+def summarise(report: dict, udp: bool) -> dict:
+    """Receiver-side numbers (what got through), from an iperf3 -J report."""
+    end = report["end"]
+    cpu = end.get("cpu_utilization_percent", {})
+    if udp:
+        s = end["sum"]
+        received = s["packets"] - s.get("lost_packets", 0)
+        return {"gbps": s["bits_per_second"] / 1e9, "mpps": received / s["seconds"] / 1e6,
+                "lost_percent": s.get("lost_percent", 0.0), "cpu_sender": cpu.get("host_total", 0.0),
+                "cpu_receiver": cpu.get("remote_total", 0.0)}
+    s = end["sum_received"]
+    return {"gbps": s["bits_per_second"] / 1e9, "cpu_sender": cpu.get("host_total", 0.0),
+            "cpu_receiver": cpu.get("remote_total", 0.0)}
+
+
+def pod_interfaces(netns: str) -> list[int]:
+    from collector.rtnl import RtnlSocket
+    sock = RtnlSocket.open(f"/run/netns/{netns}")
+    try:
+        return [l.ifindex for l in sock.links() if l.name != "lo"]
+    finally:
+        sock.close()
+
+
+def attach_all(loader, namespaces: list[str]) -> int:
+    count = 0
+    for ns in namespaces:
+        for ifindex in pod_interfaces(ns):
+            loader.attach(f"/run/netns/{ns}", ifindex)
+            count += 1
+    return count
+
+
+def run(args) -> None:
+    from ebpf.loader import Loader
+    from lab import topology
+
+    prefix = f"pwd{os.getpid() % 10000:04d}"[:8]
+    topology.down(prefix)
+    state = topology.up(prefix, topology.scale_pods(2))
+    loader = None
+    try:
+        (k0, ns0), (k1, ns1) = list(state.pod_ns.items())
+        server_ip = state.addresses[k1]["eth0"][0]
+        loads = [("tcp", False)] + ([] if args.no_udp else [("udp64", True)])
+        results = {(load, mode): [] for load, _ in loads for mode in ("without", "with")}
+        for r in range(args.rounds):
+            # alternate which goes first, so neither always runs on a warmer machine
+            for mode in (("without", "with") if r % 2 == 0 else ("with", "without")):
+                if mode == "with":
+                    loader = Loader()
+                    attached = attach_all(loader, [ns0, ns1])
+                for load, udp in loads:
+                    got = iperf3(ns0, ns1, server_ip, args.seconds, udp)
+                    results[(load, mode)].append(got)
+                    extra = f", {got['mpps']:.3f} Mpps" if udp else ""
+                    print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
+                          f"{f' (BPF on {attached} interfaces)' if mode == 'with' else ''}", flush=True)
+                if loader is not None:
+                    loader.close()
+                    loader = None
+        print_summary(results, loads)
+    finally:
+        if loader is not None:
+            loader.close()
+        topology.down(prefix)
+
+
+def print_summary(results: dict, loads: list) -> None:
+    print("\nmedians (receiver side):")
+    for load, udp in loads:
+        key = "mpps" if udp else "gbps"
+        without = statistics.median(g[key] for g in results[(load, "without")])
+        with_ = statistics.median(g[key] for g in results[(load, "with")])
+        cpu_w = statistics.median(g["cpu_receiver"] for g in results[(load, "with")])
+        cpu_wo = statistics.median(g["cpu_receiver"] for g in results[(load, "without")])
+        print(f"  {load:<6} without {without:.3f} {key}, with {with_:.3f} {key}: ratio {with_ / without:.3f}; "
+              f"receiver CPU {cpu_wo:.0f}% -> {cpu_w:.0f}%")
+
+
+def prog_test_run() -> None:
+    script = os.path.join(REPO, "bench", "ebpf_prog_test_run.py")
+    if not os.path.exists(script):
+        print("\nbench/ebpf_prog_test_run.py not there: no in-kernel ns/packet numbers")
+        return
+    print("\nBPF_PROG_TEST_RUN (bench/ebpf_prog_test_run.py):", flush=True)
+    subprocess.run([sys.executable, script], check=False)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--no-udp", action="store_true", help="TCP only")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    print(f"nproc {os.cpu_count()}, loadavg {open('/proc/loadavg').read().split()[:3]}, "
+          f"{args.rounds} rounds x {args.seconds} s per load and mode")
+    run(args)
+    prog_test_run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
