@@ -257,6 +257,11 @@ class Loader:
         maps.delete_where(self.fds["asym_packets"], maps.ASYMMETRIC,
                           lambda k: k[0] == netns and ifindex in (k[1], k[2]))
 
+    def attached(self) -> set[tuple[int, int]]:
+        """The (netns inode, ifindex) keys hooked now (a copy: safe across threads)."""
+        with self._lock:
+            return set(self.hooks)
+
     def prune_dead(self) -> list[tuple[int, int]]:
         """Detach hooks whose interface is gone, returning their keys. A TCX link
         outlives its device (fdinfo then shows ifindex 0); without this, a new pod

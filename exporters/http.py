@@ -40,6 +40,9 @@ class Server:
         self.scraper = scraper
         self.asymmetric_flows = asymmetric_flows        # callable(n) -> list[dict], or None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
+        # attaching BPF to 1000 interfaces takes ~25 s: never on the scrape thread
+        self._reconcile_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="reconcile")
         self._inflight: asyncio.Future | None = None      # the collection running now
         self._next: asyncio.Future | None = None          # the one queued behind it
         self.app = web.Application(middlewares=list(middlewares))
@@ -63,7 +66,8 @@ class Server:
         while True:
             if self.scraper.store.ready:
                 try:
-                    await self._in_worker(self.scraper.reconcile)
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._reconcile_executor, self.scraper.reconcile)
                 except Exception:
                     log.exception("reconcile failed")
             await asyncio.sleep(self.reconcile_seconds)
@@ -141,6 +145,7 @@ class Server:
     async def _cleanup(self, app) -> None:
         if self._reconciler:
             self._reconciler.cancel()
+        self._reconcile_executor.shutdown(wait=True)
         await self._in_worker(self.scraper.close)
         self._executor.shutdown(wait=True)
 

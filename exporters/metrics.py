@@ -78,18 +78,19 @@ class Scraper:
         return True
 
     def reconcile(self) -> None:
-        """Let sources that keep kernel state (BPF attachments) follow the pods
-        between scrapes."""
+        """Let sources that keep kernel state (BPF attachments) follow the pods.
+        Runs on its own thread: the scrape lock is held only for the snapshot, not
+        for the (slow) attaching."""
+        hooks = [(n, s.reconcile) for n, s in self.sources.items() if hasattr(s, "reconcile")]
+        if not hooks:
+            return
         with self._lock:
-            hooks = [(n, s.reconcile) for n, s in self.sources.items() if hasattr(s, "reconcile")]
-            if not hooks:
-                return
             snapshot = self.snapshot()
-            for name, reconcile in hooks:
-                try:
-                    reconcile(snapshot)
-                except Exception:
-                    log.exception("reconciling collector %s", name)
+        for name, reconcile in hooks:
+            try:
+                reconcile(snapshot)
+            except Exception:
+                log.exception("reconciling collector %s", name)
 
     def scrape(self) -> bytes:
         families, _ = self.collect()

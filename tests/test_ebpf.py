@@ -161,6 +161,7 @@ def source(lab):
 
 def scrape(source, snapshot) -> dict[tuple, float]:
     """(metric, frozenset(labels)) -> value, through the real exposition."""
+    source.reconcile(snapshot)          # what the server's background loop does
     text = render(source.collect(snapshot)).decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}

@@ -180,7 +180,7 @@ def test_reused_netns_and_ifindex_get_fresh_links(pair):
                              (InterfaceView(att, Link(ifindex, "eth0")),)),))
     source = EbpfSource(Config())
     try:
-        source.collect(snap)
+        source.reconcile(snap)
         old = link_ids(source.loader.hooks[(inode, ifindex)])
         sh("ip", "-n", ns[0], "link", "del", "eth0")
         sh("ip", "-n", ns[0], "link", "add", "eth0", "index", str(ifindex), "address", "02:50:00:09:00:01",
@@ -190,7 +190,7 @@ def test_reused_netns_and_ifindex_get_fresh_links(pair):
             sh("ip", "-n", name, "link", "set", "eth0", "up")
         sh("ip", "-n", ns[0], "neigh", "replace", "10.250.9.2", "lladdr", "02:50:00:09:00:02",
            "dev", "eth0", "nud", "permanent")
-        source.collect(snap)
+        source.reconcile(snap)
         new = link_ids(source.loader.hooks[(inode, ifindex)])
         assert len(new) == 2 and not new & old
         send_udp(path, ("10.250.9.2", 9), 4)

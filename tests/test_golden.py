@@ -16,7 +16,7 @@ import yaml
 
 from lab import topology
 from lab.objects import NODE_NAME, lab_objects
-from tests.conftest import Collector
+from tests.conftest import Collector, parse_metrics, series, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "metrics.prom")
@@ -67,7 +67,15 @@ def test_golden_metrics(golden_lab, tmp_path, update_golden):
     c = Collector("--pods-file", pods_file, *golden_args(tmp_path))
     try:
         c.wait_ready()
-        got = normalise(c.metrics())
+
+        def all_attached() -> str:
+            """BPF attaches in the background: wait until every interface is hooked."""
+            text = c.metrics()
+            parsed = parse_metrics(text)
+            hooked = series(parsed, "planewatch_ebpf_attached_interfaces")
+            up = series(parsed, "planewatch_interface_up")
+            return text if up and list(hooked.values()) == [len(up)] else ""
+        got = normalise(wait_for(all_attached, timeout=60, what="BPF on every lab interface"))
     finally:
         c.stop()
     if update_golden or not os.path.exists(GOLDEN):
