@@ -128,10 +128,23 @@ async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.E
         await runner.cleanup()
 
 
+def raise_fd_limit() -> None:
+    """Each pod netns holds 3 fds and each BPF hook 2: 1000 interfaces need ~3000,
+    above the common soft limit of 1024. Raise the soft limit to the hard one."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.debug("RLIMIT_NOFILE stays %d: %s", soft, err)
+
+
 def cmd_serve(args) -> int:
     setup_logging(args.log_level)
     from collector.caps import raise_effective
     raise_effective()
+    raise_fd_limit()
     try:
         server, feeds, ssl_context = build_server(args)
     except Exception as err:

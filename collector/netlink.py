@@ -1,8 +1,10 @@
 """Interface counters, state and MTU of every attached pod interface.
 
-One RTM_GETLINK dump per pod namespace per scrape, on a socket kept open in
-that namespace (collector/netns.py), decoded by collector/rtnl.py. Only the
-interfaces named in the pod's network-status are exported; loopback and
+Counters: one RTM_GETSTATS dump per pod namespace per scrape, on a socket kept
+open in that namespace (collector/netns.py), decoded by collector/rtnl.py.
+State, MTU and names: the namespace's link table, which the resolver re-reads
+(RTM_GETLINK) in the same scrape whenever the kernel announced a link change.
+Only the interfaces named in the pod's network-status are exported; loopback and
 anything else in the pod is not ours to report.
 """
 from __future__ import annotations
@@ -15,16 +17,16 @@ from exporters.exposition import COUNTER, GAUGE, Family, render_labels
 
 log = logging.getLogger(__name__)
 
-# (metric suffix, LinkStats field, help)
+# (metric suffix, index in rtnl_link_stats64 as RtnlSocket.stats64 returns it, help)
 COUNTERS = (
-    ("receive_bytes", "rx_bytes", "Bytes received on the pod interface (IFLA_STATS64 rx_bytes)."),
-    ("receive_packets", "rx_packets", "Packets received on the pod interface."),
-    ("receive_errors", "rx_errors", "Receive errors on the pod interface."),
-    ("receive_drops", "rx_dropped", "Received packets dropped on the pod interface (rx_dropped)."),
-    ("transmit_bytes", "tx_bytes", "Bytes transmitted on the pod interface."),
-    ("transmit_packets", "tx_packets", "Packets transmitted on the pod interface."),
-    ("transmit_errors", "tx_errors", "Transmit errors on the pod interface."),
-    ("transmit_drops", "tx_dropped", "Transmitted packets dropped on the pod interface (tx_dropped)."),
+    ("receive_bytes", 2, "Bytes received on the pod interface (IFLA_STATS64 rx_bytes)."),
+    ("receive_packets", 0, "Packets received on the pod interface."),
+    ("receive_errors", 4, "Receive errors on the pod interface."),
+    ("receive_drops", 6, "Received packets dropped on the pod interface (rx_dropped)."),
+    ("transmit_bytes", 3, "Bytes transmitted on the pod interface."),
+    ("transmit_packets", 1, "Packets transmitted on the pod interface."),
+    ("transmit_errors", 5, "Transmit errors on the pod interface."),
+    ("transmit_drops", 7, "Transmitted packets dropped on the pod interface (tx_dropped)."),
 )
 
 
@@ -45,17 +47,18 @@ class NetlinkSource:
             if ns is None:
                 continue
             try:
-                links = {l.ifindex: l for l in ns.rtnl.links()}
+                stats = ns.rtnl.stats64()
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: netns %s: %s", view.pod.key, view.netns_path, err)
                 continue
             for iv in view.interfaces:
-                link = links.get(iv.link.ifindex) if iv.link else None
-                if link is None or link.name != iv.link.name:
+                link = ns.by_index.get(iv.link.ifindex) if iv.link else None
+                values = stats.get(link.ifindex) if link is not None and link.name == iv.link.name else None
+                if values is None:
                     continue
                 labels = render_labels(ATTACHMENT_LABELS, iv.labels)
-                for fam, field in counters:
-                    fam.add_rendered(labels, getattr(link, field))
+                for fam, index in counters:
+                    fam.add_rendered(labels, values[index])
                 up.add_rendered(labels, 1 if link.up else 0)
                 mtu.add_rendered(labels, link.mtu)
         return [fam for fam, _ in counters] + [up, mtu]

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 from collector.cgroups import scan_pod_netns
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.rtnl import LinkStats, RtnlSocket
+from collector.rtnl import LinkEvents, LinkStats, RtnlSocket
 
 log = logging.getLogger(__name__)
 
-LINKS_TTL = 15.0           # seconds a namespace's interface table is trusted
+LINKS_TTL = 300.0          # link events keep the interface table fresh; this is a safety net
 RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
 MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
 NO_MAC = "00:00:00:00:00:00"
@@ -42,16 +42,25 @@ class Namespace:
     inode: int
     fd: int
     rtnl: RtnlSocket
+    events: LinkEvents
     links: list[LinkStats] = field(default_factory=list)
+    by_index: dict[int, LinkStats] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
     refreshed: float = 0.0
 
     def refresh(self, now: float) -> None:
+        self.events.changed()                   # what we are about to read covers them
         self.links = self.rtnl.links()
+        self.by_index = {l.ifindex: l for l in self.links}
         self.addresses = {ip: idx for idx, ip, _ in self.rtnl.addresses()}
         self.refreshed = now
 
+    def stale(self, now: float) -> bool:
+        """Never read, a link changed since (kernel notification), or past the TTL."""
+        return not self.refreshed or self.events.changed() or now - self.refreshed > LINKS_TTL
+
     def close(self) -> None:
+        self.events.close()
         self.rtnl.close()
         os.close(self.fd)
 
@@ -69,7 +78,13 @@ class NetnsPool:
             inode = os.fstat(fd).st_ino
             known = self._by_inode.get(inode)
             if known is None:
-                known = self._by_inode[inode] = Namespace(path, inode, fd, RtnlSocket.open(fd))
+                rtnl = RtnlSocket.open(fd)
+                try:
+                    events = LinkEvents.open(fd)
+                except BaseException:
+                    rtnl.close()
+                    raise
+                known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events)
                 return known
         except BaseException:
             os.close(fd)
@@ -201,8 +216,7 @@ class Resolver:
                 continue
             used.add(ns.inode)
             try:
-                if now - ns.refreshed > LINKS_TTL or (
-                        now - ns.refreshed > MIN_REFRESH and _interface_missing(pod, ns)):
+                if ns.stale(now) or (now - ns.refreshed > MIN_REFRESH and _interface_missing(pod, ns)):
                     ns.refresh(now)
             except OSError as err:
                 log.debug("refresh of %s failed: %s", ns.path, err)
@@ -266,7 +280,7 @@ class Resolver:
                 continue
             try:
                 ns = self.pool.open(path)
-                if now - ns.refreshed > LINKS_TTL or not ns.refreshed:
+                if ns.stale(now):
                     ns.refresh(now)
             except OSError as err:
                 log.debug("netns %s: %s", path, err)

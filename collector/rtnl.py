@@ -26,6 +26,9 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWSTATS, RTM_GETSTATS = 92, 94
+IFLA_STATS_LINK_64 = 1
+RTMGRP_LINK = 0x1
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_EXT_MASK = 16, 18, 23, 29
@@ -37,6 +40,7 @@ IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
+_IF_STATS_MSG = struct.Struct("=BBHII")     # family, pad, pad, ifindex, filter_mask
 _RTATTR = struct.Struct("=HH")
 # rtnl_link_stats64: rx/tx packets, rx/tx bytes, rx/tx errors, rx/tx dropped.
 _STATS8 = struct.Struct("=8Q")
@@ -126,6 +130,57 @@ def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:
     return ifindex, text, prefixlen
 
 
+def parse_stats(buf: bytes, off: int, end: int) -> tuple[int, tuple[int, ...]]:
+    """Decode one RTM_NEWSTATS payload into (ifindex, 8 counters)."""
+    ifindex = _IF_STATS_MSG.unpack_from(buf, off)[3]
+    pos = off + _IF_STATS_MSG.size
+    while pos + 4 <= end:
+        length, kind = _RTATTR.unpack_from(buf, pos)
+        if length < 4:
+            break
+        if kind & 0x3FFF == IFLA_STATS_LINK_64 and length - 4 >= _STATS8.size:
+            return ifindex, _STATS8.unpack_from(buf, pos + 4)
+        pos += (length + 3) & ~3
+    return ifindex, (0,) * 8
+
+
+class LinkEvents:
+    """A socket subscribed to RTMGRP_LINK in one netns: tells whether any link was
+    added, removed or changed (state, MTU, name, address) since the last look, so
+    link attributes are re-read only then."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    @classmethod
+    def open(cls, netns: str | int) -> "LinkEvents":
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                                 NETLINK_ROUTE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.bind((0, RTMGRP_LINK))
+        return cls(sock)
+
+    def changed(self) -> bool:
+        """Drain pending notifications; True when there were any (or some were lost)."""
+        seen = False
+        while True:
+            try:
+                if not self._sock.recv(1 << 16):
+                    return seen
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:      # overflowed: something changed
+                    seen = True
+                    continue
+                raise
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class RtnlSocket:
     """One NETLINK_ROUTE socket, bound to the netns it was opened in."""
 
@@ -150,6 +205,12 @@ class RtnlSocket:
     def links(self) -> list[LinkStats]:
         return [parse_link(buf, s, e) for buf, s, e in self._dump(RTM_GETLINK, RTM_NEWLINK,
                                                                _IFINFOMSG.pack(0, 0, 0, 0, 0))]
+
+    def stats64(self) -> dict[int, tuple[int, ...]]:
+        """ifindex -> the first 8 rtnl_link_stats64 counters (rx/tx packets, bytes,
+        errors, dropped), by RTM_GETSTATS: ~250 bytes a link instead of ~1.5 KB."""
+        body = _IF_STATS_MSG.pack(0, 0, 0, 0, 1 << (IFLA_STATS_LINK_64 - 1))
+        return dict(parse_stats(buf, s, e) for buf, s, e in self._dump(RTM_GETSTATS, RTM_NEWSTATS, body))
 
     def addresses(self) -> list[tuple[int, str, int]]:
         return [parse_addr(buf, s, e) for buf, s, e in self._dump(RTM_GETADDR, RTM_NEWADDR,

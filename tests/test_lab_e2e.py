@@ -162,3 +162,22 @@ def test_ebpf_attaches_before_the_first_scrape(lab, tmp_path):
         assert list(rx.values())[0] >= 40, collector_text[:500]
     finally:
         c.stop()
+
+
+def test_state_and_mtu_changes_show_at_the_next_scrape(served):
+    """Link attributes are re-read when the kernel announces a change."""
+    lab, collector = served
+    netns = lab.pod_ns["telco/upf-b"]
+    sel = dict(pod="upf-b", interface="net2")
+    assert list(series(parse_metrics(collector.metrics()), "planewatch_interface_mtu_bytes", **sel).values()) == [1500]
+    subprocess.run(["ip", "-n", netns, "link", "set", "net2", "mtu", "1400"], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "net2", "down"], check=True)
+    try:
+        parsed = parse_metrics(collector.metrics())
+        assert list(series(parsed, "planewatch_interface_mtu_bytes", **sel).values()) == [1400]
+        assert list(series(parsed, "planewatch_interface_up", **sel).values()) == [0]
+    finally:
+        subprocess.run(["ip", "-n", netns, "link", "set", "net2", "mtu", "1500", "up"], check=True)
+    parsed = parse_metrics(collector.metrics())
+    assert list(series(parsed, "planewatch_interface_mtu_bytes", **sel).values()) == [1500]
+    assert list(series(parsed, "planewatch_interface_up", **sel).values()) == [1]

@@ -108,3 +108,37 @@ def test_parse_link_skips_unknown_and_truncated_attributes():
     link = parse_link(buf, 0, len(buf))
     assert (link.ifindex, link.name, link.mtu, link.rx_packets) == (7, "net1", 1450, 0)
     assert link.up is True      # operstate unknown, IFF_UP and IFF_LOWER_UP set
+
+
+def test_getstats_matches_getlink_counters(two_ns):
+    a, b = two_ns
+    assert udp_exchange(b, a, "10.252.0.1", count=15, size=500) == 15
+    sock = RtnlSocket.open(f"/run/netns/{a}")
+    try:
+        before = {l.ifindex: l for l in sock.links()}
+        stats = sock.stats64()
+        after = {l.ifindex: l for l in sock.links()}
+    finally:
+        sock.close()
+    assert set(stats) == set(before)
+    for idx, values in stats.items():
+        for i, field in enumerate(("rx_packets", "tx_packets", "rx_bytes", "tx_bytes",
+                                   "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")):
+            assert getattr(before[idx], field) <= values[i] <= getattr(after[idx], field), (idx, field)
+    eth0 = next(l.ifindex for l in after.values() if l.name == "eth0")
+    assert stats[eth0][0] >= 15 and stats[eth0][2] >= 15 * 500
+
+
+def test_link_events_tell_a_change_once(two_ns):
+    from collector.rtnl import LinkEvents
+    a, _ = two_ns
+    events = LinkEvents.open(f"/run/netns/{a}")
+    try:
+        assert events.changed() is False
+        subprocess.run(["ip", "-n", a, "link", "set", "dummyish", "mtu", "1400"], check=True)
+        assert events.changed() is True
+        assert events.changed() is False          # drained
+        subprocess.run(["ip", "-n", a, "link", "set", "dummyish", "up"], check=True)
+        assert events.changed() is True
+    finally:
+        events.close()
