@@ -7,6 +7,7 @@ namespace was found, and the count of malformed annotations.
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 from collector.annotations import ERROR_REASONS
 from collector.model import ATTACHMENT_LABELS
@@ -16,6 +17,7 @@ from exporters.exposition import COUNTER, GAUGE, Family
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
 
 
+@lru_cache(maxsize=1 << 13)
 def canonical_ip(text: str) -> str:
     """An address without prefix length, IPv6 compressed; "" when not an IP."""
     try:

@@ -185,6 +185,9 @@ class Resolver:
         self._clock = clock
         self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
         self._tried: dict[str, float] = {}                  # uid -> last failed attempt
+        # uid -> (pod, (netns inode, refresh time), interfaces): matching is redone
+        # only when the pod object or its namespace's link table changed
+        self._matched: dict[str, tuple[Pod, tuple[int, float], tuple[InterfaceView, ...]]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, pods: list[Pod]) -> list[PodView]:
@@ -220,9 +223,18 @@ class Resolver:
                     ns.refresh(now)
             except OSError as err:
                 log.debug("refresh of %s failed: %s", ns.path, err)
-            views.append(PodView(pod, ns.path, ns.inode, found[1], match_interfaces(pod, ns.links, ns.addresses)))
+            views.append(PodView(pod, ns.path, ns.inode, found[1], self._interfaces(pod, ns)))
         self.pool.keep_only(used)
+        self._matched = {uid: m for uid, m in self._matched.items() if uid in live_uids}
         return views
+
+    def _interfaces(self, pod: Pod, ns: Namespace) -> tuple[InterfaceView, ...]:
+        cached = self._matched.get(pod.uid)
+        if cached and cached[0] is pod and cached[1] == (ns.inode, ns.refreshed):
+            return cached[2]
+        interfaces = match_interfaces(pod, ns.links, ns.addresses)
+        self._matched[pod.uid] = (pod, (ns.inode, ns.refreshed), interfaces)
+        return interfaces
 
     def _still_there(self, inode: int, pinned: dict[int, str]) -> bool:
         ns = self.pool.get(inode)
