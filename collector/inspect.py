@@ -15,8 +15,6 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
-
 KEY = ("namespace", "pod", "interface")
 
 
@@ -47,6 +45,7 @@ class Row:
 
 
 def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
+    from prometheus_client.parser import text_string_to_metric_families   # only inspect needs it
     out: dict[str, list] = defaultdict(list)
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
