@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9808
-APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 \
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
                 openssl prometheus prometheus-node-exporter
 
 .PHONY: deps apt venv ebpf run test bench lab-down generate clean
@@ -44,6 +44,7 @@ bench: deps
 generate: venv
 	$(BIN)/python deploy/rules/generate.py
 	$(BIN)/python dashboards/generate.py
+	$(BIN)/python deploy/generate.py
 
 lab-down: venv
 	$(BIN)/planewatch lab down
