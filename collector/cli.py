@@ -63,6 +63,15 @@ def config_from_args(args) -> Config:
                   node_name=args.node_name, options=options)
 
 
+def web_security(path: str) -> tuple[list, object]:
+    """(aiohttp middlewares, ssl context) from a --web.config.file; none for ""."""
+    if not path:
+        return [], None
+    from exporters.webconfig import load_web_config
+    web_config = load_web_config(path)
+    return [web_config.middleware], web_config.ssl_context()
+
+
 def build_server(args):
     """Store, feeds, sources and the HTTP server from parsed flags. Raises on bad config."""
     from collector.discovery import Store
@@ -85,12 +94,7 @@ def build_server(args):
     for name, spec in sorted(load_builtin_sources().items()):
         if getattr(args, f"collector_{name}"):
             sources[name] = spec.factory(config)
-    middlewares, ssl_context = [], None
-    if args.web_config:
-        from exporters.webconfig import load_web_config
-        web_config = load_web_config(args.web_config)
-        middlewares.append(web_config.middleware)
-        ssl_context = web_config.ssl_context()
+    middlewares, ssl_context = web_security(args.web_config)
     ebpf = sources.get("ebpf")
     server = Server(Scraper(store, Resolver(args.netns, args.procfs), sources, __version__),
                     middlewares=middlewares,

@@ -26,7 +26,8 @@ from aiohttp import web
 from collector import __version__
 from collector.whereabouts import (GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, ippool_families,
                                    nad_ranges, parse_pool, parse_reservation)
-from exporters.exposition import CONTENT_TYPE, GAUGE, Family, render
+from exporters.exposition import CONTENT_TYPE, Family, render
+from exporters.metrics import health_families
 
 log = logging.getLogger("planewatch.cluster")
 
@@ -91,15 +92,7 @@ class ClusterState:
             except Exception:               # a bug here must not take /metrics down
                 log.exception("whereabouts metrics failed")
                 families, ok = [], False
-        success = Family("planewatch_scrape_collector_success", GAUGE,
-                         "1 when the collector's source succeeded in this scrape.", ("collector",))
-        success.add((COLLECTOR,), 1 if ok else 0)
-        duration = Family("planewatch_scrape_collector_duration_seconds", GAUGE,
-                          "Time the collector's source took in this scrape.", ("collector",))
-        duration.add((COLLECTOR,), time.perf_counter() - started)
-        build = Family("planewatch_build_info", GAUGE, "planewatch version (value 1).", ("version",))
-        build.add((version,), 1)
-        return families + [success, duration, build]
+        return families + health_families([(COLLECTOR, ok, time.perf_counter() - started)], version)
 
 
 class ClusterFeed:
@@ -194,16 +187,11 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from collector.cli import serve_forever, setup_logging
+    from collector.cli import serve_forever, setup_logging, web_security
     from collector.kube import api_client
     setup_logging(args.log_level)
     try:
-        middlewares, ssl_context = [], None
-        if args.web_config:
-            from exporters.webconfig import load_web_config
-            web_config = load_web_config(args.web_config)
-            middlewares.append(web_config.middleware)
-            ssl_context = web_config.ssl_context()
+        middlewares, ssl_context = web_security(args.web_config)
         state = ClusterState()
         if args.pods_file:
             feed = ClusterFile(state, args.pods_file)

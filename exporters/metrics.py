@@ -20,6 +20,21 @@ from exporters.exposition import GAUGE, Family, render
 log = logging.getLogger(__name__)
 
 
+def health_families(results: list[tuple[str, bool, float]], version: str) -> list[Family]:
+    """`planewatch_scrape_collector_{success,duration_seconds}` for (collector, ok,
+    seconds) results, and `planewatch_build_info`: the same in every planewatch server."""
+    success = Family("planewatch_scrape_collector_success", GAUGE,
+                     "1 when the collector's source succeeded in this scrape.", ("collector",))
+    duration = Family("planewatch_scrape_collector_duration_seconds", GAUGE,
+                      "Time the collector's source took in this scrape.", ("collector",))
+    for name, ok, seconds in results:
+        success.add((name,), 1 if ok else 0)
+        duration.add((name,), seconds)
+    build = Family("planewatch_build_info", GAUGE, "planewatch version (value 1).", ("version",))
+    build.add((version,), 1)
+    return [success, duration, build]
+
+
 class Scraper:
     def __init__(self, store: Store, resolver: Resolver, sources: Mapping[str, Source], version: str):
         self.store = store
@@ -44,21 +59,13 @@ class Scraper:
         with self._lock:
             started = time.perf_counter()
             families: list[Family] = []
-            success = Family("planewatch_scrape_collector_success", GAUGE,
-                             "1 when the collector's source succeeded in this scrape.", ("collector",))
-            duration = Family("planewatch_scrape_collector_duration_seconds", GAUGE,
-                              "Time the collector's source took in this scrape.", ("collector",))
             snapshot = self.snapshot()
-            duration.add(("discovery",), time.perf_counter() - started)
-            success.add(("discovery",), 1)
+            results = [("discovery", True, time.perf_counter() - started)]
             for name, source in self.sources.items():
                 t0 = time.perf_counter()
                 ok = self._run(name, source, snapshot, families)
-                duration.add((name,), time.perf_counter() - t0)
-                success.add((name,), 1 if ok else 0)
-            build = Family("planewatch_build_info", GAUGE, "planewatch version (value 1).", ("version",))
-            build.add((self.version,), 1)
-            return families + [success, duration, build], snapshot
+                results.append((name, ok, time.perf_counter() - t0))
+            return families + health_families(results, self.version), snapshot
 
     def _run(self, name: str, source: Source, snapshot: Snapshot, out: list[Family]) -> bool:
         try:
