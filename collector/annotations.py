@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from typing import Iterable, Iterator, Mapping
 
 from collector.model import Attachment, DeviceInfo, Pod, Request
+from collector.netnames import missing_networks, qualified, resolve_attachments
 
 STATUS_KEY = "k8s.v1.cni.cncf.io/network-status"
 LEGACY_STATUS_KEY = "k8s.v1.cni.cncf.io/networks-status"
@@ -43,8 +43,12 @@ MISSING_NAME = "missing_name"                # status entry without name (or "")
 INVALID_FIELD = "invalid_field"              # a field of the wrong type/size; that field dropped
 DUPLICATE_INTERFACE = "duplicate_interface"  # a later status entry for the same interface; dropped
 INVALID_REQUEST = "invalid_request"          # a request that names no usable network; skipped
+NIL_GATEWAY = "nil_gateway"                  # Go's "<nil>" printed for a nil route gateway; dropped
 ERROR_REASONS = (INVALID_JSON, TOO_LARGE, NOT_A_LIST, TOO_MANY_ENTRIES, INVALID_ENTRY,
-                 MISSING_NAME, INVALID_FIELD, DUPLICATE_INTERFACE, INVALID_REQUEST)
+                 MISSING_NAME, INVALID_FIELD, DUPLICATE_INTERFACE, INVALID_REQUEST, NIL_GATEWAY)
+# What Multus wrote for a route without gateway (fmt of a nil net.IP), seen with
+# SR-IOV/RDMA attachments: not an address.
+_GO_NIL = "<nil>"
 
 # Multus's own check of comma-form items (parsePodNetworkObjectName).
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -121,8 +125,11 @@ def _mtu(obj: Mapping, errors: list) -> int | None:
 
 def _mac(obj: Mapping, errors: list) -> str:
     # Lower case without blanks, as netlink reports it: kube-ovn writes upper case
-    # and the device-info spec's example has a leading blank.
-    return _text(obj, "mac", errors).strip().lower()
+    # and the device-info spec's example has a leading blank. Multi-net spec >= 1.2
+    # moves an IPoIB link's 20-byte hardware address to `infiniband-guid`; netlink
+    # reports it as the link's address, so it serves the same matching.
+    mac = _text(obj, "mac", errors) or _text(obj, "infiniband-guid", errors)
+    return mac.strip().lower()
 
 
 def _object(obj: Mapping, key: str, errors: list) -> Mapping | None:
@@ -179,38 +186,43 @@ def _device_info(entry: Mapping, errors: list) -> DeviceInfo:
     return DeviceInfo(**fields)
 
 
-def qualified(namespace: str, name: str) -> str:
-    """"ns/name"; a bare name when the namespace is unknown (a malformed object)."""
-    return f"{namespace}/{name}" if namespace else name
+def _network_name(entry: Mapping, name: str, errors: list) -> str:
+    """The name as written: "ns/name" for a NAD, bare for a delegate (the cluster
+    network) or an older Multus's NAD name, which collector/netnames.py maps back.
+    KubeVirt's fixtures carry the NAD's namespace in a `namespace` key."""
+    entry_ns = _text(entry, "namespace", errors)
+    if name and "/" not in name and entry_ns:
+        return qualified(entry_ns, name)
+    return name
 
 
-def _network_name(name: str, default: bool, namespace: str) -> str:
-    """NAD entries as "ns/name"; the default network keeps the name it is given.
-
-    Older Multus (and Antrea) write a bare NAD name; Multus resolves bare names
-    in the pod's namespace, so does this.
-    """
-    if default or not name or "/" in name:
-        return name
-    return qualified(namespace, name)
+def _gateways(entry: Mapping, errors: list) -> tuple[str, ...]:
+    # The device-info spec's example says default-route; the Go type says gateway.
+    key = "gateway" if entry.get("gateway") is not None else "default-route"
+    gateways = _texts(entry, key, errors)
+    kept = tuple(g for g in gateways if g.strip() != _GO_NIL)
+    if len(kept) != len(gateways):
+        errors.append(NIL_GATEWAY)
+    return kept
 
 
 def _attachment(entry: Mapping, namespace: str, pod: str, uid: str, errors: list) -> Attachment:
+    default = _flag(entry, "default", errors)
     name = entry.get("name")
-    if name is None or name == "":
+    # Calico and flannel configs often have no name: Multus then writes "" for the
+    # cluster network. Normal there; only a NAD entry without a name is wrong.
+    if name is None or (name == "" and not default):
         errors.append(MISSING_NAME)
     name = _text(entry, "name", errors)
-    default = _flag(entry, "default", errors)
-    # The device-info spec's example says default-route; the Go type says gateway.
-    gateway_key = "gateway" if entry.get("gateway") is not None else "default-route"
     return Attachment(
         namespace=namespace, pod=pod, uid=uid,
-        network=_network_name(name, default, namespace),
+        network=_network_name(entry, name, errors),
+        written_name=name if "/" not in name and not _text(entry, "namespace", []) else "",
         interface=_text(entry, "interface", errors),
         default=default,
         mac=_mac(entry, errors),
         ips=_texts(entry, "ips", errors),
-        gateway=_texts(entry, gateway_key, errors),
+        gateway=_gateways(entry, errors),
         mtu=_mtu(entry, errors),
         dns=_dns(entry, errors),
         device=_device_info(entry, errors),
@@ -340,29 +352,6 @@ def parse_network_requests(value: str, namespace: str) -> tuple[tuple[Request, .
     return tuple(r for r in requests if r is not None), tuple(errors)
 
 
-# ---- missing attachments -----------------------------------------------------
-
-def missing_networks(requests: Iterable[Request], attachments: Iterable[Attachment],
-                     has_status: bool, phase: str) -> tuple[str, ...]:
-    """Requested networks ("ns/name") with fewer status entries than requests.
-
-    A network asked for n times needs n entries; each one short appears once in
-    the result (in request order). Only decided when the status annotation
-    exists or the pod is Running: a pod still being set up (Pending, no status
-    yet) misses nothing, and a Running pod without any status misses everything.
-    """
-    if not has_status and phase != "Running":
-        return ()
-    present = Counter(a.network for a in attachments)
-    missing = []
-    for request in requests:
-        if present[request.network] > 0:
-            present[request.network] -= 1
-        else:
-            missing.append(request.network)
-    return tuple(missing)
-
-
 # ---- the Pod -----------------------------------------------------------------
 
 def sub_mapping(obj: object, key: str) -> Mapping:
@@ -397,7 +386,9 @@ def pod_from_object(obj: Mapping) -> Pod:
     request_value = annotations.get(REQUEST_KEY)
     requests, request_errors = (parse_network_requests(request_value, namespace)
                                 if request_value is not None else ((), ()))
-    missing = () if host_network else missing_networks(requests, attachments, has_status, phase)
+    # Without the NADs (the store maps config names later, collector/discovery.py).
+    attachments, ambiguous = resolve_attachments(attachments, requests, namespace, {})
+    missing = () if host_network else missing_networks(requests, attachments, has_status, phase, ambiguous)
     return Pod(
         namespace=namespace, name=name, uid=uid,
         node=_field(spec, "nodeName"),

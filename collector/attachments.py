@@ -52,7 +52,7 @@ class AttachmentsSource:
                 att = iv.attachment
                 mac = (att.mac or (iv.link.mac if iv.link else "")).lower()
                 info.add(iv.labels + (mac, ",".join(att.ips), att.device.type, att.device.pci_address), 1)
-                if att.default:
+                if att.default or att.cluster:     # cluster IPs are not secondary-network IPs
                     continue
                 for ip in sorted({canonical_ip(a) for a in att.ips} - {""}):
                     ips.add(iv.labels[:4] + (ip,), 1)

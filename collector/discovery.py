@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 from collector.annotations import pod_from_object
 from collector.model import Network, Pod
 from collector.nad import network_from_object
+from collector.netnames import resolve_pod
 from collector.planes import PlaneMap
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,15 @@ class Store:
             return self._view
 
     def _with_planes(self, pod: Pod) -> Pod:
+        # Older Multus's config names need the NADs to map back (collector/netnames.py).
+        pod = resolve_pod(pod, self._networks)
         atts = []
         for att in pod.attachments:
             nad = self._networks.get(att.network)
-            plane = self.plane_map.plane_for(att.network, default=att.default,
+            # Every cluster-network entry takes the default network's plane, the
+            # one carrying the pod's default route or not (KubeVirt's eth0 next to
+            # an override, OVN-K's eth0 next to a primary UDN).
+            plane = self.plane_map.plane_for(att.network, default=att.default or att.cluster,
                                              nad_plane=nad.plane if nad else "")
             atts.append(att if plane == att.plane else replace(att, plane=plane))
         return replace(pod, attachments=tuple(atts))

@@ -49,6 +49,12 @@ class Attachment:
     dns: Mapping | None = None
     device: DeviceInfo = field(default_factory=DeviceInfo)
     plane: str = UNCLASSIFIED
+    # The cluster network's entry (default or not), as collector/netnames.py reads
+    # the name: not a secondary network, whatever `default` says.
+    cluster: bool = field(default=False, compare=False)
+    # The entry's `name` as written (before collector/netnames.py mapped it), so a
+    # later NAD can still map it; "" when it is the network as is.
+    written_name: str = field(default="", compare=False, repr=False)
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -106,6 +112,8 @@ class Network:
     ipam: str = ""
     resource_name: str = ""             # k8s.v1.cni.cncf.io/resourceName
     config_error: str = ""              # why spec.config did not parse, "" when it did
+    config_name: str = ""               # spec.config `name`: what Multus <= 3.4 wrote in network-status
+    role: str = ""                      # spec.config `role` (OVN-Kubernetes user-defined networks: primary)
 
     @property
     def key(self) -> str:
@@ -122,6 +130,7 @@ class Link:
     mtu: int = 0
     up: bool = False
     kind: str = ""                      # veth, macvlan, bridge, ... ("" when unknown)
+    master: int = 0                     # ifindex of the bridge/bond it is enslaved to, 0 when none
 
 
 @dataclass(frozen=True)
@@ -134,12 +143,17 @@ class InterfaceView:
 
     attachment: Attachment
     link: Link | None
+    # The label when the link carrying the traffic is not the one the annotation
+    # names (KubeVirt bridge binding: `<hash>-nic` carries what `pod<hash>` is said to).
+    name: str = ""
 
     @property
     def interface(self) -> str:
         """The name in the pod; for a device with no name at all (a DPDK VF the
         annotation lists without `interface`), its PCI address, so two such VFs of
         one pod on one network stay two series."""
+        if self.name:
+            return self.name
         if self.link:
             return self.link.name
         return self.attachment.interface or self.attachment.device.pci_address
@@ -158,3 +172,7 @@ class PodView:
     netns_inode: int = 0
     resolved_by: str = ""               # "netns-dir:mac", "netns-dir:ip", "cgroup", ""
     interfaces: tuple[InterfaceView, ...] = ()
+    # (kind, claim) this pod contests with another pod and so was given to no one:
+    # ("netns", <namespace>) from the resolver, ("vf", <pci address>) from collector/claims.py
+    conflicts: tuple[tuple[str, str], ...] = ()
+    addresses: frozenset = frozenset()  # IPs the kernel shows in the pod's namespace (resolved only)

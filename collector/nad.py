@@ -28,8 +28,10 @@ NO_TYPE = "no_type"                  # the (first) plugin has no string `type`
 CONFIG_ERRORS = (NOT_A_STRING, TOO_LARGE, INVALID_JSON, NOT_AN_OBJECT, INVALID_PLUGINS, NO_TYPE)
 
 # Where plugins name the host-side device: macvlan/ipvlan/vlan `master`,
-# host-device `device`, bridge and ovs `bridge`. First present wins.
-MASTER_FIELDS = ("master", "device", "bridge")
+# host-device `device`, bridge and ovs `bridge`; host-device may instead select
+# its device by `pciBusID`, `hwaddr` or `kernelpath` (containernetworking/plugins
+# host-device.go), which then stands for the master. First present wins.
+MASTER_FIELDS = ("master", "device", "bridge", "pciBusID", "hwaddr", "kernelpath")
 
 
 def _text(obj: Mapping, key: str) -> str:
@@ -91,5 +93,7 @@ def network_from_object(obj: Mapping) -> Network:
     if error:
         return Network(**base, config_error=error)
     cni_type = _text(plugins[0], "type")
+    # A conflist's name is at its top; a single plugin's is its own.
     return Network(**base, cni_type=cni_type, master=_master(plugins), ipam=_ipam(plugins),
-                   config_error="" if cni_type else NO_TYPE)
+                   config_error="" if cni_type else NO_TYPE,
+                   config_name=_text(decoded, "name"), role=_text(plugins[0], "role"))

@@ -30,7 +30,7 @@ RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 IFLA_STATS_LINK_64 = 1
 RTMGRP_LINK = 0x1
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_EXT_MASK = 16, 18, 23, 29
 IFLA_INFO_KIND = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -69,6 +69,7 @@ class LinkStats:
     tx_errors: int = 0
     rx_dropped: int = 0
     tx_dropped: int = 0
+    master: int = 0         # IFLA_MASTER: the bridge/bond this link is a port of
 
 
 def _mac(raw: bytes) -> str:
@@ -89,7 +90,7 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
     """Decode one RTM_NEWLINK payload (ifinfomsg + attributes)."""
     _family, _type, ifindex, flags, _change = _IFINFOMSG.unpack_from(buf, off)
     name = mac = kind = ""
-    mtu = 0
+    mtu = master = 0
     operstate = IF_OPER_UNKNOWN
     stats = (0,) * 8
     for kind_id, vs, ve in _attrs(buf, off + _IFINFOMSG.size, end):
@@ -99,6 +100,8 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
             stats = _STATS8.unpack_from(buf, vs)
         elif kind_id == IFLA_MTU:
             mtu = _U32.unpack_from(buf, vs)[0]
+        elif kind_id == IFLA_MASTER and ve - vs >= 4:
+            master = _U32.unpack_from(buf, vs)[0]
         elif kind_id == IFLA_OPERSTATE:
             operstate = buf[vs]
         elif kind_id == IFLA_ADDRESS:
@@ -112,7 +115,7 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
     up = operstate == IF_OPER_UP or (
         operstate == IF_OPER_UNKNOWN and flags & IFF_UP and flags & IFF_LOWER_UP)
     rxp, txp, rxb, txb, rxe, txe, rxd, txd = stats
-    return LinkStats(ifindex, name, mac, mtu, bool(up), kind, rxp, txp, rxb, txb, rxe, txe, rxd, txd)
+    return LinkStats(ifindex, name, mac, mtu, bool(up), kind, rxp, txp, rxb, txb, rxe, txe, rxd, txd, master)
 
 
 def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:

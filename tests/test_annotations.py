@@ -87,7 +87,7 @@ def test_unusable_status_gives_no_attachment(value, reasons):
 def test_non_objects_are_skipped_and_objects_kept():
     attachments, errors = parse('[1, {"name": "a", "interface": "net1"}, "x", '
                                 '{"name": "b", "interface": "net2"}]')
-    assert [a.network for a in attachments] == ["default/a", "default/b"]
+    assert [a.network for a in attachments] == ["a", "b"]    # bare: mapped later (netnames)
     assert errors == ("invalid_entry", "invalid_entry")
 
 
@@ -96,7 +96,7 @@ def test_wrong_types_drop_only_their_field():
              "default": "true", "dns": [], "device-info": "pci", "gateway": {}}
     (att,), errors = parse(status([entry]))
     assert errors == ("invalid_field",) * 8
-    assert att == Attachment(NS, POD, UID, network="default/a", interface="")
+    assert att == Attachment(NS, POD, UID, network="a", interface="")
 
 
 def test_bad_list_items_are_dropped_good_ones_kept():
@@ -119,11 +119,12 @@ def test_nulls_mean_absent_not_invalid():
              "default": None, "dns": None, "device-info": None, "gateway": None}
     (att,), errors = parse(status([entry]))
     assert errors == ()
-    assert att == Attachment(NS, POD, UID, network="default/a", interface="")
+    assert att == Attachment(NS, POD, UID, network="a", interface="")
 
 
 @pytest.mark.parametrize("entry, network", [
-    ({"name": "macvlan-conf", "interface": "net1"}, "default/macvlan-conf"),
+    ({"name": "macvlan-conf", "interface": "net1"}, "macvlan-conf"),   # bare: a delegate unless requested
+    ({"name": "test1", "namespace": "other", "interface": "net2"}, "other/test1"),   # KubeVirt's namespace key
     ({"name": "other/macvlan-conf", "interface": "net1"}, "other/macvlan-conf"),
     ({"name": "cbr0", "default": True}, "cbr0"),                  # the default network keeps its name
     ({"name": "kube-system/calico", "default": True}, "kube-system/calico"),
@@ -151,7 +152,7 @@ def test_duplicate_interface_keeps_the_first():
     attachments, errors = parse(status([{"name": "a", "interface": "net1", "ips": ["10.0.0.1"]},
                                         {"name": "b", "interface": "net1", "ips": ["10.0.0.2"]},
                                         {"name": "c", "interface": "net2"}]))
-    assert [(a.network, a.ips) for a in attachments] == [("default/a", ("10.0.0.1",)), ("default/c", ())]
+    assert [(a.network, a.ips) for a in attachments] == [("a", ("10.0.0.1",)), ("c", ())]
     assert errors == ("duplicate_interface",)
 
 
@@ -236,7 +237,7 @@ def test_long_strings_are_dropped():
 
 def test_lone_surrogates_become_encodable():
     (att,), errors = parse('[{"name": "a\\ud800b", "interface": "net\\udfff"}]')
-    assert att.network == "default/a\ufffdb"
+    assert att.network == "a\ufffdb"
     (att.network + att.interface).encode("utf-8")
     assert errors == ()
 
@@ -244,7 +245,7 @@ def test_lone_surrogates_become_encodable():
 def test_already_decoded_value_is_accepted():
     # A pods file written in YAML may carry the annotation as a list, not a JSON string.
     attachments, errors = parse([{"name": "a", "interface": "net1"}])
-    assert [a.network for a in attachments] == ["default/a"] and errors == ()
+    assert [a.network for a in attachments] == ["a"] and errors == ()
 
 
 def test_bytes_value_is_accepted():

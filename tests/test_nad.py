@@ -76,7 +76,7 @@ spec:
         "device": "ens2f0v3",
         "ipam": {}
     }
-""", dict(namespace="sriramy", name="net-a", cni_type="host-device", master="ens2f0v3",
+""", dict(namespace="sriramy", name="net-a", config_name="net-a", cni_type="host-device", master="ens2f0v3",
           resource_name="openshift.io/pci_sriov_vf")),
     # A conflist (janeczku's multicast macvlan gist): first plugin's type, master and ipam
     # from the plugins that have them; tuning after it is chained.
@@ -100,7 +100,8 @@ spec:
   config: '{"cniVersion": "0.4.0", "name": "ipvlan-net", "plugins": [
              {"type": "ipvlan", "master": "bond0.200", "mode": "l2"},
              {"type": "sbr", "ipam": {"type": "whereabouts", "range": "11.11.11.0/24"}}]}'
-""", dict(namespace="default", name="ipvlan-net", cni_type="ipvlan", master="bond0.200", ipam="whereabouts")),
+""", dict(namespace="default", name="ipvlan-net", cni_type="ipvlan", master="bond0.200", ipam="whereabouts",
+         config_name="ipvlan-net")),
     # Configuration from a file on the node (/etc/cni/multus/net.d/<name>.conf): valid.
     "empty_config": ("""
 metadata: {name: from-file, namespace: default}
@@ -153,6 +154,35 @@ metadata: {name: yaml-obj, namespace: default}
 spec:
   config: {type: ipvlan, master: eth2, ipam: {type: host-local}}
 """, dict(namespace="default", name="yaml-obj", cni_type="ipvlan", master="eth2", ipam="host-local")),
+    # host-device selecting its device by PCI address (no `device`): that is its master.
+    "host_device_by_pci_bus_id": ("""
+metadata: {name: fpga-port, namespace: accel}
+spec:
+  config: '{"cniVersion": "1.0.0", "name": "fpga-port", "type": "host-device", "pciBusID": "0000:5e:00.1", "ipam": {}}'
+""", dict(namespace="accel", name="fpga-port", config_name="fpga-port", cni_type="host-device",
+         master="0000:5e:00.1")),
+    "host_device_by_kernel_path": ("""
+metadata: {name: hd-path, namespace: accel}
+spec:
+  config: '{"type": "host-device", "kernelpath": "/sys/devices/pci0000:00/0000:00:1f.6/net/eno3"}'
+""", dict(namespace="accel", name="hd-path", cni_type="host-device",
+         master="/sys/devices/pci0000:00/0000:00:1f.6/net/eno3")),
+    # OVN-Kubernetes primary user-defined network: no master, `role: primary`.
+    "ovn_k_primary_udn": ("""
+metadata: {name: blue-net, namespace: tenant-blue}
+spec:
+  config: '{"cniVersion": "1.0.0", "name": "cluster_udn_blue", "type": "ovn-k8s-cni-overlay",
+            "topology": "layer3", "subnets": "10.200.0.0/16/24", "netAttachDefName": "tenant-blue/blue-net",
+            "role": "primary"}'
+""", dict(namespace="tenant-blue", name="blue-net", config_name="cluster_udn_blue",
+         cni_type="ovn-k8s-cni-overlay", role="primary")),
+    # Two NADs sharing one config name (what Multus <= 3.4 wrote in network-status).
+    "shared_config_name": ("""
+metadata: {name: vf-left, namespace: ran, annotations: {k8s.v1.cni.cncf.io/resourceName: example.com/vf_left}}
+spec:
+  config: '{"type": "sriov", "name": "fronthaul", "vlan": 310}'
+""", dict(namespace="ran", name="vf-left", config_name="fronthaul", cni_type="sriov",
+         resource_name="example.com/vf_left")),
     "config_not_a_string": ("""
 metadata: {name: numeric, namespace: default}
 spec: {config: 42}
