@@ -67,7 +67,8 @@ class Keyed:
 
 
 class ClusterState:
-    def __init__(self):
+    def __init__(self, small_ranges: bool = False):
+        self.small_ranges = small_ranges        # a fork's /31 and /32 reading (collector/whereabouts.py)
         self.lock = threading.Lock()
         self.pods = Keyed(self.lock, lambda obj: None)      # existence is all we need
         self.nads = Keyed(self.lock, nad_ranges)
@@ -88,7 +89,7 @@ class ClusterState:
                 pools = list(self.pools.items.values())
                 reservations = list(self.reservations.items.values()) if self.reservations.listed else None
             try:
-                families = ippool_families(pools, ranges, pods, reservations)
+                families = ippool_families(pools, ranges, pods, reservations, self.small_ranges)
             except Exception:               # a bug here must not take /metrics down
                 log.exception("whereabouts metrics failed")
                 families, ok = [], False
@@ -183,6 +184,9 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
     p.add_argument("--pods-file", default="",
                    help="read Pods, NADs and IPPools from this JSON/YAML file instead of the API (the lab)")
+    p.add_argument("--whereabouts.small-ranges", dest="small_ranges", action="store_true",
+                   help="count both addresses of a /31 (/127) and the one of a /32 (/128) as allocatable, "
+                        "as Whereabouts forks that accept them do (upstream through v0.9.x refuses them: size 0)")
     p.add_argument("--log.level", dest="log_level", default="info", choices=["debug", "info", "warn", "error"])
 
 
@@ -192,7 +196,7 @@ def cmd_cluster(args) -> int:
     setup_logging(args.log_level)
     try:
         middlewares, ssl_context = web_security(args.web_config)
-        state = ClusterState()
+        state = ClusterState(small_ranges=args.small_ranges)
         if args.pods_file:
             feed = ClusterFile(state, args.pods_file)
         else:

@@ -12,13 +12,22 @@ Upstream facts this follows (k8snetworkplumbingwg/whereabouts):
   `<network_name>-` when the IPAM config names its network (ipam.go, IPPoolName);
   pools live in whereabouts' own namespace, not the NAD's.
 - Allocatable addresses (pkg/iphelpers GetIPRange, pkg/allocate IterateForAssignment):
-  the range without its network and last ("broadcast") address, IPv6 included;
-  a /31 (/127) has both addresses and a /32 (/128) its one address (RFC 3021, current
-  upstream; releases before 2025 refused /31 and /32). `range_start`/`range_end` are
+  the range without its network and last ("broadcast") address, IPv6 included.
+  A range with fewer than two usable addresses (/31, /32, /127, /128) is refused
+  through v0.9.x (iphelpers: "net mask is too short"), after the IPPool object was
+  created: such a pool exists with size 0. Forks that hand out both addresses of a
+  /31 (RFC 3021) and the one of a /32 are read that way only with
+  `small_ranges=True` (`planewatch cluster --whereabouts.small-ranges`). `range_start`/`range_end` are
   honoured only inside those bounds (range_end also not below the start); every
   address of an `exclude` CIDR (or bare IP) is skipped. The top-level `exclude`,
   `range_start`, `range_end` belong to the top-level `range` only; each `ipRanges[]`
   entry carries its own. `range: "A-B/len"` means start A, end B.
+- Node-slice ("fast IPAM", `node_slice_size`) pools are named
+  `<network_name>-<node>-<slice>` (`<node>-<slice>` without network_name) and span
+  one node's slice of the NAD's range; every usable address of the slice is
+  allocatable (exclude is not applied in that mode upstream).
+- Allocations written before whereabouts recorded `podref` (before v0.5) have only
+  an `id`: legitimate, never "leaked" (nothing says which pod), not invalid.
 - Exclusions live in the NAD, not the pool: pools are matched to NADs by (range as a
   network, network_name). Several NADs on one pool (same range, different namespaces)
   share it: the pool's allocatable set is the union of theirs. A pool no NAD matches
@@ -63,11 +72,12 @@ Interval = tuple[int, int]        # inclusive [first, last] of integer addresses
 
 # ---------------------------------------------------------------- interval arithmetic
 
-def usable_bounds(net: Network) -> Interval:
-    """First and last address whereabouts may hand out in `net` (before start/end/exclude)."""
+def usable_bounds(net: Network, small_ranges: bool = False) -> Interval | None:
+    """First and last address whereabouts may hand out in `net` (before start/end/exclude);
+    None when it hands out none (/31 /32 /127 /128 upstream, see above)."""
     first, last = int(net.network_address), int(net.broadcast_address)
-    if net.max_prefixlen - net.prefixlen <= 1:     # /31 /32 /127 /128: every address
-        return first, last
+    if net.max_prefixlen - net.prefixlen <= 1:
+        return (first, last) if small_ranges else None
     return first + 1, last - 1
 
 
@@ -115,9 +125,13 @@ class RangeConfig:
     excludes: tuple[Network, ...] = ()
     network_name: str = ""
     nad: str = ""                   # "namespace/name" of the NAD
+    slice_prefix: int | None = None  # node_slice_size: pools are per-node slices of this length
 
-    def allocatable(self) -> list[Interval]:
-        first, last = usable_bounds(self.network)
+    def allocatable(self, small_ranges: bool = False) -> list[Interval]:
+        bounds = usable_bounds(self.network, small_ranges)
+        if bounds is None:
+            return []
+        first, last = bounds
         if self.start is not None and first <= self.start <= last:
             first = self.start
         if self.end is not None and first <= self.end <= last:
@@ -171,7 +185,16 @@ def parse_range(ipam: Mapping, network_name: str = "", nad: str = "") -> RangeCo
     excludes = tuple(_exclude(e) for e in excludes_raw)
     if any(e is None for e in excludes):
         return None
-    return RangeConfig(net, start, end, excludes, network_name, nad)
+    return RangeConfig(net, start, end, excludes, network_name, nad, _slice_prefix(ipam, net))
+
+
+def _slice_prefix(ipam: Mapping, net: Network) -> int | None:
+    """node_slice_size ("/20" or "20") as a prefix length inside `net`; None when absent or unusable."""
+    text = ipam.get("node_slice_size")
+    if not isinstance(text, str) or not text.strip().lstrip("/").isdigit():
+        return None
+    prefix = int(text.strip().lstrip("/"))
+    return prefix if net.prefixlen <= prefix <= net.max_prefixlen else None
 
 
 def _plugins(config: object) -> list:
@@ -203,6 +226,8 @@ def nad_ranges(obj: Mapping) -> list[RangeConfig]:
         extra = ipam.get("ipRanges")
         entries += [e for e in extra if isinstance(e, dict)] if isinstance(extra, list) else []
         for entry in entries:
+            if "node_slice_size" not in entry and "node_slice_size" in ipam:
+                entry = {**entry, "node_slice_size": ipam["node_slice_size"]}
             rc = parse_range(entry, network_name, nad)
             if rc is not None:
                 out.append(rc)
@@ -278,7 +303,7 @@ def parse_pool(obj: Mapping) -> Pool:
             pool.errors[INVALID_ALLOCATION] += 1
             continue
         podref = _podref(owner.get("podref"))
-        if not podref:
+        if not podref and owner.get("podref") not in (None, ""):   # absent: written before podref existed
             pool.errors[INVALID_PODREF] += 1
         pool.allocations.append(Allocation(address, podref, bool(owner.get("ipamclaimref"))))
     return pool
@@ -308,20 +333,32 @@ def index_ranges(configs: Iterable[RangeConfig]) -> dict[tuple[Network, str], li
 
 def matching_ranges(pool: Pool, index: Mapping[tuple[Network, str], list[RangeConfig]]) -> list[RangeConfig]:
     if pool.network_name is not None:
-        return list(index.get((pool.network, pool.network_name), ()))
+        found = list(index.get((pool.network, pool.network_name), ()))
+        return found or slice_ranges(pool, index)
     return [rc for (net, _), rcs in index.items() if net == pool.network for rc in rcs]
 
 
+def slice_ranges(pool: Pool, index: Mapping[tuple[Network, str], list[RangeConfig]]) -> list[RangeConfig]:
+    """Node-slice configs a `<network_name>-<node>-<slice>` (or `<node>-<slice>`) pool belongs to."""
+    prefix = pool.network_name or ""
+    return [rc for (net, name), rcs in index.items() for rc in rcs
+            if rc.slice_prefix == pool.network.prefixlen and net.version == pool.network.version
+            and pool.network.subnet_of(net) and prefix and (not name or prefix.startswith(name + "-"))]
+
+
 def pool_stats(pool: Pool, index: Mapping[tuple[Network, str], list[RangeConfig]],
-               pods: Set[str]) -> PoolStats | None:
+               pods: Set[str], small_ranges: bool = False) -> PoolStats | None:
     """Numbers for one pool; None when its range is unusable."""
     if pool.network is None:
         return None
     configs = matching_ranges(pool, index)
-    if configs:
-        allocatable = merge(iv for rc in configs for iv in rc.allocatable())
+    own = usable_bounds(pool.network, small_ranges)
+    if configs and all(rc.slice_prefix is not None and rc.network != pool.network for rc in configs):
+        allocatable = [own] if own else []          # a node's slice: all of it
+    elif configs:
+        allocatable = merge(iv for rc in configs for iv in rc.allocatable(small_ranges))
     else:
-        allocatable = [usable_bounds(pool.network)]
+        allocatable = [own] if own else []
     size = count(allocatable)
     taken = {a.address for a in pool.allocations if contains(allocatable, a.address)}
     leaked = sum(1 for a in pool.allocations if a.podref and not a.claimed and a.podref not in pods)
@@ -347,7 +384,8 @@ def parse_reservation(obj: Mapping) -> Reservation:
 # ---------------------------------------------------------------- metric families
 
 def ippool_families(pools: Iterable[Pool], ranges: Iterable[RangeConfig], pods: Set[str],
-                    reservations: Iterable[Reservation] | None = None) -> list[Family]:
+                    reservations: Iterable[Reservation] | None = None,
+                    small_ranges: bool = False) -> list[Family]:
     size = Family("planewatch_ippool_size", GAUGE,
                   "Addresses a Whereabouts pool can hand out: its range without network/broadcast, "
                   "outside range_start..range_end and exclude of the NADs using it.", POOL_LABELS)
@@ -366,7 +404,7 @@ def ippool_families(pools: Iterable[Pool], ranges: Iterable[RangeConfig], pods: 
     for pool in sorted(pools, key=lambda p: p.key):
         for reason in sorted(pool.errors):
             invalid.add((pool.key, reason), pool.errors[reason])
-        stats = pool_stats(pool, index, pods)
+        stats = pool_stats(pool, index, pods, small_ranges)
         if stats is None:
             continue
         size.add(stats.labels, stats.size)

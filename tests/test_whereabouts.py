@@ -30,13 +30,14 @@ SIZES = {
     # IPv4: network and broadcast are not handed out...
     "v4 /24": ({"range": "10.75.0.0/24"}, 254),
     "v4 /30": ({"range": "10.75.0.0/30"}, 2),
-    # ...except where there is no room for them (RFC 3021, current upstream).
-    "v4 /31": ({"range": "10.75.0.0/31"}, 2),
-    "v4 /32": ({"range": "10.75.0.7/32"}, 1),
+    # Whereabouts <= v0.9.x refuses ranges with fewer than two usable addresses:
+    # the IPPool exists, nothing is ever allocated from it.
+    "v4 /31": ({"range": "10.75.0.0/31"}, 0),
+    "v4 /32": ({"range": "10.75.0.7/32"}, 0),
     # Whereabouts skips the first and last address of IPv6 ranges too.
     "v6 /120": ({"range": "fd00:75::/120"}, 254),
-    "v6 /127": ({"range": "fd00:75::/127"}, 2),
-    "v6 /128": ({"range": "fd00:75::1/128"}, 1),
+    "v6 /127": ({"range": "fd00:75::/127"}, 0),
+    "v6 /128": ({"range": "fd00:75::1/128"}, 0),
     "v6 /64 exact": ({"range": "fd00:75::/64"}, 2**64 - 2),
     "host part ignored": ({"range": "10.75.0.77/24"}, 254),
     # Exclusions: whole subnets (network and broadcast included), or bare IPs.
@@ -177,7 +178,7 @@ def test_malformed_allocations_are_counted_not_fatal():
         "10": owner(), "+11": owner(),                  # Go's ParseInt takes a sign
         "abc": owner(), "-1": owner(), "1_0": owner(), " 5": owner(), "": owner(),
         "256": owner(), "99999999999999999999999": owner(),
-        "12": "not an object", "13": owner(podref="no-slash"), "14": owner(podref=""),
+        "12": "not an object", "13": owner(podref="no-slash"), "14": owner(podref="a/b/c"),
         "255": owner()}))                               # broadcast: inside the range
     assert dict(pool.errors) == {INVALID_OFFSET: 5, OFFSET_OUT_OF_RANGE: 2, INVALID_ALLOCATION: 1,
                                  INVALID_PODREF: 2}
@@ -339,3 +340,75 @@ def test_cluster_state_is_unready_then_follows_events():
     fams = names(state.families())
     assert fams["planewatch_scrape_collector_success"].samples == [('collector="whereabouts"', 1)]
     assert "planewatch_ippool_overlapping_reservations" not in fams    # that CRD never listed
+
+
+# ---------------------------------------------------------------- what upstream writes (table)
+
+def pool_metrics(nads, pools, pods, **kw) -> dict:
+    from exporters.exposition import render
+    ranges = [rc for n in nads for rc in nad_ranges(n)]
+    text = render(ippool_families([parse_pool(p) for p in pools], ranges, set(pods), **kw)).decode()
+    return parse_metrics(text)
+
+
+def pool_numbers(parsed, pool) -> dict:
+    out = {}
+    for what in ("size", "allocated", "free", "leaked"):
+        (labels, value), = series(parsed, f"planewatch_ippool_{what}", pool=pool).items()
+        out[what] = int(value)
+        out["network"] = dict(labels)["network"]
+    out["invalid"] = {dict(lbl)["reason"]: int(v)
+                      for lbl, v in series(parsed, "planewatch_ippool_invalid_entries", pool=pool).items()}
+    return out
+
+
+WB = "whereabouts"
+UPSTREAM = {
+    # v0.9.x refuses a /31: the pool object exists, nothing can be allocated.
+    "slash31-upstream": dict(
+        nads=[nad("ran", "p2p-a", {"type": "macvlan", "master": "ens1", "ipam": {"type": WB, "range": "10.31.7.4/31"}})],
+        pools=[pool_obj("10.31.7.4-31", "10.31.7.4/31", {}, "ran")], pods=[],
+        pool="ran/10.31.7.4-31",
+        want=dict(size=0, allocated=0, free=0, leaked=0, network="ran/p2p-a", invalid={})),
+    "slash128-upstream": dict(
+        nads=[nad("ran", "p2p-b", {"type": "macvlan", "master": "ens1",
+                                   "ipam": {"type": WB, "range": "fd31:7::9/128"}})],
+        pools=[pool_obj("fd31-7--9-128", "fd31:7::9/128", {}, "ran")], pods=[],
+        pool="ran/fd31-7--9-128",
+        want=dict(size=0, allocated=0, free=0, leaked=0, network="ran/p2p-b", invalid={})),
+    # A fork's reading of a /31 (RFC 3021), only when asked for.
+    "slash31-fork-option": dict(
+        nads=[nad("ran", "p2p-a", {"type": "macvlan", "master": "ens1", "ipam": {"type": WB, "range": "10.31.7.4/31"}})],
+        pools=[pool_obj("10.31.7.4-31", "10.31.7.4/31", {"1": owner("ran/du-0")}, "ran")], pods=["ran/du-0"],
+        pool="ran/10.31.7.4-31", small_ranges=True,
+        want=dict(size=2, allocated=1, free=1, leaked=0, network="ran/p2p-a", invalid={})),
+    # Node-slice pools: <network_name>-<node>-<slice>, keeping their network.
+    "node-slice-named": dict(
+        nads=[nad("edge", "fabric", {"type": "macvlan", "master": "ens2", "ipam": {
+            "type": WB, "range": "172.28.0.0/16", "node_slice_size": "/22", "network_name": "fabric",
+            "exclude": ["172.28.4.0/24"]}})],
+        pools=[pool_obj("fabric-worker-b-172.28.4.0-22", "172.28.4.0/22",
+                        {"1": owner("edge/cam-1"), "2": owner("edge/gone-2")}, "edge")],
+        pods=["edge/cam-1"], pool="edge/fabric-worker-b-172.28.4.0-22",
+        want=dict(size=1022, allocated=2, free=1020, leaked=1, network="edge/fabric", invalid={})),
+    # ... and without network_name: <node>-<slice>.
+    "node-slice-unnamed": dict(
+        nads=[nad("edge", "plain", {"type": "macvlan", "master": "ens2", "ipam": {
+            "type": WB, "range": "fd28::/48", "node_slice_size": "64"}})],
+        pools=[pool_obj("worker-c-fd28-0-0-3---64", "fd28:0:0:3::/64", {"1": owner("edge/cam-2")}, "edge")],
+        pods=["edge/cam-2"], pool="edge/worker-c-fd28-0-0-3---64",
+        want=dict(size=2**64 - 2, allocated=1, free=2**64 - 3, leaked=0, network="edge/plain", invalid={})),
+    # Allocations from before podref existed: legitimate, not leaked, not invalid.
+    "no-podref": dict(
+        nads=[], pools=[pool_obj("10.44.0.0-24", "10.44.0.0/24", {
+            "7": {"id": "aa01"}, "8": owner("tools/probe-0"), "9": {"id": "aa03", "ifname": "net1"}})],
+        pods=[], pool="kube-system/10.44.0.0-24",
+        want=dict(size=254, allocated=3, free=251, leaked=1, network="", invalid={})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM))
+def test_pools_as_upstream_writes_them(name):
+    case = UPSTREAM[name]
+    parsed = pool_metrics(case["nads"], case["pools"], case["pods"], small_ranges=case.get("small_ranges", False))
+    assert pool_numbers(parsed, case["pool"]) == case["want"]
