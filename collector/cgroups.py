@@ -69,3 +69,38 @@ def scan_pod_netns(procfs: str, wanted: set[str]) -> dict[str, str]:
                 if len(found) == len(wanted):
                     break
     return found
+
+
+def scan_pod_processes(procfs: str) -> tuple[dict[str, str], dict[int, set[str]]]:
+    """(pod UID -> `<procfs>/<pid>/ns/net` of one of its processes,
+        netns inode -> the pod UIDs whose processes live in it).
+
+    The second map is what a tenant cannot forge: the kubelet puts a pod's
+    processes in the cgroup named after its UID, so a namespace holding them is
+    that pod's, whatever any annotation claims (collector/netns.py). Costs one
+    read per process and one stat per pod process; processes that exit meanwhile
+    are skipped.
+    """
+    paths: dict[str, str] = {}
+    owners: dict[int, set[str]] = {}
+    try:
+        entries = os.scandir(procfs)
+    except OSError as err:
+        log.debug("cannot list %s: %s", procfs, err)
+        return paths, owners
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(os.path.join(entry.path, "cgroup"), encoding="utf-8", errors="replace") as f:
+                    uid = pod_uid_from_cgroup(f.read())
+                if not uid:
+                    continue
+                path = os.path.join(entry.path, "ns", "net")
+                inode = os.stat(path).st_ino
+            except OSError:
+                continue
+            paths.setdefault(uid, path)
+            owners.setdefault(inode, set()).add(uid)
+    return paths, owners

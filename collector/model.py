@@ -175,4 +175,5 @@ class PodView:
     # (kind, claim) this pod contests with another pod and so was given to no one:
     # ("netns", <namespace>) from the resolver, ("vf", <pci address>) from collector/claims.py
     conflicts: tuple[tuple[str, str], ...] = ()
-    addresses: frozenset = frozenset()  # IPs the kernel shows in the pod's namespace (resolved only)
+    # IP -> ifindex the kernel shows in the pod's namespace (resolved pods only)
+    addresses: Mapping[str, int] = field(default_factory=dict, compare=False)

@@ -7,9 +7,17 @@ Two ways, the exact one first:
    under --path.netns has the same inode, that stable path is kept instead.
 2. netns dir: the namespaces pinned under --path.netns (/run/netns for
    containerd and CRI-O; some set-ups use /var/run/netns or /run/docker/netns)
-   whose interfaces carry one of the pod's annotated MACs; for a pod whose
-   annotation has no MAC at all, one of its IPs. A pod matching more than one
-   namespace stays unresolved rather than mislabelled.
+   whose interfaces carry the pod's annotated MACs; for a pod whose annotation
+   has no MAC at all, its IPs. What decides is what is unique to the pod: a MAC
+   several namespaces hold (ipvlan attachments all carry their master's MAC) does
+   not, the pod's other MACs and then its IPs do.
+
+Identity (what a tenant cannot forge comes first): a namespace whose processes
+sit in a pod's cgroup belongs to that pod and is never given to another pod
+through annotations. A namespace that two pods' annotations claim on equal
+evidence is given to neither; both carry the conflict (PodView.conflicts,
+`planewatch_pod_identity_conflict`), so a pod copying another's MAC blinds
+itself visibly instead of reading its victim's counters.
 
 A resolution is kept until its namespace disappears; lookups of unresolved pods
 are rate-limited so a pod we can never see does not cost a scan per scrape.
@@ -22,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from collector.cgroups import scan_pod_netns
+from collector.cgroups import scan_pod_processes
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.rtnl import LinkEvents, LinkStats, RtnlSocket
 
@@ -134,6 +142,10 @@ def match_interfaces(pod: Pod, links: list[LinkStats], addresses: dict[str, int]
     views = []
     for att in pod.attachments:
         link = by_name.get(att.interface) if att.interface else None
+        carrier = bridged_carrier(link, by_name, by_index) if link else None
+        if carrier is not None:
+            views.append(InterfaceView(att, _as_link(carrier), name=att.interface))
+            continue
         if link is None and att.mac:
             link = by_mac.get(att.mac.lower())
         if link is None:
@@ -148,18 +160,31 @@ def match_interfaces(pod: Pod, links: list[LinkStats], addresses: dict[str, int]
     return tuple(views)
 
 
+def bridged_carrier(link: LinkStats, by_name: dict, by_index: dict) -> LinkStats | None:
+    """The link that carries what `link` is annotated for, when it is not `link`.
+
+    KubeVirt's bridge binding renames the pod's real link `pod<hash>` (or `eth0`)
+    to `<hash>-nic` (`eth0-nic`), makes it a port of the bridge `k6t-<hash>` with
+    the VM's tap, and leaves a dummy under the annotated name and MAC: the dummy
+    sees no traffic. Kernel facts decide, not names alone: the `-nic` link must be
+    a port of a bridge and the named link must be no port at all.
+    """
+    base = link.name[3:] if link.name.startswith("pod") else link.name
+    nic = by_name.get(f"{base}-nic")
+    if nic is None or not nic.master or link.master:
+        return None
+    bridge = by_index.get(nic.master)
+    return nic if bridge is not None and bridge.kind == "bridge" else None
+
+
 def _as_link(l: LinkStats) -> Link:
-    return Link(l.ifindex, l.name, l.mac, l.mtu, l.up, l.kind)
+    return Link(l.ifindex, l.name, l.mac, l.mtu, l.up, l.kind, l.master)
 
 
-def pod_keys(pod: Pod, how: str) -> set[str]:
-    """What identifies the pod's namespace. IPs only for pods the annotation gives
-    no MAC for: a MAC that matches nowhere means the namespace is not here, and an
-    IP reused by another isolated network must not stand in for it."""
+def pod_keys(pod: Pod) -> tuple[set[str], set[str]]:
+    """(annotated MACs, annotated IPs) of the pod."""
     macs = {a.mac.lower() for a in pod.attachments if a.mac}
-    if how == "mac":
-        return macs
-    return set() if macs else {ip for a in pod.attachments for ip in a.addresses}
+    return macs, {ip for a in pod.attachments for ip in a.addresses}
 
 
 def namespace_index(namespaces: list[Namespace]) -> dict[str, dict[str, set[int]]]:
@@ -172,6 +197,34 @@ def namespace_index(namespaces: list[Namespace]) -> dict[str, dict[str, set[int]
         for ip in ns.addresses:
             index["ip"].setdefault(ip, set()).add(ns.inode)
     return index
+
+
+def _holders(keys: set[str], index: dict[str, set[int]], among: set[int] | None = None) -> dict[str, set[int]]:
+    held = {k: index.get(k, set()) for k in keys}
+    return {k: (v & among if among is not None else v) for k, v in held.items()}
+
+
+def claim(pod: Pod, index: dict[str, dict[str, set[int]]]) -> tuple[set[int], str]:
+    """(namespaces the pod's annotation points at, by what): one when it is decided.
+
+    A pod with MACs is where its MACs are (a MAC found nowhere: not here; an IP
+    reused by another isolated network must not stand in). Of several namespaces
+    holding its MACs, those holding a MAC no other candidate holds decide; then its
+    IPs. A pod without MACs is where its IPs are.
+    """
+    macs, ips = pod_keys(pod)
+    if macs:
+        found = set().union(*_holders(macs, index["mac"]).values())
+        if len(found) <= 1:
+            return found, "mac"
+        unique = {next(iter(v)) for v in _holders(macs, index["mac"], found).values() if len(v) == 1}
+        if len(unique) == 1:
+            return unique, "mac"
+        narrowed = set().union(*_holders(ips, index["ip"], unique or found).values()) if ips else set()
+        return (narrowed, "ip") if len(narrowed) == 1 else (found, "mac")
+    if not ips:
+        return set(), "ip"
+    return set().union(*_holders(ips, index["ip"]).values()), "ip"
 
 
 class Resolver:
@@ -188,6 +241,9 @@ class Resolver:
         # uid -> (pod, (netns inode, refresh time), interfaces): matching is redone
         # only when the pod object or its namespace's link table changed
         self._matched: dict[str, tuple[Pod, tuple[int, float], tuple[InterfaceView, ...]]] = {}
+        self._conflicts: dict[str, tuple[tuple[str, str], ...]] = {}   # uid -> contested claims
+        # uid -> (inode, refresh time, names missing right after that refresh)
+        self._missing_seen: dict[str, tuple[int, float, frozenset]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, pods: list[Pod]) -> list[PodView]:
@@ -203,6 +259,7 @@ class Resolver:
             if uid not in live_uids or not self._still_there(inode, pinned):
                 del self._resolved[uid]
         self._tried = {u: t for u, t in self._tried.items() if u in live_uids}
+        self._conflicts = {u: c for u, c in self._conflicts.items() if u in live_uids and u not in self._resolved}
 
         todo = [p for p in pods if p.uid not in self._resolved
                 and now - self._tried.get(p.uid, -RETRY_UNRESOLVED) >= RETRY_UNRESOLVED]
@@ -215,18 +272,34 @@ class Resolver:
             found = self._resolved.get(pod.uid)
             ns = self.pool.get(found[0]) if found else None
             if ns is None:
-                views.append(PodView(pod, interfaces=tuple(InterfaceView(a, None) for a in pod.attachments)))
+                views.append(PodView(pod, interfaces=tuple(InterfaceView(a, None) for a in pod.attachments),
+                                     conflicts=self._conflicts.get(pod.uid, ())))
                 continue
             used.add(ns.inode)
             try:
-                if ns.stale(now) or (now - ns.refreshed > MIN_REFRESH and _interface_missing(pod, ns)):
-                    ns.refresh(now)
+                self._refresh_if_needed(pod, ns, now)
             except OSError as err:
                 log.debug("refresh of %s failed: %s", ns.path, err)
-            views.append(PodView(pod, ns.path, ns.inode, found[1], self._interfaces(pod, ns)))
+            views.append(PodView(pod, ns.path, ns.inode, found[1], self._interfaces(pod, ns),
+                                 addresses=ns.addresses))
         self.pool.keep_only(used)
         self._matched = {uid: m for uid, m in self._matched.items() if uid in live_uids}
+        self._missing_seen = {uid: m for uid, m in self._missing_seen.items() if uid in live_uids}
         return views
+
+    def _refresh_if_needed(self, pod: Pod, ns: Namespace, now: float) -> None:
+        """Re-read the link table when the kernel announced a change, past the TTL,
+        or when an annotated interface is absent that was not already absent right
+        after the last read: a DPDK VF the annotation lists as net1 never appears,
+        and must not cost a link dump at every scrape (its arrival, if ever, is a
+        link event)."""
+        missing = _missing_names(pod, ns)
+        seen = self._missing_seen.get(pod.uid)
+        if not (ns.stale(now) or (missing and seen != (ns.inode, ns.refreshed, missing)
+                                  and now - ns.refreshed > MIN_REFRESH)):
+            return
+        ns.refresh(now)
+        self._missing_seen[pod.uid] = (ns.inode, ns.refreshed, _missing_names(pod, ns))
 
     def _interfaces(self, pod: Pod, ns: Namespace) -> tuple[InterfaceView, ...]:
         cached = self._matched.get(pod.uid)
@@ -249,41 +322,67 @@ class Resolver:
             return False
 
     def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
-        claimed = {inode for inode, _ in self._resolved.values()}
-        by_cgroup = scan_pod_netns(self.procfs, {p.uid for p in todo if p.uid})
+        by_cgroup, owners = scan_pod_processes(self.procfs)
+        # Kernel facts first: a namespace held by a pod's processes is that pod's.
+        for uid, (inode, how) in list(self._resolved.items()):
+            if how != "cgroup" and owners.get(inode) and uid not in owners[inode]:
+                log.info("netns %d belongs to pod %s by cgroup, not to %s", inode, owners[inode], uid)
+                del self._resolved[uid]
         for pod in todo:
             path = by_cgroup.get(pod.uid)
             if not path:
                 continue
             try:
                 inode = os.stat(path).st_ino
+                if len(owners.get(inode, ())) > 1:
+                    raise OSError(f"namespace shared by pods {sorted(owners[inode])}")
                 ns = self.pool.open(pinned.get(inode, path))
                 ns.refresh(now)
             except OSError as err:
                 log.debug("pod %s: %s: %s", pod.key, path, err)
                 continue
             self._resolved[pod.uid] = (ns.inode, "cgroup")
-            claimed.add(ns.inode)
+            self._conflicts.pop(pod.uid, None)
 
         left = [p for p in todo if p.uid not in self._resolved and p.attachments]
         if left:
-            index = namespace_index(self._open_unclaimed(pinned, claimed, now))
-            # MACs first across every namespace, then IPs: an IP can repeat between
-            # isolated networks where a MAC does not. A pod matching several
-            # namespaces the same way stays unresolved rather than mislabelled.
-            for how in ("mac", "ip"):
-                for pod in list(left):
-                    found = set().union(*(index[how].get(k, ()) for k in pod_keys(pod, how))) - claimed
-                    if len(found) == 1:
-                        inode = found.pop()
-                        self._resolved[pod.uid] = (inode, f"netns-dir:{how}")
-                        claimed.add(inode)
-                        left.remove(pod)
-                    elif found:
-                        log.debug("pod %s: %d namespaces hold its %s", pod.key, len(found), how)
+            self._find_by_annotation(left, pinned, owners, now)
         for pod in todo:
             if pod.uid not in self._resolved:
                 self._tried[pod.uid] = now
+
+    def _find_by_annotation(self, left: list[Pod], pinned: dict[int, str], owners: dict[int, set[str]],
+                            now: float) -> None:
+        """The netns-dir fallback. Namespaces some pod's processes hold are out of
+        reach; one already given by annotation is contested again when another pod
+        claims it (an impostor that came first must not keep it)."""
+        held = {inode: uid for uid, (inode, how) in self._resolved.items()}
+        soft = {inode for inode, uid in held.items() if self._resolved[uid][1] != "cgroup"}
+        candidates = [ns for ns in self._open_unclaimed(pinned, set(held) - soft, now) if ns.inode not in owners]
+        index = namespace_index(candidates)
+        claims: dict[int, list[tuple[Pod, str]]] = {}
+        for pod in left:
+            found, how = claim(pod, index)
+            self._conflicts.pop(pod.uid, None)
+            if len(found) == 1:
+                claims.setdefault(found.pop(), []).append((pod, how))
+            elif found:
+                log.debug("pod %s: %d namespaces hold its %s", pod.key, len(found), how)
+        for inode, claimants in claims.items():
+            holder = held.get(inode)
+            if len(claimants) == 1 and holder is None:
+                pod, how = claimants[0]
+                self._resolved[pod.uid] = (inode, f"netns-dir:{how}")
+                continue
+            # Equal claims to one namespace: nobody gets it, everybody says so.
+            ns = self.pool.get(inode)
+            name = os.path.basename(ns.path) if ns else str(inode)
+            uids = [p.uid for p, _ in claimants] + ([holder] if holder else [])
+            if holder:
+                del self._resolved[holder]
+            for uid in uids:
+                self._conflicts[uid] = (("netns", name),)
+            log.warning("netns %s claimed by %d pods' annotations: given to none", name, len(uids))
 
     def _open_unclaimed(self, pinned: dict[int, str], claimed: set[int], now: float) -> list[Namespace]:
         out = []
@@ -306,6 +405,6 @@ class Resolver:
             self._resolved.clear()
 
 
-def _interface_missing(pod: Pod, ns: Namespace) -> bool:
+def _missing_names(pod: Pod, ns: Namespace) -> frozenset:
     names = {l.name for l in ns.links}
-    return any(a.interface and a.interface not in names for a in pod.attachments)
+    return frozenset(a.interface for a in pod.attachments if a.interface and a.interface not in names)
