@@ -10,6 +10,7 @@ import ipaddress
 from functools import lru_cache
 
 from collector.annotations import ERROR_REASONS
+from collector.claims import conflicts_by_pod, ip_verification
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
 from exporters.exposition import COUNTER, GAUGE, Family
@@ -35,8 +36,14 @@ class AttachmentsSource:
         info = Family("planewatch_pod_interface_info", GAUGE,
                       "A network attached to a pod, from its network-status annotation (value 1).", INFO_LABELS)
         ips = Family("planewatch_pod_ip_info", GAUGE,
-                     "One series per IP of a pod on a secondary network (value 1), for conflict rules.",
-                     ATTACHMENT_LABELS[:4] + ("ip",))
+                     "One series per IP of a pod on a secondary network (value 1), for conflict rules; "
+                     "verified: the pod's namespace holds it (true), does not (false), cannot be checked (unknown).",
+                     ATTACHMENT_LABELS[:4] + ("ip", "verified"))
+        identity = Family("planewatch_pod_identity_conflict", GAUGE,
+                          "A namespace (kind=netns) or SR-IOV VF (kind=vf, claim=PCI address) this pod's "
+                          "annotation claims as another pod's does: given to neither (value 1).",
+                          ("namespace", "pod", "kind", "claim"))
+        conflicts = conflicts_by_pod(snapshot.pods)
         missing = Family("planewatch_pod_network_attachment_missing", GAUGE,
                          "A network the pod requested (k8s.v1.cni.cncf.io/networks) that its network-status lacks.",
                          ("namespace", "pod", "network"))
@@ -46,6 +53,8 @@ class AttachmentsSource:
         for view in snapshot.pods:
             pod = view.pod
             resolved.add((pod.namespace, pod.name), 1 if view.netns_inode else 0)
+            for kind, claim in conflicts.get(pod.uid, ()):
+                identity.add((pod.namespace, pod.name, kind, claim), 1)
             for network in pod.missing:
                 missing.add((pod.namespace, pod.name, network), 1)
             for iv in view.interfaces:
@@ -55,7 +64,7 @@ class AttachmentsSource:
                 if att.default or att.cluster:     # cluster IPs are not secondary-network IPs
                     continue
                 for ip in sorted({canonical_ip(a) for a in att.ips} - {""}):
-                    ips.add(iv.labels[:4] + (ip,), 1)
+                    ips.add(iv.labels[:4] + (ip, ip_verification(view, iv, ip)), 1)
 
         errors = Family("planewatch_annotation_errors_total", COUNTER,
                         "Malformed network annotations seen, by reason (each distinct annotation counted once).",
@@ -75,4 +84,4 @@ class AttachmentsSource:
                       snapshot.plane_for_network(key)), 1)
             if net.config_error:
                 broken.add((key, net.config_error), 1)
-        return [info, ips, missing, resolved, errors, nets, broken]
+        return [info, ips, missing, resolved, identity, errors, nets, broken]

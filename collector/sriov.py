@@ -55,6 +55,7 @@ from functools import lru_cache
 from typing import Iterable
 
 from collector import sriov_readers as readers
+from collector.claims import contested_vfs
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
 from exporters.exposition import COUNTER, GAUGE, Family, render_labels
@@ -252,10 +253,11 @@ def _reader_order(value) -> tuple[str, ...]:
 def vf_attachments(snapshot: Snapshot) -> list[tuple[tuple[str, ...], str, str]]:
     """(labels, VF PCI address, pf-pci-address hint) of every VF attachment."""
     out, seen = [], set()
+    contested = contested_vfs(snapshot.pods)     # claimed by two pods: nobody's (collector/claims.py)
     for view in snapshot.pods:
         for iv in view.interfaces:
             dev = iv.attachment.device
-            if dev.type not in VF_DEVICE_TYPES or not dev.pci_address:
+            if dev.type not in VF_DEVICE_TYPES or not dev.pci_address or dev.pci_address in contested:
                 continue
             key = (iv.labels, dev.pci_address)
             if key not in seen:         # duplicate network-status entries for one interface

@@ -1,0 +1,62 @@
+"""Claims two pods make on one thing (collector/claims.py), on /metrics: a VF two
+annotations name goes to neither, and an IP is checked against the claimant's
+own namespace. The attack is the annotation a tenant can write."""
+from __future__ import annotations
+
+from collector.attachments import AttachmentsSource
+from collector.model import Attachment, DeviceInfo, InterfaceView, Link, Pod, PodView
+from collector.registry import Config, Snapshot
+from collector.sriov import vf_attachments
+from exporters.exposition import render
+from tests.conftest import parse_metrics, series
+
+VF = DeviceInfo(type="pci", version="1.1.0", pci_address="0000:af:02.3")
+
+
+def view(i, att_kwargs, link=None, inode=0, addresses=None, conflicts=()):
+    uid = f"c1a1m000-0000-4000-8000-{i:012d}"
+    att = Attachment("ran", f"du-{i}", uid, "ran/fronthaul", "net1", **att_kwargs)
+    pod = Pod("ran", f"du-{i}", uid, attachments=(att,))
+    return PodView(pod, f"/run/netns/x{i}" if inode else "", inode, "netns-dir:mac" if inode else "",
+                   (InterfaceView(att, link),), conflicts=conflicts, addresses=addresses or {})
+
+
+def metrics(views):
+    return parse_metrics(render(AttachmentsSource(Config()).collect(Snapshot(tuple(views)))).decode())
+
+
+def test_one_vf_claimed_by_two_pods_is_counted_for_neither():
+    honest = view(1, dict(device=VF, ips=("10.40.0.1",)))
+    copycat = view(2, dict(device=VF, ips=("10.40.0.2",)))
+    other = view(3, dict(device=DeviceInfo(type="pci", pci_address="0000:af:02.4")))
+    assert [addr for _, addr, _ in vf_attachments(Snapshot((honest, copycat, other)))] == ["0000:af:02.4"]
+    m = metrics([honest, copycat, other])
+    got = series(m, "planewatch_pod_identity_conflict")
+    assert {(dict(k)["pod"], dict(k)["kind"], dict(k)["claim"]) for k in got} == {
+        ("du-1", "vf", "0000:af:02.3"), ("du-2", "vf", "0000:af:02.3")}
+
+
+def test_one_pod_listing_its_vf_twice_is_no_conflict():
+    att = Attachment("ran", "du-4", "u4", "ran/fronthaul", "net1", device=VF)
+    twice = PodView(Pod("ran", "du-4", "u4", attachments=(att, att)), interfaces=(InterfaceView(att, None),) * 2)
+    assert [addr for _, addr, _ in vf_attachments(Snapshot((twice,)))] == ["0000:af:02.3"]
+    assert series(metrics([twice]), "planewatch_pod_identity_conflict") == {}
+
+
+def test_netns_conflicts_from_the_resolver_are_exported():
+    a = view(5, dict(mac="02:00:00:00:00:05"), conflicts=(("netns", "cni-77"),))
+    m = metrics([a])
+    assert list(series(m, "planewatch_pod_identity_conflict", pod="du-5")) == [
+        frozenset({"namespace": "ran", "pod": "du-5", "kind": "netns", "claim": "cni-77"}.items())]
+
+
+def test_ip_claims_say_whether_the_kernel_backs_them():
+    link = Link(7, "net1", "02:00:00:00:00:07", 1500, True, "macvlan")
+    holder = view(6, dict(ips=("10.40.9.9/24",)), link=link, inode=11, addresses={"10.40.9.9": 7})
+    spoofer = view(7, dict(ips=("10.40.9.9",)), link=link, inode=12, addresses={"10.40.9.10": 7})
+    unresolved = view(8, dict(ips=("10.40.9.9",)))
+    bridged = view(9, dict(ips=("10.40.9.9",)), link=Link(8, "ab-nic", "", 1500, True, "veth", master=3),
+                   inode=13, addresses={})
+    m = metrics([holder, spoofer, unresolved, bridged])
+    got = {dict(k)["pod"]: dict(k)["verified"] for k in series(m, "planewatch_pod_ip_info", ip="10.40.9.9")}
+    assert got == {"du-6": "true", "du-7": "false", "du-8": "unknown", "du-9": "unknown"}
