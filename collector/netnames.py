@@ -20,8 +20,9 @@ annotation) naming that NAD, or naming a known NAD whose config `name` it is;
 the request's interface narrows several candidates down; a known NAD of that
 name in the pod's namespace comes next. Without evidence, a bare entry is the
 cluster network when it has the cluster network's shape: `default: true`, the
-pod's primary interface `eth0`, or the name of the default entry (OVN-K primary
-UDN); it keeps its delegate name, never an invented "ns/name". Any other bare
+pod's primary interface `eth0`, the name of the default entry (OVN-K primary
+UDN), or Multus's first entry (the clusterNetwork delegate comes first) without
+an interface (Calico-style); it keeps its delegate name, never an invented "ns/name". Any other bare
 entry is read as Multus <= 3.5 meant it, a NAD in the pod's namespace. An entry
 several requests fit equally keeps its bare name (which NAD it is cannot be
 known) but still satisfies one of those requests, so a network that is attached
@@ -101,7 +102,7 @@ def resolve_attachments(atts: Sequence[Attachment], requests: Sequence[Request],
         elif found:
             ambiguous[i] = found
             out[i] = replace(att, cluster=False)
-        elif att.interface == PRIMARY_INTERFACE or att.network in default_names:
+        elif att.interface == PRIMARY_INTERFACE or att.network in default_names or (i == 0 and not att.interface):
             out[i] = replace(att, cluster=True)
         else:
             out[i] = replace(att, network=qualified(namespace, att.network), cluster=False)

@@ -72,6 +72,12 @@ CASES = {
         want=[("k8s-pod-network", "eth0", "management"), ("ovn-secondary-default", "custom0", "management"),
               ("shop/vmnet", "podab12cd34ef5", "unclassified")],
         missing=[], ips=[]),
+    # KubeVirt override with a Calico-style cluster entry: first, no interface, default:false.
+    "kubevirt-override-no-interface": dict(
+        status=[{"name": "k8s-pod-network", "ips": ["10.42.9.4"], "default": False},
+                {"name": "override-net", "interface": "custom0", "ips": ["10.99.0.5"], "default": True}],
+        want=[("k8s-pod-network", "", "management"), ("override-net", "custom0", "management")],
+        missing=[], ips=[]),
     # Multus <= 3.5: a bare NAD name, meant in the pod's namespace.
     "multus-3.5-bare-nad-name": dict(
         status=[{"name": "cni0", "ips": ["10.88.0.4"], "default": True},
@@ -108,8 +114,9 @@ CASES = {
     # ... a config name no requested NAD has: read as Multus <= 3.5's bare NAD
     # name, and the request is missing.
     "multus-3.4-config-name-unknown": dict(
-        status=[{"name": "midhaul", "dns": {}}], request="vf-up",
-        want=[("shop/midhaul", "", "unclassified")], missing=["shop/vf-up"], ips=[]),
+        status=[{"name": "", "ips": ["10.96.7.2"], "default": True}, {"name": "midhaul", "dns": {}}],
+        request="vf-up",
+        want=[("", "", "management"), ("shop/midhaul", "", "unclassified")], missing=["shop/vf-up"], ips=[]),
     # A bare secondary name, nothing known: Multus <= 3.5's meaning (pod's namespace).
     "bare-secondary-no-evidence": dict(
         status=[{"name": "k8s-pod-network", "ips": ["10.42.1.1"], "default": True},
