@@ -4,6 +4,9 @@
 2. the plane map file (`--plane-map`): exact `ns/name` entries, then globs in
    file order;
 3. the pod's default (cluster) network → `management` (the map's `default:`);
+   every cluster-network entry counts, whether it carries `default: true` or not
+   (KubeVirt's eth0 next to an override, OVN-K's eth0 next to a primary UDN:
+   collector/netnames.py, docs/real-cnis.md);
 4. otherwise `unclassified`.
 
 Plane map file (YAML):
