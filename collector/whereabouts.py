@@ -39,7 +39,6 @@ precision there. Nothing is capped: a cap would make `size` and `free` lie.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import ipaddress
 import json
@@ -48,6 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Set
 
+from collector.intervals import Interval, contains, count, merge, subtract  # noqa: F401 (re-exported)
 from exporters.exposition import GAUGE, Family
 
 GROUP, VERSION = "whereabouts.cni.cncf.io", "v1alpha1"
@@ -67,7 +67,6 @@ INVALID_PODREF = "invalid_podref"            # podref is not "namespace/name"
 DECIMAL = re.compile(r"^[+-]?[0-9]+$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Interval = tuple[int, int]        # inclusive [first, last] of integer addresses
 
 
 # ---------------------------------------------------------------- interval arithmetic
@@ -79,39 +78,6 @@ def usable_bounds(net: Network, small_ranges: bool = False) -> Interval | None:
     if net.max_prefixlen - net.prefixlen <= 1:
         return (first, last) if small_ranges else None
     return first + 1, last - 1
-
-
-def subtract(intervals: list[Interval], cut: Interval) -> list[Interval]:
-    lo, hi = cut
-    out = []
-    for a, b in intervals:
-        if b < lo or a > hi:
-            out.append((a, b))
-            continue
-        if a < lo:
-            out.append((a, lo - 1))
-        if b > hi:
-            out.append((hi + 1, b))
-    return out
-
-
-def merge(intervals: Iterable[Interval]) -> list[Interval]:
-    out: list[Interval] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def count(intervals: Iterable[Interval]) -> int:
-    return sum(b - a + 1 for a, b in intervals)
-
-
-def contains(merged: list[Interval], address: int) -> bool:
-    i = bisect.bisect_right(merged, (address, float("inf"))) - 1
-    return i >= 0 and merged[i][0] <= address <= merged[i][1]
 
 
 # ---------------------------------------------------------------- NAD ipam config
