@@ -370,6 +370,11 @@ class Resolver:
                 log.debug("pod %s: %d namespaces hold its %s", pod.key, len(found), how)
         for inode, claimants in claims.items():
             holder = held.get(inode)
+            if holder is not None:
+                # An IP can repeat between isolated networks: only MACs contest a holder.
+                claimants = [(p, how) for p, how in claimants if how == "mac"]
+                if not claimants:
+                    continue
             if len(claimants) == 1 and holder is None:
                 pod, how = claimants[0]
                 self._resolved[pod.uid] = (inode, f"netns-dir:{how}")

@@ -296,3 +296,19 @@ def test_dpdk_vf_listed_as_net1_does_not_reread_links_every_scrape(netns_factory
         assert r.resolve([p])[0].interfaces[1].link.name == "net1"
     finally:
         r.close()
+
+
+def test_an_ip_reused_elsewhere_does_not_contest_a_resolved_pod(netns_factory):
+    """A pod of an isolated network reusing the victim's IP (no MAC in its
+    annotation, its own namespace not on this node) must not take or blind it."""
+    ns, victim, _ = victim_and_impostor(netns_factory)
+    reuser = pod(32, att(32, "k8s-pod-network", "eth0", default=True, ips=["10.249.0.5"]))
+    now = [100.0]
+    r = Resolver("/run/netns", NO_PROCFS, clock=lambda: now[0])
+    try:
+        assert r.resolve([victim])[0].netns_path == f"/run/netns/{ns}"
+        views = r.resolve([victim, reuser])
+        assert views[0].netns_path == f"/run/netns/{ns}" and views[0].conflicts == ()
+        assert views[1].netns_inode == 0
+    finally:
+        r.close()
