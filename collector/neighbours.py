@@ -222,10 +222,10 @@ class NeighboursSource:
         if not snapshot.pods:
             raise NoData("no pods")
         families = neighbour_families(gateways)
-        if self.prober is not None:
-            self.prober.set_targets(targets)        # probing itself runs on the prober's thread
-            families += probe_families(self.prober.snapshot(), self.prober.delayed)
-        return families
+        if self.prober is None:         # off: the families stay listed, empty
+            return families + probe_families([], 0)
+        self.prober.set_targets(targets)            # probing itself runs on the prober's thread
+        return families + probe_families(self.prober.snapshot(), self.prober.delayed)
 
     def close(self) -> None:
         if self.prober is not None:
