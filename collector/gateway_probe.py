@@ -219,6 +219,7 @@ class Prober:
         self._due: dict[tuple, float] = {}
         self.results: dict[tuple, Results] = {}
         self.delayed = 0            # probes that waited for a token: the bound at work
+        self.denied = False         # no CAP_NET_RAW: warned once
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -265,6 +266,11 @@ class Prober:
             token_wait = self.bucket.wait_time()
         try:
             rtt = self._probe(target, self.timeout)
+        except PermissionError as err:      # AF_PACKET and raw ICMPv6 need CAP_NET_RAW
+            if not self.denied:
+                log.warning("gateway probes are off: %s (CAP_NET_RAW is needed)", err)
+            self.denied = True
+            return 0.0
         except OSError as err:      # the pod or its interface went away: no outcome
             log.debug("probe %s via %s: %s", target.gateway, target.ifname, err)
             return 0.0
