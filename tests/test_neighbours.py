@@ -328,3 +328,28 @@ def test_probe_refuses_a_reused_netns_path(two_ns):
                       wrong.ifindex, wrong.mac, wrong.source)
     with pytest.raises(FileNotFoundError):
         gp.probe_once(wrong, timeout=0.3)
+
+
+def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
+    from types import SimpleNamespace
+
+    import collector.neighbours as nb
+    a, _ = two_ns
+    path = f"/run/netns/{a}"
+    fd = os.open(path, os.O_RDONLY)
+    ns = SimpleNamespace(inode=os.fstat(fd).st_ino, fd=fd, rtnl=RtnlSocket.open(path))
+    dumps = []
+    real = nb.next_hops
+    monkeypatch.setattr(nb, "next_hops", lambda sock: dumps.append(1) or real(sock))
+    cache = nb.HopCache()
+    try:
+        first = {h.gateway for h in cache.hops(ns)}
+        assert "10.252.0.2" in first and len(dumps) == 1
+        assert {h.gateway for h in cache.hops(ns)} == first and len(dumps) == 1     # nothing changed
+        subprocess.run(["ip", "-n", a, "route", "add", "10.97.0.0/16", "via", "10.252.0.4"], check=True)
+        assert {h.gateway for h in cache.hops(ns)} == first | {"10.252.0.4"} and len(dumps) == 2
+        cache.keep_only(set())
+        assert cache._by_inode == {}
+    finally:
+        ns.rtnl.close()
+        os.close(fd)
