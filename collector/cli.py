@@ -38,6 +38,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collector.sriov.host-netns", dest="sriov_host_netns", default=None,
                    help="netns of the PFs for the netlink VF reader (default <procfs>/1/ns/net; "
                         "\"\" = the collector's own, e.g. with hostNetwork)")
+    p.add_argument("--collector.neighbours.probe-planes", dest="probe_planes", default="",
+                   help="comma list of planes whose gateways are probed (ARP/NDP from the pod's netns); "
+                        "none by default")
+    p.add_argument("--collector.neighbours.probe-rate", dest="probe_rate", type=float, default=10.0,
+                   help="most probe packets per second, for the whole node (default 10)")
+    p.add_argument("--collector.neighbours.probe-interval", dest="probe_interval", type=float, default=10.0,
+                   help="seconds between two probes of one gateway (default 10)")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "error"])
     for name, spec in sorted(sources.items()):
@@ -56,7 +63,9 @@ def setup_logging(level: str) -> None:
 
 
 def config_from_args(args) -> Config:
-    options = {"sriov_all_vfs": args.sriov_all_vfs}
+    options = {"sriov_all_vfs": args.sriov_all_vfs,
+               "neighbours": {"probe_planes": args.probe_planes, "probe_rate": args.probe_rate,
+                              "probe_interval": args.probe_interval}}
     if args.sriov_host_netns is not None:
         options["host_netns"] = args.sriov_host_netns
     return Config(paths=Paths(procfs=args.procfs, sysfs=args.sysfs, netns=args.netns),

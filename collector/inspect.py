@@ -35,6 +35,7 @@ class Row:
     vf: str = ""
     vf_drops_per_s: float = 0.0
     asymmetric_per_s: float = 0.0
+    gateways: list = field(default_factory=list)       # "address state [for N s] [probe loss x%]"
     findings: list = field(default_factory=list)
 
     @property
@@ -95,6 +96,7 @@ def build_rows(before: dict, after: dict, debug: dict, interval: float) -> list[
     for labels, _ in after.get("planewatch_vf_info", ()):
         if _key(labels) in rows:
             rows[_key(labels)].vf = f"{labels.get('pf', '')}/vf{labels.get('vf', '')}"
+    add_gateways(rows, before, after, interval)
     for f in debug.get("findings", ()):
         k = (f.get("namespace", ""), f.get("pod", ""), f.get("interface", ""))
         if k in rows:
@@ -104,6 +106,28 @@ def build_rows(before: dict, after: dict, debug: dict, interval: float) -> list[
                 if rk[:2] == k[:2]:
                     row.findings.append(f.get("sentence") or f.get("kind", ""))
     return sorted(rows.values(), key=lambda r: (-r.lost_per_s, r.namespace, r.pod, r.interface))
+
+
+def add_gateways(rows: dict, before: dict, after: dict, interval: float) -> None:
+    """Each gateway of each interface with its neighbour state (how long it has been
+    so), and the probe loss between the two reads on probed planes."""
+    def by_gateway(labels):
+        return _key(labels) + (labels.get("gateway", ""),)
+    ages = {by_gateway(l): v for l, v in after.get("planewatch_gateway_neighbour_updated_age_seconds", ())}
+    probes = _rate(before, after, "planewatch_gateway_probes_total", interval, by=by_gateway)
+    lost = _rate(before, after, "planewatch_gateway_probe_failures_total", interval, by=by_gateway)
+    for labels, value in sorted(after.get("planewatch_gateway_neighbour_state", ()),
+                                key=lambda lv: lv[0].get("gateway", "")):
+        k = by_gateway(labels)
+        if value != 1 or k[:3] not in rows:
+            continue
+        text = f"{k[3]} {labels.get('state', '')}"
+        if k in ages:
+            text += f" for {ages[k]:.0f}s"
+        sent = probes.get((k, ""), 0.0)
+        if sent > 0:
+            text += f" probe loss {lost.get((k, ''), 0.0) / sent:.0%}"
+        rows[k[:3]].gateways.append(text)
 
 
 def select(rows: list[Row], pod: str = "", plane: str = "") -> list[Row]:
@@ -126,13 +150,14 @@ def _num(v: float) -> str:
 
 def render_table(rows: list[Row]) -> str:
     header = ["POD", "INTERFACE", "NETWORK", "PLANE", "IPS", "RX PPS", "TX PPS", "LOST/S",
-              "KERNEL DROP REASONS/S", "VF", "FINDINGS"]
+              "KERNEL DROP REASONS/S", "VF", "GATEWAYS", "FINDINGS"]
     lines = [header]
     for r in rows:
         reasons = ",".join(f"{k}={_num(v)}" for k, v in sorted(r.drop_reasons.items(), key=lambda kv: -kv[1]))
         drops = _num(r.lost_per_s)
         lines.append([f"{r.namespace}/{r.pod}", r.interface or "-", r.network, r.plane, r.ips or "-",
                       _num(r.rx_pps), _num(r.tx_pps), drops, reasons or "-", r.vf or "-",
+                      ", ".join(r.gateways) or "-",
                       " | ".join(r.findings) or "-"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]

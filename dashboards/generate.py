@@ -163,9 +163,72 @@ def load(path: Path) -> Dashboard:
     return found
 
 
+# grafanalib still writes fields of Grafana's pre-schema dashboards (rows, the old
+# table and graph panels, graphite targets) and `null` for unset optional fields.
+# Grafana's dashboard schema (v10.1, checked by tests/test_grafana_schema.py
+# with grafana-foundation-sdk's models) knows none of them and has no nulls.
+LEGACY_KEYS = {
+    "dashboard": ("__inputs", "hideControls", "rows", "sharedCrosshair"),
+    "panel": ("editable", "error", "hideTimeOverride", "color", "columns", "fontSize", "mappings"),
+    "target": ("metric", "query", "step", "target"),
+    "variable": ("useTags",),
+}
+# Fields the schema requires that grafanalib leaves out, with Grafana's defaults
+# (showLegend has none: without it a strict reader hides every legend).
+REQUIRED = {
+    "dashboard": {"fiscalYearStartMonth": 0},
+    "timepicker": {"collapse": False, "enable": True},
+    "panel": {"repeatDirection": "h"},
+    "legend": {"showLegend": True},
+    "table": {"cellHeight": "sm", "footer": {"countRows": False, "reducer": [], "show": False},
+              "frameIndex": 0, "showTypeIcons": False},
+    "variable": {"id": "00000000-0000-0000-0000-000000000000", "skipUrlSync": False},
+}
+
+
+def _no_nulls(value):
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_no_nulls(v) for v in value]
+    return value
+
+
+def _fill(obj: dict, kind: str) -> None:
+    for key in LEGACY_KEYS.get(kind, ()):
+        obj.pop(key, None)
+    for key, default in REQUIRED.get(kind, {}).items():
+        obj.setdefault(key, json.loads(json.dumps(default)))
+
+
+def schema_form(data: dict) -> dict:
+    """grafanalib's JSON in the form of Grafana's dashboard schema."""
+    data = _no_nulls(data)
+    _fill(data, "dashboard")
+    _fill(data.setdefault("timepicker", {}), "timepicker")
+    for panel in data.get("panels", []):
+        _fill(panel, "panel")
+        for target in panel.get("targets", []):
+            _fill(target, "target")
+        options = panel.get("options", {})
+        if "legend" in options:
+            _fill(options["legend"], "legend")
+        if panel.get("type") == "table":
+            _fill(options, "table")
+    for variable in data.get("templating", {}).get("list", []):
+        _fill(variable, "variable")
+        current = variable.get("current")
+        if current is not None:         # a VariableOption: text and value are required
+            current.pop("tags", None)
+            current.setdefault("text", "")
+            current.setdefault("value", "")
+    return data
+
+
 def render(board: Dashboard) -> str:
     """JSON text of a dashboard: sorted keys, two-space indent, final newline."""
-    return json.dumps(board.to_json_data(), cls=DashboardEncoder, sort_keys=True, indent=2) + "\n"
+    data = json.loads(json.dumps(board.to_json_data(), cls=DashboardEncoder))
+    return json.dumps(schema_form(data), sort_keys=True, indent=2) + "\n"
 
 
 def rendered() -> dict[str, str]:

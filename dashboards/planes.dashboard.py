@@ -56,12 +56,49 @@ def packet_rate():
     ], unit="pps")
 
 
+# --- reachability: is each plane's gateway answering? ---------------------------------
+
+def unreachable_per_plane():
+    return graph("Attachments that cannot reach their gateway, per plane (cluster)", [
+        target('plane:planewatch_gateway_unreachable:ratio{plane=~"$plane"}', "{{plane}}"),
+    ], unit="percentunit",
+        description="Share of the plane's pod attachments with a gateway or next hop that does not "
+                    "answer ARP/NDP: neighbour entry failed/incomplete in the pod, or every active probe "
+                    "of the last 2m lost. Half of a plane (two pods or more) = plane outage alert.")
+
+
+def gateway_states():
+    return table("Gateway neighbour state", [
+        target(f"planewatch_gateway_neighbour_state{selector()} == 1", instant=True),
+    ], description="Each gateway and route next hop of each pod attachment, with the state of its "
+                   "neighbour entry in the pod (none = never resolved). Filter the state column for "
+                   "failed/incomplete during an incident.")
+
+
+def probe_rtt():
+    bucket = f"planewatch_gateway_probe_rtt_seconds_bucket{selector()}"
+    return graph("Gateway probe RTT per plane (opt-in probes)", [
+        target(f"histogram_quantile(0.5, sum by (le, plane) (rate({bucket}[$__rate_interval])))", "{{plane}} p50"),
+        target(f"histogram_quantile(0.99, sum by (le, plane) (rate({bucket}[$__rate_interval])))", "{{plane}} p99"),
+    ], unit="s", description="ARP/NDP request to reply, from inside the pods of the planes given in "
+                             "--collector.neighbours.probe-planes.")
+
+
+def probe_loss():
+    return graph("Gateway probe loss (opt-in probes)", [
+        target(f"{POD}:planewatch_gateway_probe_loss:ratio_rate5m{selector()}",
+               "{{namespace}}/{{pod}} {{network}}"),
+    ], unit="percentunit", description="Unanswered probes over probes, per pod network, over 5m.")
+
+
 dashboard = dashboard(
     "planewatch / Planes", uid="planewatch-planes",
-    description="Loss and throughput per network plane of multi-homed pods.",
+    description="Loss, throughput and gateway reachability per network plane of multi-homed pods.",
     rows=[
         [loss_per_plane(), other_drops_per_plane()],
         [top_pods_by_loss(), loss_per_node()],
         [throughput("receive"), throughput("transmit"), packet_rate()],
+        [unreachable_per_plane(), gateway_states()],
+        [probe_rtt(), probe_loss()],
     ],
 )

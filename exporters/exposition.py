@@ -17,6 +17,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 COUNTER = "counter"
 GAUGE = "gauge"
+HISTOGRAM = "histogram"
 
 
 def escape_label_value(value: str) -> str:
@@ -76,6 +77,20 @@ class Family:
         """Add with a label string from `render_labels(self.labelnames, ...)`."""
         self.samples.append((labels, value))
 
+    def add_histogram(self, labelvalues: Sequence[str], bounds: Sequence[float],
+                      cumulative: Sequence[int], total: float, count: int) -> None:
+        """One histogram series: `cumulative[i]` observations <= `bounds[i]`, then +Inf
+        (= count). Samples are (suffix + rendered labels, value) so `render` stays one loop."""
+        if self.type != HISTOGRAM:
+            raise ValueError(f"{self.name} is not a histogram")
+        base = render_labels(self.labelnames, tuple(labelvalues))
+        sep = "," if base else ""
+        for bound, n in zip(bounds, cumulative):
+            self.samples.append((f"_bucket\0{base}{sep}le=\"{format_value(float(bound))}\"", n))
+        self.samples.append((f"_bucket\0{base}{sep}le=\"+Inf\"", count))
+        self.samples.append((f"_sum\0{base}", total))
+        self.samples.append((f"_count\0{base}", count))
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -102,13 +117,18 @@ def render(families: Iterable[Family]) -> bytes:
     append = out.append
     for fam in merge(families):
         name = fam.name
+        histogram = fam.type == HISTOGRAM
         append(f"# HELP {name} {escape_help(fam.help)}\n# TYPE {name} {fam.type}\n")
         seen: set[str] = set()
         for labels, value in fam.samples:
             if labels in seen:      # a duplicate series would make Prometheus reject the scrape
                 continue
             seen.add(labels)
-            if labels:
+            if histogram:               # suffix NUL labels (Family.add_histogram)
+                suffix, _, labels = labels.partition("\0")
+                append(f"{name}{suffix}{{{labels}}} {format_value(value)}\n" if labels
+                       else f"{name}{suffix} {format_value(value)}\n")
+            elif labels:
                 append(f"{name}{{{labels}}} {format_value(value)}\n")
             else:
                 append(f"{name} {format_value(value)}\n")

@@ -13,6 +13,11 @@ reverts itself before raising.
                           client's strict rp_filter drops them (IP_RPFILTER)
 4. `overlapping_subnet`   a second address on net2 inside net1's subnet
 5. `policy_routing_fix`   the fix: a policy routing table for net1's source
+6. `signaling_via_peer`   the normal set-up of a routed plane: every signaling pod
+                          routes a service prefix via the signaling peer, the
+                          plane's gateway (a route next hop, not in the annotation)
+7. `gateway_blackhole`    the signaling peer stops answering ARP (the NOARP flag
+                          on its interface: no carrier change, no traffic needed)
 
 `udp_request_reply` sends real datagrams and answers them, from whatever
 address the server's routing picks, like any UDP service.
@@ -183,6 +188,46 @@ def policy_routing_fix(state: LabState, pod: str = "telco/upf-a", ifname: str = 
         c.ip(ns, "route", "add", "default", "via", via, "dev", ifname, "table", str(table))
         c.info.update(pod=pod, interface=ifname, table=table, source=src)
     return _building(Change("policy_routing_fix"), build)
+
+
+# --- 6./7. a routed plane, and its gateway gone silent --------------------------------
+
+SIGNALING_SERVICES = "10.99.0.0/16"     # only the lab's peer namespace is on that path
+
+
+def signaling_pods(state: LabState) -> list[str]:
+    return [pod for pod, spec in zip(state.pod_ns, state.specs)
+            if ("net1", "signaling") in [tuple(i) for i in spec["interfaces"]]]
+
+
+def signaling_via_peer(state: LabState, prefix: str = SIGNALING_SERVICES) -> Change:
+    def build(c: Change) -> None:
+        for pod in signaling_pods(state):
+            c.ip(pod_ns(state, pod), "route", "add", prefix, "via", SIGNALING_GATEWAY, "dev", "net1",
+                 undo=("route", "del", prefix, "via", SIGNALING_GATEWAY, "dev", "net1"))
+        c.info.update(prefix=prefix, gateway=SIGNALING_GATEWAY, pods=signaling_pods(state))
+    return _building(Change("signaling_via_peer"), build)
+
+
+def gateway_blackhole(state: LabState) -> Change:
+    """The signaling peer keeps its link and address but answers no ARP request:
+    a dead router behind a live switch port, as a pod sees it."""
+    def build(c: Change) -> None:
+        c.ip(state.peer_ns, "link", "set", "sigpeer", "arp", "off", undo=("link", "set", "sigpeer", "arp", "on"))
+        c.info.update(gateway=SIGNALING_GATEWAY, plane="signaling")
+    return _building(Change("gateway_blackhole"), build)
+
+
+def send_once(pod_netns: str, destination: str, port: int = 40998) -> None:
+    """One datagram from the pod: what any client retry does, and what makes the pod's
+    kernel resolve the gateway (an entry only goes failed when something is sent)."""
+    with in_netns(f"/run/netns/{pod_netns}"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        try:
+            sock.sendto(b"hello", (destination, port))
+        except OSError:         # EHOSTUNREACH from an entry already failed: the point
+            pass
 
 
 # --- traffic -----------------------------------------------------------------------------

@@ -115,8 +115,9 @@ def test_datasource_is_never_a_bare_string(boards):
             assert panel["datasource"] == generate.DATASOURCE, (name, panel["title"])
             assert all(t["datasource"] == generate.DATASOURCE for t in panel["targets"])
         for variable in board["templating"]["list"]:
+            # the datasource variable has none (the schema has no null: the key is left out)
             expected = None if variable["type"] == "datasource" else generate.DATASOURCE
-            assert variable["datasource"] == expected, (name, variable["name"])
+            assert variable.get("datasource") == expected, (name, variable["name"])
 
 
 def test_the_datasource_variable_lists_prometheus_sources(boards):
@@ -207,6 +208,18 @@ def _synthetic_exposition(step: int) -> str:
                                               "device_type": dtype, "pci_address": pci}, 1)
         add("planewatch_pod_ip_info", {k: ident[k] for k in ("namespace", "pod", "network", "interface")}
             | {"ip": f"10.0.{i}.1"}, 1)
+        gateway = {**ident, "gateway": f"10.0.{i}.254"}
+        current = "failed" if plane == "signaling" else "reachable"
+        for state in ("none", "incomplete", "reachable", "stale", "delay", "probe", "failed", "noarp",
+                      "permanent"):
+            add("planewatch_gateway_neighbour_state", {**gateway, "state": state}, int(state == current))
+        if plane == "management":       # probed: 10 probes a step, one lost, RTTs of 80 us .. 400 us
+            add("planewatch_gateway_probes_total", gateway, 10 * step)
+            add("planewatch_gateway_probe_failures_total", gateway, step)
+            for le, n in (("5e-05", 0), ("0.0001", 4), ("0.00025", 7), ("0.0005", 9), ("+Inf", 9)):
+                add("planewatch_gateway_probe_rtt_seconds_bucket", {**gateway, "le": le}, n * step)
+            add("planewatch_gateway_probe_rtt_seconds_sum", gateway, 0.0018 * step)
+            add("planewatch_gateway_probe_rtt_seconds_count", gateway, 9 * step)
     vf = {"namespace": "telco", "pod": "upf-a", "network": "telco/data", "interface": "net2", "plane": "data"}
     add("planewatch_vf_info", {**vf, "pf": "ens1f0", "vf": "3", "pci_address": "0000:3b:02.3",
                                "driver": "iavf", "numa_node": "0", "reader": "netlink"}, 1)
@@ -262,6 +275,8 @@ def live_prometheus(tmp_path_factory):
         config = prom.config([f"127.0.0.1:{server.server_address[1]}"], [RULES])
         with prom.Prometheus(workdir, config) as prometheus:
             prometheus.wait_for("namespace_pod_network_plane:planewatch_vf_drops:ratio_rate5m")
+            # rule groups evaluate at their own offsets: the reachability group's rates too
+            prometheus.wait_for("namespace_pod_network_plane:planewatch_gateway_probe_loss:ratio_rate5m")
             yield prometheus
     finally:
         server.shutdown()

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.exposition import COUNTER, GAUGE, Family, format_value, merge, render
+from exporters.exposition import COUNTER, GAUGE, HISTOGRAM, Family, format_value, merge, render
 
 HOSTILE = ['plain', 'quote"inside', "back\\slash", "new\nline", "tab\tand unicode ✓ Ωmega",
            '\\"', "\\n literal", "", "{curly}=,", "trailing\\"]
@@ -22,7 +22,10 @@ def families():
         g.add((v,), 0.5 + i)
     n = Family("planewatch_test_nolabels", GAUGE, "No labels.")
     n.add((), float("nan"))
-    return [c, g, n]
+    h = Family("planewatch_test_rtt_seconds", HISTOGRAM, "A histogram.", ("a",))
+    for i, v in enumerate(HOSTILE):
+        h.add_histogram((v,), (0.00005, 0.001), (i, 2 * i), 0.5 * i, 3 * i)
+    return [c, g, n, h]
 
 
 def test_round_trip_through_prometheus_client_parser():
@@ -36,6 +39,15 @@ def test_round_trip_through_prometheus_client_parser():
     assert events.documentation == "Events.\nSecond line with \\ backslash."
     level = {s.labels["a"]: s.value for s in parsed["planewatch_test_level"].samples}
     assert level == {v: 0.5 + i for i, v in enumerate(HOSTILE)}
+    rtt = parsed["planewatch_test_rtt_seconds"]
+    assert rtt.type == "histogram"
+    got = {(s.name, s.labels["a"], s.labels.get("le")): s.value for s in rtt.samples}
+    assert len(got) == 5 * len(HOSTILE)
+    for i, v in enumerate(HOSTILE):
+        assert [got[("planewatch_test_rtt_seconds_bucket", v, le)] for le in ("5e-05", "0.001", "+Inf")] \
+            == [i, 2 * i, 3 * i]
+        assert got[("planewatch_test_rtt_seconds_sum", v, None)] == 0.5 * i
+        assert got[("planewatch_test_rtt_seconds_count", v, None)] == 3 * i
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian prometheus) not installed")

@@ -25,9 +25,10 @@ PREFIX = "pwgold"
 
 HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
           "# Normalised: values of kernel traffic counters are zeroed, scrape durations and\n"
-          "# the (traffic-dependent) drop-reason and asymmetric-flow series are removed.\n")
+          "# the (traffic-dependent) drop-reason and asymmetric-flow series and neighbour ages\n"
+          "# are removed.\n")
 DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet_drops_total|"
-                         r"asymmetric_packets_total)\{")
+                         r"asymmetric_packets_total|gateway_neighbour_[a-z]+_age_seconds)\{")
 ZERO_VALUE = re.compile(r"^(planewatch_(interface|ebpf_interface)_(receive|transmit)_[a-z]+_total\{.*\}) \S+$")
 
 

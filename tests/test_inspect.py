@@ -22,6 +22,17 @@ planewatch_packet_drops_total{{{L},reason="IP_RPFILTER"}} {reason}
 planewatch_asymmetric_packets_total{{{L1},ingress_interface="net1",egress_interface="eth0"}} {asym}
 # TYPE planewatch_vf_info gauge
 planewatch_vf_info{{{L},pf="ens1f0",vf="1",pci_address="0000:3b:02.1",driver="vfio-pci",numa_node="0",reader="sysfs-intel"}} 1
+# TYPE planewatch_gateway_neighbour_state gauge
+planewatch_gateway_neighbour_state{{{L1},gateway="10.71.255.254",state="failed"}} 1
+planewatch_gateway_neighbour_state{{{L1},gateway="10.71.255.254",state="reachable"}} 0
+planewatch_gateway_neighbour_state{{{L},gateway="10.72.255.254",state="failed"}} 0
+planewatch_gateway_neighbour_state{{{L},gateway="10.72.255.254",state="stale"}} 1
+# TYPE planewatch_gateway_neighbour_updated_age_seconds gauge
+planewatch_gateway_neighbour_updated_age_seconds{{{L1},gateway="10.71.255.254"}} 42.3
+# TYPE planewatch_gateway_probes_total counter
+planewatch_gateway_probes_total{{{L},gateway="10.72.255.254"}} {rx // 100}
+# TYPE planewatch_gateway_probe_failures_total counter
+planewatch_gateway_probe_failures_total{{{L},gateway="10.72.255.254"}} {asym // 2}
 """)
 
 
@@ -41,6 +52,10 @@ def test_rates_reasons_vf_and_findings():
     assert select(rows, pod="telco/other") == [] and len(select(rows, pod="upf-a")) == 2
     table = render_table(rows)
     assert "IP_RPFILTER=10" in table and "ens1f0/vf1" in table
+    # reachability: the current state of each gateway, how long, and probe loss between the reads
+    assert by["net1"].gateways == ["10.71.255.254 failed for 42s"]
+    assert by["net2"].gateways == ["10.72.255.254 stale probe loss 20%"]     # 4 lost of 20 probes
+    assert "10.71.255.254 failed for 42s" in table
     assert table.splitlines()[0].split()[:4] == ["POD", "INTERFACE", "NETWORK", "PLANE"]
     # loss as the recording rules define it: the eBPF reasons explain, they are not added
     assert "data: 1.0k pps, 20 lost/s (1.96%)" in plane_summary(rows)

@@ -221,7 +221,9 @@ def surface():
         sysfs = SimpleNamespace(root=fixture["sysfs"], vfs=fixture["vfs"])
         write_pods_file(lab, str(workdir / "pods.json"))
         collector = Collector("--pods-file", str(workdir / "pods.json"), "--node-name", NODE_NAME,
-                              "--path.sysfs", sysfs.root)
+                              "--path.sysfs", sysfs.root,
+                              # probes on one plane, so the probe panels have data
+                              "--collector.neighbours.probe-planes", "management")
         collector.wait_ready()
         rules = workdir / "rules.yaml"
         rules.write_text(rules_firing_at_once(RULES.read_text()))

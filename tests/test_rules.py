@@ -215,7 +215,11 @@ def test_recorded_series_referenced_by_rules_are_recorded():
 
 
 def contract_and_golden_metrics() -> set[str]:
-    golden = set(re.findall(r"^# TYPE (\w+)", GOLDEN.read_text(), re.M)) if GOLDEN.exists() else set()
+    text = GOLDEN.read_text() if GOLDEN.exists() else ""
+    golden = set(re.findall(r"^# TYPE (\w+)", text, re.M))
+    # a histogram's series are <name>_bucket, _sum and _count
+    golden |= {f"{name}_{part}" for name in re.findall(r"^# TYPE (\w+) histogram$", text, re.M)
+               for part in ("bucket", "sum", "count")}
     return set(CONTRACT_METRICS) | golden
 
 

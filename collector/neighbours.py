@@ -1,0 +1,279 @@
+"""Is each plane reachable? The neighbour state of every gateway an attachment
+routes through, read in the pod's netns, and (opt-in) active probes of them.
+
+Gateways of an attachment: the `gateway` list of its network-status entry, plus
+the next hop of every route (any table, both families, multipath included) that
+leaves by its interface. For each, the pod kernel's neighbour entry
+(RTM_GETNEIGH): its NUD state and the NDA_CACHEINFO ages.
+
+What the state means for an idle plane: the kernel resolves a gateway only
+when something sends through it. An entry goes FAILED (or stays INCOMPLETE)
+when a sender tried and the gateway never answered: the plane is down even if
+the counters show no loss, because nothing left. A plane where nothing at all
+is sent keeps a STALE entry whose confirmed age only grows; that is what the
+active probes (collector/gateway_probe.py, off by default, per plane) are for.
+A gateway with no entry at all is state "none".
+
+Per pod netns per scrape, one neighbour dump on the socket kept open there
+(collector/netns.py), decoded by collector/rtnl.py (~60 us). The routes' next
+hops are dumped again only when the kernel announced a route change in that
+netns (`HopCache`), since the dump of every table costs twice as much (~120 us a
+pod measured, local routes included) and routes rarely change.
+
+Options (Config.options["neighbours"]): probe_planes (planes to probe, none by
+default), probe_rate (packets/s per node, 10), probe_interval (s between probes
+of one gateway, 10), probe_timeout (s, 1).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from collector.gateway_probe import RTT_BUCKETS, Prober, Target
+from collector.model import ATTACHMENT_LABELS, PodView
+from collector.nsenter import in_netns
+from collector.registry import Config, NoData, Snapshot, register
+from collector.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
+from exporters.exposition import COUNTER, GAUGE, HISTOGRAM, Family
+
+log = logging.getLogger(__name__)
+
+# NUD_* bits (include/uapi/linux/neighbour.h); "none" = no entry, or NUD_NONE.
+STATES = (("incomplete", 0x01), ("reachable", 0x02), ("stale", 0x04), ("delay", 0x08),
+          ("probe", 0x10), ("failed", 0x20), ("noarp", 0x40), ("permanent", 0x80))
+STATE_NAMES = ("none",) + tuple(name for name, _ in STATES)
+DEFAULT_PROBE_RATE = 10.0
+DEFAULT_PROBE_INTERVAL = 10.0
+DEFAULT_PROBE_TIMEOUT = 1.0
+
+
+def state_name(nud: int) -> str:
+    for name, bit in STATES:
+        if nud & bit:
+            return name
+    return "none"
+
+
+def canonical(address: str) -> str:
+    """One spelling per address (annotations may write IPv6 long-hand or with /len)."""
+    try:
+        return str(ipaddress.ip_address(address.split("/", 1)[0].strip()))
+    except ValueError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Gateway:
+    labels: tuple[str, ...]         # ATTACHMENT_LABELS values
+    ifindex: int
+    ifname: str
+    address: str
+    sources: tuple[str, ...]        # "annotation", "route <destination> table <n>"
+    onlink_route: bool              # a route declares it on-link (RTNH_F_ONLINK)
+    neighbour: Neighbour | None
+
+    @property
+    def state(self) -> str:
+        return state_name(self.neighbour.state) if self.neighbour else "none"
+
+
+def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> list[Gateway]:
+    """Every gateway each live attachment of the pod routes through, with its entry."""
+    by_key = {(n.ifindex, canonical(n.address)): n for n in table}
+    out = []
+    for iv in view.interfaces:
+        if iv.link is None:
+            continue            # a DPDK VF: no kernel neighbour table to read
+        found: dict[str, list] = {}
+        for gw in iv.attachment.gateway:
+            address = canonical(gw)
+            if address:
+                found.setdefault(address, [[], False])[0].append("annotation")
+        for hop in hops:
+            address = canonical(hop.gateway)
+            if hop.ifindex == iv.link.ifindex and address:
+                entry = found.setdefault(address, [[], False])
+                entry[0].append(f"route {hop.destination} table {hop.table}")
+                entry[1] = entry[1] or hop.onlink
+        for address, (sources, onlink) in found.items():
+            out.append(Gateway(iv.labels, iv.link.ifindex, iv.link.name, address, tuple(sources), onlink,
+                               by_key.get((iv.link.ifindex, address))))
+    return out
+
+
+def on_link_source(gateway: Gateway, addresses: list[tuple[int, str, int]]) -> str:
+    """The pod's address on `gateway`'s interface whose prefix holds the gateway
+    (for IPv6 link-local gateways: any IPv6 address there); "" when the gateway is
+    not on-link for that interface, which rules it out as a probe target."""
+    gw = ipaddress.ip_address(gateway.address)
+    fallback = ""
+    for ifindex, text, prefixlen in addresses:
+        if ifindex != gateway.ifindex or not text:
+            continue
+        own = ipaddress.ip_address(text)
+        if own.version != gw.version:
+            continue
+        if gw in ipaddress.ip_network(f"{text}/{prefixlen}", strict=False):
+            return text
+        if gw.version == 6 and gw.is_link_local:
+            fallback = fallback if fallback and ipaddress.ip_address(fallback).is_link_local else text
+    return fallback
+
+
+def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: frozenset[str]) -> list[Target]:
+    """The gateways of opted-in planes that may be probed: only the attachment's own
+    gateways (by construction) and only when on-link for its interface."""
+    macs = {iv.link.ifindex: iv.link.mac for iv in view.interfaces if iv.link}
+    out = []
+    for gw in gateways:
+        if gw.labels[4] not in planes:
+            continue
+        source = on_link_source(gw, addresses)
+        if not source or not macs.get(gw.ifindex):
+            log.debug("pod %s: gateway %s is not on-link for %s: not probed",
+                      view.pod.key, gw.address, gw.ifname)
+            continue
+        out.append(Target(gw.labels, gw.address, view.netns_path, view.netns_inode, gw.ifname, gw.ifindex,
+                          macs[gw.ifindex], source))
+    return out
+
+
+GW_LABELS = ATTACHMENT_LABELS + ("gateway",)
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
+HOPS_TTL = 300.0            # a safety net: route events trigger the re-read
+
+
+class HopCache:
+    """Next hops per pod netns, re-read when a route event arrived (or past the TTL)."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._by_inode: dict[int, tuple[LinkEvents, list[NextHop], float]] = {}
+
+    def hops(self, ns) -> list[NextHop]:
+        known = self._by_inode.get(ns.inode)
+        now = self._clock()
+        if known is None:
+            with in_netns(ns.fd):
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
+                                     | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+            events = LinkEvents(sock)       # subscribed before the dump: no change is missed
+        else:
+            events, hops, at = known
+            if not events.changed() and now - at <= HOPS_TTL:
+                return hops
+        try:
+            hops = next_hops(ns.rtnl)
+        except OSError:
+            if known is None:
+                events.close()
+            self._by_inode.pop(ns.inode, None)
+            raise
+        self._by_inode[ns.inode] = (events, hops, now)
+        return hops
+
+    def keep_only(self, inodes: set[int]) -> None:
+        for inode in [i for i in self._by_inode if i not in inodes]:
+            self._by_inode.pop(inode)[0].close()
+
+
+def neighbour_families(gateways: list[Gateway]) -> list[Family]:
+    state = Family("planewatch_gateway_neighbour_state", GAUGE,
+                   "Neighbour (ARP/NDP) state of a gateway the attachment routes through, in the pod's "
+                   "netns: 1 for the current state. failed/incomplete: the gateway did not answer when the "
+                   "pod last sent through it; none: no entry.", GW_LABELS + ("state",))
+    ages = [Family(f"planewatch_gateway_neighbour_{what}_age_seconds", GAUGE, text, GW_LABELS)
+            for what, text in (
+                ("confirmed", "Seconds since the gateway last confirmed it is reachable (NDA_CACHEINFO)."),
+                ("updated", "Seconds since the gateway's neighbour state last changed: how long it has been so."),
+                ("used", "Seconds since the pod last sent through the gateway's neighbour entry."))]
+    for gw in gateways:
+        labels = gw.labels + (gw.address,)
+        current = gw.state
+        for name in STATE_NAMES:
+            state.add(labels + (name,), 1 if name == current else 0)
+        n = gw.neighbour
+        if n is not None and n.confirmed_age is not None:
+            for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
+                fam.add(labels, value)
+    return [state, *ages]
+
+
+def probe_families(results, delayed: int) -> list[Family]:
+    probes = Family("planewatch_gateway_probes_total", COUNTER,
+                    "Active ARP/NDP probes of the gateway from the pod's netns with a known outcome "
+                    "(opt-in per plane).", GW_LABELS)
+    failures = Family("planewatch_gateway_probe_failures_total", COUNTER,
+                      "Active gateway probes left unanswered within the timeout.", GW_LABELS)
+    rtt = Family("planewatch_gateway_probe_rtt_seconds", HISTOGRAM,
+                 "Round-trip time of answered gateway probes (request sent to reply read).", GW_LABELS)
+    waits = Family("planewatch_gateway_probes_delayed_total", COUNTER,
+                   "Probes that waited for the per-node packets-per-second bound.")
+    for target, r in results:
+        labels = target.labels + (target.gateway,)
+        probes.add(labels, r.probes)
+        failures.add(labels, r.failures)
+        rtt.add_histogram(labels, RTT_BUCKETS, r.cumulative(), r.rtt_sum, r.probes - r.failures)
+    waits.add((), delayed)
+    return [probes, failures, rtt, waits]
+
+
+def _planes(value) -> frozenset[str]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return frozenset(p.strip() for p in value or () if p.strip())
+
+
+@register("neighbours", help="Neighbour state of each attachment's gateways (and opt-in ARP/NDP probes).")
+class NeighboursSource:
+    def __init__(self, config: Config):
+        opts = dict(config.options.get("neighbours") or {})
+        self.probe_planes = _planes(opts.get("probe_planes"))
+        self.prober = None
+        if self.probe_planes:
+            self.prober = Prober(float(opts.get("probe_rate", DEFAULT_PROBE_RATE)),
+                                 float(opts.get("probe_interval", DEFAULT_PROBE_INTERVAL)),
+                                 float(opts.get("probe_timeout", DEFAULT_PROBE_TIMEOUT)))
+        self.last: list[Gateway] = []
+        self.hop_cache = HopCache()
+
+    def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
+        pool = snapshot.netns
+        gateways: list[Gateway] = []
+        targets: list[Target] = []
+        live = set()
+        for view in snapshot.pods:
+            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            if ns is None or view.pod.host_network or not any(iv.link for iv in view.interfaces):
+                continue
+            live.add(ns.inode)
+            try:
+                found = gateways_of(view, self.hop_cache.hops(ns), neighbours(ns.rtnl))
+                if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
+                    targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
+            except OSError as err:      # the pod went away mid-scrape: not a failure
+                log.debug("pod %s: %s", view.pod.key, err)
+                continue
+            gateways += found
+        self.hop_cache.keep_only(live)
+        return gateways, targets
+
+    def collect(self, snapshot: Snapshot) -> list[Family]:
+        gateways, targets = self.read(snapshot)
+        self.last = gateways
+        if not snapshot.pods:
+            raise NoData("no pods")
+        families = neighbour_families(gateways)
+        if self.prober is None:         # off: the families stay listed, empty
+            return families + probe_families([], 0)
+        self.prober.set_targets(targets)            # probing itself runs on the prober's thread
+        return families + probe_families(self.prober.snapshot(), self.prober.delayed)
+
+    def close(self) -> None:
+        self.hop_cache.keep_only(set())
+        if self.prober is not None:
+            self.prober.close()
