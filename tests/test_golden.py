@@ -16,12 +16,16 @@ import yaml
 
 from lab import topology
 from lab.objects import NODE_NAME, lab_objects
-from tests.conftest import Collector, parse_metrics, series, wait_for
+from tests.conftest import Collector, parse_metrics, series, unique_prefix, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "metrics.prom")
 EXTRA = os.path.join(HERE, "fixtures", "golden", "extra-objects.yaml")
-PREFIX = "pwgold"
+# Kernel objects get a per-run prefix so two runs on one machine never take each
+# other's lab down; the only thing the prefix shows on /metrics is the two MAC bytes
+# it hashes to, which normalise() writes as the fixed prefix's.
+PREFIX = unique_prefix("pwg")
+GOLDEN_PREFIX = "pwgold"
 
 HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
           "# Normalised: values of kernel traffic counters are zeroed, scrape durations and\n"
@@ -32,12 +36,17 @@ DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet
 ZERO_VALUE = re.compile(r"^(planewatch_(interface|ebpf_interface)_(receive|transmit)_[a-z]+_total\{.*\}) \S+$")
 
 
-def normalise(text: str) -> str:
+def _mac_stem(prefix: str) -> str:
+    return topology.mac_address(prefix, 0, 0)[:9]       # "02:hh:hh:"
+
+
+def normalise(text: str, prefix: str = GOLDEN_PREFIX) -> str:
+    run_stem, golden_stem = _mac_stem(prefix), _mac_stem(GOLDEN_PREFIX)
     out = []
     for line in text.splitlines():
         if DROP_SERIES.match(line):
             continue
-        out.append(ZERO_VALUE.sub(r"\1 0", line))
+        out.append(ZERO_VALUE.sub(r"\1 0", line).replace(f'"{run_stem}', f'"{golden_stem}'))
     return HEADER + "\n".join(out) + "\n"
 
 
@@ -76,7 +85,7 @@ def test_golden_metrics(golden_lab, tmp_path, update_golden):
             hooked = series(parsed, "planewatch_ebpf_attached_interfaces")
             up = series(parsed, "planewatch_interface_up")
             return text if up and list(hooked.values()) == [len(up)] else ""
-        got = normalise(wait_for(all_attached, timeout=60, what="BPF on every lab interface"))
+        got = normalise(wait_for(all_attached, timeout=60, what="BPF on every lab interface"), PREFIX)
     finally:
         c.stop()
     if update_golden or not os.path.exists(GOLDEN):
