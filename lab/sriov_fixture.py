@@ -29,7 +29,7 @@ from collector.sriov_readers import COUNTERS, INTEL, MELLANOX, NETLINK
 
 INTEL_FILES = ("rx_bytes", "rx_dropped", "rx_packets", "tx_bytes", "tx_dropped",
                "tx_packets", "tx_spoofed", "tx_errors")
-# mlx5 sriov_sysfs.c stats_show order; tx_broadcast/tx_multicast have no planewatch metric.
+# mlx5 sriov_sysfs.c stats_show order: all 10 lines, each a planewatch metric.
 MELLANOX_KEYS = ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes", "rx_broadcast",
                  "rx_multicast", "tx_broadcast", "tx_multicast", "rx_dropped")
 NETLINK_KEYS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_broadcast", "rx_multicast",
