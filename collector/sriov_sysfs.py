@@ -97,7 +97,8 @@ def choose_reader(stats: str, netdev: str, allowed: Iterable[str], sysfs=None) -
     for reader in allowed:
         if reader == readers.INTEL and kind == "dir":
             return reader
-        if reader == readers.MELLANOX and kind == "file":
+        # "other": a stats entry we will not read; the file reader says why, per VF
+        if reader == readers.MELLANOX and kind in ("file", "other"):
             return reader
         if reader == readers.NETLINK and netdev:
             return reader

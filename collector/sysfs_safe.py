@@ -178,14 +178,17 @@ class Sysfs:
             return ""
 
     def kind(self, path: str) -> str:
-        """"dir", "file" or "" (absent, refused or anything else)."""
+        """"dir", "file" (regular), "" (absent), or "other": there but not readable
+        by the rules (outside the tree, a FIFO, a device node...)."""
         try:
             st = os.lstat(self.resolve(path))
-        except (OSError, SysfsError):
+        except (FileNotFoundError, NotADirectoryError):
             return ""
+        except (OSError, SysfsError):
+            return "other" if os.path.lexists(path) else ""
         if stat.S_ISDIR(st.st_mode):
             return "dir"
-        return "file" if stat.S_ISREG(st.st_mode) else ""
+        return "file" if stat.S_ISREG(st.st_mode) else "other"
 
 
 def as_sysfs(value) -> Sysfs:
