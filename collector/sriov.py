@@ -93,6 +93,7 @@ class VfHandle:
     stats_path: str = ""  # sysfs readers only
     stats_files: tuple[str, ...] = ()   # sysfs-intel: the counter files this driver has
     carrier_path: str = ""              # carrier_changes of the VF's host netdev, if any
+    real_dir: str = ""                  # resolved stats dir (intel) or its parent (mellanox)
 
     def info_values(self) -> tuple[str, ...]:
         return (self.pf_label, str(self.index), self.pci_address, self.driver, self.numa_node, self.reader)
@@ -217,9 +218,9 @@ class SriovSource:
         info = vfs.get(handle.index)
         row = VfRow(labels, handle.info_values(), config=info.config if info else None)
         if handle.reader == readers.INTEL:
-            reading = readers.read_intel_stats(handle.stats_path, handle.stats_files, fs=self.fs)
+            reading = readers.read_intel_stats(handle.stats_path, handle.stats_files, self.fs, handle.real_dir)
         elif handle.reader == readers.MELLANOX:
-            reading = readers.read_mellanox_stats(handle.stats_path, fs=self.fs)
+            reading = readers.read_mellanox_stats(handle.stats_path, self.fs, handle.real_dir)
         elif handle.reader == readers.NETLINK:
             reading = readers.Reading(dict(info.stats) if info and info.stats else {})
         else:
@@ -266,8 +267,14 @@ class SriovSource:
         host_netdev = vf_host_netdev(self.fs, vf)
         carrier = self.fs.path("bus", "pci", "devices", vf, "net", host_netdev, "carrier_changes") \
             if host_netdev else ""
+        real_dir = ""
+        if reader in (readers.INTEL, readers.MELLANOX):
+            try:        # resolved once; a refusal here is reported by the reader at every scrape
+                real_dir = self.fs.resolve(stats if reader == readers.INTEL else os.path.dirname(stats))
+            except SysfsError:
+                real_dir = ""
         return VfHandle(vf, pf, netdev, index, bound_driver(self.fs, vf), numa, reader,
-                        stats if reader in (readers.INTEL, readers.MELLANOX) else "", files, carrier)
+                        stats if reader in (readers.INTEL, readers.MELLANOX) else "", files, carrier, real_dir)
 
     def _netlink_info(self, pfs: set[str]):
         """PF netdev -> {VF index: VfInfo}, and PF -> errno name of a failed query."""

@@ -81,13 +81,22 @@ def intel_stats_files(stats_dir: str, fs=None) -> tuple[str, ...] | None:
     return tuple(name for name in COUNTERS if name in names)
 
 
-def read_intel_stats(stats_dir: str, names: tuple[str, ...] = tuple(COUNTERS), fs=None) -> Reading | None:
-    """Counters from a per-file stats directory; None when the directory is gone."""
+def read_intel_stats(stats_dir: str, names: tuple[str, ...] = tuple(COUNTERS), fs=None,
+                     real_dir: str = "") -> Reading | None:
+    """Counters from a per-file stats directory; None when the directory is gone.
+
+    `real_dir`: the directory as `Sysfs.resolve` gave it when the VF was
+    resolved, so a scrape does one lstat per file, not a realpath walk each.
+    """
     fs = as_sysfs(fs if fs is not None else _root_of(stats_dir))
     out = Reading()
+    try:
+        real_dir = real_dir or fs.resolve(stats_dir)
+    except SysfsError as err:
+        return Reading(errors={"stats": err.reason})
     for name in names:
         try:
-            raw = fs.read(os.path.join(stats_dir, name), limit=64)
+            raw = fs.read_at(real_dir, name, limit=64)
         except SysfsError as err:
             out.errors[f"stats/{name}"] = err.reason
             continue
@@ -117,11 +126,11 @@ def parse_mellanox_stats(text: str) -> dict[str, int]:
     return out
 
 
-def read_mellanox_stats(path: str, fs=None) -> Reading | None:
+def read_mellanox_stats(path: str, fs=None, real_dir: str = "") -> Reading | None:
     """Counters from the single stats file; None when the file is gone."""
     fs = as_sysfs(fs if fs is not None else _root_of(path))
     try:
-        raw = fs.read(path)
+        raw = fs.read_at(real_dir, os.path.basename(path)) if real_dir else fs.read(path)
     except SysfsError as err:
         return Reading(errors={"stats": err.reason})
     if raw is None:

@@ -113,32 +113,48 @@ class Sysfs:
 
     def read(self, path: str, limit: int | None = None) -> bytes | None:
         """The file's bytes; None when absent; SysfsError when failed or refused."""
-        limit = self.max_read if limit is None else limit
         real = self.resolve(path)
+        return self._read_real(real, path, limit, follow_link=False)
+
+    def read_at(self, real_dir: str, name: str, limit: int | None = None) -> bytes | None:
+        """`read(real_dir/name)` for many files of one directory that `resolve` already
+        checked: one realpath per directory instead of one per file. A name that
+        is itself a symlink takes the full path (resolved and checked)."""
+        if not (real_dir + os.sep).startswith(self._tree):
+            raise SysfsError(OUTSIDE, real_dir)
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise SysfsError(BAD_NAME, repr(name)[:80])
+        path = real_dir + os.sep + name
+        return self._read_real(path, path, limit, follow_link=True)
+
+    def _read_real(self, real: str, shown: str, limit: int | None, follow_link: bool) -> bytes | None:
+        limit = self.max_read if limit is None else limit
         try:
             st = os.lstat(real)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
-            raise SysfsError(errno_name(err.errno), path) from None
+            raise SysfsError(errno_name(err.errno), shown) from None
+        if stat.S_ISLNK(st.st_mode) and follow_link:
+            return self.read(real, limit)
         if not stat.S_ISREG(st.st_mode):
-            raise SysfsError(NOT_REGULAR, path)
+            raise SysfsError(NOT_REGULAR, shown)
         try:
             fd = self._open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
-            raise SysfsError(errno_name(err.errno), path) from None
+            raise SysfsError(errno_name(err.errno), shown) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):      # swapped between lstat and open
-                raise SysfsError(NOT_REGULAR, path)
+                raise SysfsError(NOT_REGULAR, shown)
             data = self._read(fd, limit + 1)
         except OSError as err:
-            raise SysfsError(errno_name(err.errno), path) from None
+            raise SysfsError(errno_name(err.errno), shown) from None
         finally:
             os.close(fd)
         if len(data) > limit:
-            raise SysfsError(TOO_LARGE, path)
+            raise SysfsError(TOO_LARGE, shown)
         return data
 
     def read_text(self, path: str) -> str | None:
