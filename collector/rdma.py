@@ -10,7 +10,7 @@ registers it). Per port of that device, from ib_core's sysfs
   bytes;
 - `hw_counters/*`: driver counters (mlx5: out_of_sequence, packet_seq_err,
   local_ack_timeout_err, rnr_nak_retry_err, roce_adp_retrans, np_cnp_sent ...)
-  under one metric with a `counter` label, since each driver names its own;
+  under one metric with a `stat` label, since each driver names its own;
   `lifespan` is a setting (the refresh period in ms), not a counter;
 - `state` ("4: ACTIVE"), `phys_state` ("5: LinkUp") as their numeric ids, and
   `rate` ("100 Gb/sec (4X EDR)") in bytes per second.
@@ -221,9 +221,9 @@ class RdmaSource:
 def build_families(rows, errors: dict[tuple, int], refused) -> list[Family]:
     counters = {name: (Family(f"planewatch_rdma_port_{metric}_total", COUNTER, text, PORT_LABELS), mult)
                 for name, (metric, mult, text) in PORT_COUNTERS.items()}
-    hw = Family("planewatch_rdma_port_hw_counter_total", COUNTER,
+    hw = Family("planewatch_rdma_port_hw_events_total", COUNTER,
                 "Driver counters of the RDMA port (hw_counters/<counter>: retransmits, out-of-sequence, "
-                "timeouts, congestion notifications...).", PORT_LABELS + ("counter",))
+                "timeouts, congestion notifications...), by the driver's name for it.", PORT_LABELS + ("stat",))
     info = Family("planewatch_rdma_port_info", GAUGE,
                   "RDMA port behind a pod attachment: IB device, its PCI function and link layer.", INFO_LABELS)
     state = Family("planewatch_rdma_port_state_id", GAUGE, STATE_HELP[0], PORT_LABELS)

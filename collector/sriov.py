@@ -229,7 +229,9 @@ class SriovSource:
             log.debug("sriov: VF %s: %s vanished, skipped", handle.pci_address, handle.stats_path)
             self._vfs.pop(handle.pci_address, None)
             return None
-        if handle.pf in pf_errors:      # costs this VF's configuration (and netlink counters)
+        # costs the counters of a netlink-read VF; a sysfs-read VF only loses its
+        # configuration, which the once-per-PF warning already says
+        if handle.pf in pf_errors and handle.reader == readers.NETLINK:
             reading.errors["netlink"] = pf_errors[handle.pf]
         row.counters = reading.values
         if handle.carrier_path:

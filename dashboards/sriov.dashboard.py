@@ -63,7 +63,7 @@ def vf_spoofed_and_errors():
 
 
 FLAP_PLANES = selector('plane=~"data|signaling"')
-RETRANSMITS = selector('counter=~".*retrans.*|out_of_sequence|local_ack_timeout_err"')
+RETRANSMITS = selector('stat=~".*retrans.*|out_of_sequence|local_ack_timeout_err"')
 
 
 def vf_config_table():
@@ -98,8 +98,8 @@ def rdma_errors():
                f"planewatch_rdma_port_symbol_errors_total{selector()}{RATE}))", legend + " symbol errors"),
         target(f"sum by (node, namespace, pod, interface, port) (increase("
                f"planewatch_rdma_port_link_downed_total{selector()}{RATE}))", legend + " link downed"),
-        target(f"sum by (node, namespace, pod, interface, port, counter) (rate("
-               f"planewatch_rdma_port_hw_counter_total{RETRANSMITS}{RATE}))", legend + " {{counter}}"),
+        target(f"sum by (node, namespace, pod, interface, port, stat) (rate("
+               f"planewatch_rdma_port_hw_events_total{RETRANSMITS}{RATE}))", legend + " {{stat}}"),
     ], unit="short")
 
 

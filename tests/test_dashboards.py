@@ -237,8 +237,8 @@ def _synthetic_exposition(step: int) -> str:
         add(f"planewatch_rdma_port_{d}_bytes_total", ib, 4_000_000 * step)
     add("planewatch_rdma_port_symbol_errors_total", ib, step)
     add("planewatch_rdma_port_link_downed_total", ib, step // 30)
-    add("planewatch_rdma_port_hw_counter_total", {**ib, "counter": "out_of_sequence"}, 3 * step)
-    add("planewatch_rdma_port_hw_counter_total", {**ib, "counter": "roce_adp_retrans"}, step)
+    add("planewatch_rdma_port_hw_events_total", {**ib, "stat": "out_of_sequence"}, 3 * step)
+    add("planewatch_rdma_port_hw_events_total", {**ib, "stat": "roce_adp_retrans"}, step)
     add("planewatch_rdma_read_errors_total", {**ib, "device": "mlx5_3", "file": "counters/port_xmit_wait",
                                               "reason": "EOPNOTSUPP"}, step)
     sig = {"namespace": "telco", "pod": "upf-a", "network": "telco/signaling", "interface": "net1",

@@ -73,8 +73,8 @@ def test_every_port_value_reaches_metrics(ib, claim):
     # the data counters are PMA 4-octet units: bytes on /metrics
     assert series(scraped, "planewatch_rdma_port_receive_bytes_total", **want) == [4 * port["counters"]["port_rcv_data"]]
     for name, value in port["hw_counters"].items():
-        assert series(scraped, "planewatch_rdma_port_hw_counter_total", counter=name, **want) == [value]
-    assert not series(scraped, "planewatch_rdma_port_hw_counter_total", counter="lifespan")
+        assert series(scraped, "planewatch_rdma_port_hw_events_total", stat=name, **want) == [value]
+    assert not series(scraped, "planewatch_rdma_port_hw_events_total", stat="lifespan")
     assert series(scraped, "planewatch_rdma_port_state_id", **want) == [4]
     assert series(scraped, "planewatch_rdma_port_physical_state_id", **want) == [5]
     assert series(scraped, "planewatch_rdma_port_rate_bytes_per_second", **want) == [100e9 / 8]
@@ -122,7 +122,7 @@ def test_a_failing_counter_costs_that_counter(ib, code, sysfs_copy):
               for d in labelsets(scraped, "planewatch_rdma_read_errors_total")}
     assert errors == {("counters/port_xmit_wait", name): 2, ("hw_counters/out_of_sequence", name): 2}
     assert not series(scraped, "planewatch_rdma_port_transmit_wait_ticks_total", pod="p")
-    assert not series(scraped, "planewatch_rdma_port_hw_counter_total", counter="out_of_sequence")
+    assert not series(scraped, "planewatch_rdma_port_hw_events_total", stat="out_of_sequence")
     assert series(scraped, "planewatch_rdma_port_transmit_bytes_total", pod="p") == [
         4 * ib["ports"][1]["counters"]["port_xmit_data"]]
 

@@ -59,7 +59,7 @@ CONTRACT_METRICS = frozenset(
        "planewatch_vf_read_errors_total", "planewatch_vf_attachment_refused",
        "planewatch_rdma_port_state_id", "planewatch_rdma_port_link_downed_total",
        "planewatch_rdma_port_receive_bytes_total", "planewatch_rdma_port_transmit_bytes_total",
-       "planewatch_rdma_port_symbol_errors_total", "planewatch_rdma_port_hw_counter_total",
+       "planewatch_rdma_port_symbol_errors_total", "planewatch_rdma_port_hw_events_total",
        "planewatch_rdma_read_errors_total", "planewatch_rdma_attachment_refused"])
 
 IDENTITY_LABELS = {"namespace", "pod", "network", "interface", "plane", "node"}
