@@ -321,3 +321,68 @@ def test_fifo_char_device_huge_file_and_symlink_out(root, tree, tmp_path):
     assert_intact(scraped, tree, {4: "p4"})
     print(f"\nscrape with FIFO, char device, 1 GiB file and symlinks out: {elapsed * 1e3:.1f} ms")
     assert elapsed < 1.0
+
+# ---------------------------------------------------------------- the same attacks over HTTP
+
+
+def _pod_doc(name: str, namespace: str, index: int, device_info: dict) -> dict:
+    import json
+    status = [{"name": "k8s-pod-network", "ips": [f"10.98.0.{index}"], "mac": f"0e:98:00:00:00:{index:02x}",
+               "default": True, "dns": {}},
+              {"name": f"{namespace}/sriov-a", "interface": "net1", "dns": {}, "device-info": device_info}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": f"6a1c1d9e-0000-4000-8000-{index:012d}",
+                         "annotations": {"k8s.v1.cni.cncf.io/network-status": json.dumps(status)}},
+            "spec": {"nodeName": "hostile-node"}, "status": {"phase": "Running"}}
+
+
+def test_metrics_over_http_stays_prompt_under_every_attack(root, tree, tmp_path):
+    """The shipped server, its sysfs root full of traps and tenants pointing at them."""
+    import yaml
+    from tests.conftest import Collector
+    sysroot = tree["sysfs"]
+    fifo = stats_file(sysroot, INTEL_PF, 0, "rx_packets")
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    chardev = stats_file(sysroot, MLX_PF, 0)
+    os.remove(chardev)
+    os.mknod(chardev, 0o444 | 0o020000, os.makedev(1, 5))
+    with open(stats_file(sysroot, INTEL_PF, 2, "tx_bytes"), "r+b") as f:
+        f.truncate(1 << 30)
+    docs = [_pod_doc(f"honest-{i}", "tenant", i, {"type": "pci", "version": "1.1.0",
+                                                   "pci": {"pci-address": vf["pci_address"]}})
+            for i, vf in enumerate(tree["vfs"][:5])]
+    hostile = ["../../../../../../dev/zero", "0000:3b:02.0/../../../../../../proc/1/root/etc/shadow",
+               "../../../../../../proc/self/root/tmp/fifo"]
+    docs += [_pod_doc(f"evil-{i}", "evil", 50 + i, {"type": "pci", "version": "1.1.0",
+                                                     "pci": {"pci-address": value, "rdma-device": value}})
+             for i, value in enumerate(hostile)]
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(yaml.safe_dump_all(docs))
+    c = Collector("--pods-file", str(pods), "--node-name", "hostile-node", "--path.sysfs", sysroot,
+                  "--no-collector.ebpf")
+    try:
+        c.wait_ready()
+        start = time.perf_counter()
+        text = c.metrics()
+        elapsed = time.perf_counter() - start
+        assert c.get("/healthz", timeout=5)[0] == 200
+    finally:
+        c.stop()
+    print(f"\n/metrics with traps under sysfs and 3 hostile pods: {elapsed * 1e3:.0f} ms")
+    assert elapsed < 5.0
+    scraped = parse(text)
+    got = {(d["pod"], d["file"]): d["reason"] for d in labelsets(scraped, "planewatch_vf_read_errors_total")}
+    assert got == {("honest-0", "stats/rx_packets"): "not_regular_file", ("honest-3", "stats"): "not_regular_file",
+                   ("honest-2", "stats/tx_bytes"): "too_large"}
+    for i in range(len(hostile)):
+        assert labelsets(scraped, "planewatch_vf_attachment_refused", pod=f"evil-{i}")[0]["reason"] == "invalid_format"
+        assert labelsets(scraped, "planewatch_rdma_attachment_refused", pod=f"evil-{i}")
+    assert values(scraped, "planewatch_vf_receive_bytes_total", pod="honest-0") == [
+        tree["vfs"][0]["metrics"]["planewatch_vf_receive_bytes_total"]]
+    for i in (1, 4):
+        for metric, value in tree["vfs"][i]["metrics"].items():
+            assert values(scraped, metric, pod=f"honest-{i}") == [value], (i, metric)
+    success = {d["collector"]: v for d, v in ((dict(k), v) for k, v in
+                                               scraped["planewatch_scrape_collector_success"].items())}
+    assert success["sriov"] == 1 and success["rdma"] == 1
