@@ -168,7 +168,6 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 _ERRNO = struct.Struct("=i")
 
 RECV_BUF = 1 << 20      # a PF with 128 VFs answers with ~60 KB

@@ -136,6 +136,7 @@ class _Writer:
         nd = f"{base}/net/{name}"
         self.file(f"{nd}/ifindex", f"{self.ifindex}\n")
         self.file(f"{nd}/address", f"02:00:00:00:{self.ifindex // 256:02x}:{self.ifindex % 256:02x}\n")
+        self.file(f"{nd}/carrier_changes", f"{self.ifindex * 2 + 1}\n")
         if phys_port_name:
             self.file(f"{nd}/phys_port_name", phys_port_name + "\n")
         # the kernel's link goes up to the common ancestor's parent: ../../../<pf>
@@ -177,6 +178,7 @@ def write_tree(root: str, layout=TEST_LAYOUT) -> dict:
             vfs.append({
                 "pci_address": vf.address, "pf_pci_address": pf.address, "pf": pf.netdev,
                 "vf": index, "driver": vf.driver, "host_netdev": vf.netdev,
+                "carrier_changes": w.ifindex * 2 + 1 if vf.netdev else None,
                 "numa_node": "" if pf.numa_node < 0 else str(pf.numa_node),
                 "reader": LAYOUT_READER[pf.layout], "counters": counters,
                 "metrics": expected_metrics(counters), "rdma": rdma,

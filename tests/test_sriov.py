@@ -512,3 +512,13 @@ def test_collect_over_64_vfs_is_cheap(tmp_path):
     assert len(info) == 64 and len(first) == len(fams)
     print(f"\n64 VFs: cold collect {cold * 1e3:.2f} ms, warm median {warm * 1e3:.2f} ms")
     assert warm < 0.05
+
+
+def test_free_vf_with_a_host_netdev_counts_its_carrier_changes(expected):
+    """A VF whose netdev sits in the host netns: its sysfs carrier_changes; others have none."""
+    with_netdev = [vf for vf in expected["vfs"] if vf["host_netdev"]]
+    assert with_netdev, "the test layout has a VF with a host netdev"
+    source = make_source(FIXTURE, transport_for(expected), sriov_all_vfs=True)
+    scraped = scrape(source, Snapshot(()))
+    got = {dict(k)["interface"]: v for k, v in scraped["planewatch_vf_carrier_changes_total"].items()}
+    assert got == {vf["pci_address"]: vf["carrier_changes"] for vf in with_netdev}
