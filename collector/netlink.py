@@ -41,6 +41,9 @@ class NetlinkSource:
         up = Family("planewatch_interface_up", GAUGE,
                     "1 when the pod interface's operational state is up.", ATTACHMENT_LABELS)
         mtu = Family("planewatch_interface_mtu_bytes", GAUGE, "MTU of the pod interface.", ATTACHMENT_LABELS)
+        # from the link table, which is re-read on every RTM_NEWLINK the kernel sends (a carrier change is one)
+        carrier = Family("planewatch_interface_carrier_changes_total", COUNTER,
+                         "Carrier up/down transitions of the pod interface (IFLA_CARRIER_CHANGES).", ATTACHMENT_LABELS)
         pool = snapshot.netns
         for view in snapshot.pods:
             ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
@@ -61,4 +64,5 @@ class NetlinkSource:
                     fam.add_rendered(labels, values[index])
                 up.add_rendered(labels, 1 if link.up else 0)
                 mtu.add_rendered(labels, link.mtu)
-        return [fam for fam, _ in counters] + [up, mtu]
+                carrier.add_rendered(labels, link.carrier_changes)
+        return [fam for fam, _ in counters] + [up, mtu, carrier]

@@ -77,7 +77,7 @@ def load_builtin_sources() -> Mapping[str, SourceSpec]:
     """Import every source module so their @register calls run."""
     import collector.attachments  # noqa: F401
     import collector.netlink  # noqa: F401
-    for optional in ("collector.sriov", "collector.ebpf", "collector.routes", "collector.health",
+    for optional in ("collector.sriov", "collector.rdma", "collector.ebpf", "collector.routes", "collector.health",
                      "collector.neighbours"):
         try:
             __import__(optional)

@@ -32,6 +32,7 @@ RTMGRP_LINK = 0x1
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_EXT_MASK = 16, 18, 23, 29
+IFLA_CARRIER_CHANGES = 35
 IFLA_INFO_KIND = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IF_OPER_UNKNOWN, IF_OPER_UP = 0, 6
@@ -70,6 +71,7 @@ class LinkStats:
     rx_dropped: int = 0
     tx_dropped: int = 0
     master: int = 0         # IFLA_MASTER: the bridge/bond this link is a port of
+    carrier_changes: int = 0        # IFLA_CARRIER_CHANGES: up and down transitions since creation
 
 
 def _mac(raw: bytes) -> str:
@@ -90,7 +92,7 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
     """Decode one RTM_NEWLINK payload (ifinfomsg + attributes)."""
     _family, _type, ifindex, flags, _change = _IFINFOMSG.unpack_from(buf, off)
     name = mac = kind = ""
-    mtu = master = 0
+    mtu = master = carrier_changes = 0
     operstate = IF_OPER_UNKNOWN
     stats = (0,) * 8
     for kind_id, vs, ve in _attrs(buf, off + _IFINFOMSG.size, end):
@@ -104,6 +106,8 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
             master = _U32.unpack_from(buf, vs)[0]
         elif kind_id == IFLA_OPERSTATE:
             operstate = buf[vs]
+        elif kind_id == IFLA_CARRIER_CHANGES and ve - vs >= 4:
+            carrier_changes = _U32.unpack_from(buf, vs)[0]
         elif kind_id == IFLA_ADDRESS:
             mac = _mac(buf[vs:ve])
         elif kind_id == IFLA_LINKINFO:
@@ -115,7 +119,8 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
     up = operstate == IF_OPER_UP or (
         operstate == IF_OPER_UNKNOWN and flags & IFF_UP and flags & IFF_LOWER_UP)
     rxp, txp, rxb, txb, rxe, txe, rxd, txd = stats
-    return LinkStats(ifindex, name, mac, mtu, bool(up), kind, rxp, txp, rxb, txb, rxe, txe, rxd, txd, master)
+    return LinkStats(ifindex, name, mac, mtu, bool(up), kind, rxp, txp, rxb, txb, rxe, txe, rxd, txd, master,
+                     carrier_changes)
 
 
 def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:

@@ -40,31 +40,45 @@ namespace, pod, network and plane "" and interface = the VF's PCI address
 (the only label left to keep free VFs' series apart). A VF used by a pod whose
 annotation lacks device-info shows up as free: the annotation is our only map.
 
+Configuration: one RTM_GETLINK per PF with a netdev per scrape also gives each
+VF's IFLA_VFINFO_LIST configuration (sriov_metrics: `planewatch_vf_config_info`,
+transmit rate limits), whatever reader its counters come from.
+
 "Not there" is not "failed": a VF whose sysfs entries vanished mid-scrape, or a
-PF missing from the host netns, is skipped with a debug log.
+PF missing from the host netns, is skipped with a debug log. A read that fails
+(drivers' show() return EOPNOTSUPP, EINVAL while a VF resets, EIO ...) costs
+that counter (Intel: one file each) or that VF's counters (Mellanox: one file),
+counted on `planewatch_vf_read_errors_total{..., pf, vf, file, reason}`; the VF
+keeps its info series and its neighbours lose nothing.
+
+Hostile annotations: `pci-address` and `pf-pci-address` are tenant-written.
+They are checked against the kernel's PCI address format before any path is
+built, and every sysfs access goes through collector/sysfs_safe.py (inside the
+device tree, regular files only, non-blocking, bounded). What is refused shows
+as `planewatch_vf_attachment_refused{..., field, reason}` on that pod only.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable
 
 from collector import sriov_readers as readers
 from collector.claims import contested_vfs
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
+from collector.sriov_metrics import INFO_LABELS, VfRow, build_families  # noqa: F401  (INFO_LABELS re-exported)
+from collector.sriov_sysfs import (bound_driver, choose_reader, list_sriov_vfs, locate_vf,  # noqa: F401
+                                   numa_node, pci_dir, pf_netdev, physfn, stats_path, vf_host_netdev, virtfn_map)
+from collector.sysfs_safe import OUTSIDE, Sysfs, SysfsError, errno_name, pci_address
 
 log = logging.getLogger(__name__)
 
-INFO_LABELS = ATTACHMENT_LABELS + ("pf", "vf", "pci_address", "driver", "numa_node", "reader")
 VF_DEVICE_TYPES = ("pci", "vdpa")
-_REPRESENTOR = re.compile(r"^(c\d+)?pf\d+(vf|sf)\d+$")
+INVALID = "invalid_format"
 
 
 @dataclass(frozen=True)
@@ -80,158 +94,23 @@ class VfHandle:
     reader: str
     stats_path: str = ""  # sysfs readers only
     stats_files: tuple[str, ...] = ()   # sysfs-intel: the counter files this driver has
+    carrier_path: str = ""              # carrier_changes of the VF's host netdev, if any
+    real_dir: str = ""                  # resolved stats dir (intel) or its parent (mellanox)
 
     def info_values(self) -> tuple[str, ...]:
-        return (self.pf or self.pf_pci_address, str(self.index), self.pci_address,
-                self.driver, self.numa_node, self.reader)
+        return (self.pf_label, str(self.index), self.pci_address, self.driver, self.numa_node, self.reader)
 
-# ---------------------------------------------------------------- sysfs facts
-
-
-def pci_dir(sysfs: str, address: str) -> str:
-    return os.path.join(sysfs, "bus", "pci", "devices", address)
-
-
-def _link_basename(path: str) -> str:
-    try:
-        return os.path.basename(os.readlink(path))
-    except OSError:
-        return ""
-
-
-def physfn(sysfs: str, vf: str) -> str:
-    return _link_basename(os.path.join(pci_dir(sysfs, vf), "physfn"))
-
-
-def virtfn_map(sysfs: str, pf: str) -> dict[str, int]:
-    """VF PCI address -> N, from the PF's `virtfnN` links ({} when not a PF)."""
-    base = pci_dir(sysfs, pf)
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        if name.startswith("virtfn") and name[6:].isdigit():
-            vf = _link_basename(os.path.join(base, name))
-            if vf:
-                out[vf] = int(name[6:])
-    return out
-
-
-def locate_vf(sysfs: str, vf: str, pf_hint: str = "", virtfns=None) -> tuple[str, int] | None:
-    """(PF PCI address, VF index); the annotation's pf-pci-address wins.
-
-    `virtfns(pf)` may be a memoised `virtfn_map` so resolving many VFs of one
-    PF lists its links once.
-    """
-    virtfns = virtfns or (lambda pf: virtfn_map(sysfs, pf))
-    for pf in (pf_hint, physfn(sysfs, vf)):
-        if pf:
-            index = virtfns(pf).get(vf)
-            if index is not None:
-                return pf, index
-    return None
-
-
-def pf_netdev(sysfs: str, pf: str) -> str:
-    """The PF's own netdev: switchdev representors share its net/ directory."""
-    base = os.path.join(pci_dir(sysfs, pf), "net")
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return ""
-    for name in names:
-        if not _REPRESENTOR.match(_read_text(os.path.join(base, name, "phys_port_name"))):
-            return name
-    return ""
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:         # absent, or EOPNOTSUPP from drivers without it
-        return ""
-
-
-def bound_driver(sysfs: str, address: str) -> str:
-    return _link_basename(os.path.join(pci_dir(sysfs, address), "driver"))
-
-
-def numa_node(sysfs: str, pf: str) -> str:
-    text = _read_text(os.path.join(pci_dir(sysfs, pf), "numa_node"))
-    return "" if text in ("", "-1") else text
-
-
-def stats_path(sysfs: str, pf: str, index: int) -> str:
-    return os.path.join(pci_dir(sysfs, pf), "sriov", str(index), "stats")
-
-
-def choose_reader(stats: str, netdev: str, allowed: Iterable[str]) -> str:
-    """The first reader in `allowed` whose layout is there for this PF."""
-    for reader in allowed:
-        if reader == readers.INTEL and os.path.isdir(stats):
-            return reader
-        if reader == readers.MELLANOX and os.path.isfile(stats):
-            return reader
-        if reader == readers.NETLINK and netdev:
-            return reader
-    return readers.NONE
-
-
-def list_sriov_vfs(sysfs: str) -> list[tuple[str, str]]:
-    """(VF, PF) PCI addresses of every VF on the node."""
-    root = os.path.join(sysfs, "bus", "pci", "devices")
-    try:
-        devices = sorted(os.listdir(root))
-    except OSError:
-        return []
-    out = []
-    for pf in devices:
-        if _read_text(os.path.join(root, pf, "sriov_numvfs")) in ("", "0"):
-            continue
-        try:
-            names = os.listdir(os.path.join(root, pf))
-        except OSError:
-            continue
-        links = sorted((int(n[6:]), n) for n in names if n.startswith("virtfn") and n[6:].isdigit())
-        for _, name in links:
-            vf = _link_basename(os.path.join(root, pf, name))
-            if vf:
-                out.append((vf, pf))
-    return out
-
-# ---------------------------------------------------------------- metrics
-
-
-def build_families(rows: Iterable[tuple[tuple[str, ...], VfHandle, dict | None]]) -> list[Family]:
-    """Families from (attachment labels, VF, counters or None) rows; empty ones dropped."""
-    counters = {name: Family(metric, COUNTER, text, ATTACHMENT_LABELS)
-                for name, (metric, text) in readers.COUNTERS.items()}
-    info = Family("planewatch_vf_info", GAUGE,
-                  "SR-IOV VF behind a pod attachment: its PF, index, PCI address, driver, "
-                  "NUMA node and the reader of its counters.", INFO_LABELS)
-    for labels, handle, values in rows:
-        info.add(labels + handle.info_values(), 1)
-        if not values:
-            continue
-        rendered = render_labels(ATTACHMENT_LABELS, labels)
-        for name, value in values.items():
-            fam = counters.get(name)
-            if fam is not None:
-                fam.add_rendered(rendered, value)
-    return [fam for fam in (info, *counters.values()) if fam.samples]
-
-# ---------------------------------------------------------------- the source
+    @property
+    def pf_label(self) -> str:
+        return self.pf or self.pf_pci_address
 
 
 class _PfMemo:
     """PF facts looked up once per collect while resolving new VFs."""
 
-    def __init__(self, sysfs: str):
-        self.virtfns = lru_cache(maxsize=None)(lambda pf: virtfn_map(sysfs, pf))
-        self.facts = lru_cache(maxsize=None)(lambda pf: (pf_netdev(sysfs, pf), numa_node(sysfs, pf)))
+    def __init__(self, fs: Sysfs):
+        self.virtfns = lru_cache(maxsize=None)(lambda pf: virtfn_map(fs, pf))
+        self.facts = lru_cache(maxsize=None)(lambda pf: (pf_netdev(fs, pf), numa_node(fs, pf)))
 
 
 def _truthy(value) -> bool:
@@ -250,8 +129,13 @@ def _reader_order(value) -> tuple[str, ...]:
     return tuple(names)
 
 
-def vf_attachments(snapshot: Snapshot) -> list[tuple[tuple[str, ...], str, str]]:
-    """(labels, VF PCI address, pf-pci-address hint) of every VF attachment."""
+def vf_attachments(snapshot: Snapshot, refused: list | None = None) -> list[tuple[tuple[str, ...], str, str]]:
+    """(labels, VF PCI address, pf-pci-address hint) of every VF attachment.
+
+    Addresses that are not PCI addresses are refused (appended to `refused` as
+    (labels, field, reason)) before anything is joined into a path; a bad hint
+    is dropped and the VF is still placed through its `physfn` link.
+    """
     out, seen = [], set()
     contested = contested_vfs(snapshot.pods)     # claimed by two pods: nobody's (collector/claims.py)
     for view in snapshot.pods:
@@ -259,17 +143,26 @@ def vf_attachments(snapshot: Snapshot) -> list[tuple[tuple[str, ...], str, str]]
             dev = iv.attachment.device
             if dev.type not in VF_DEVICE_TYPES or not dev.pci_address or dev.pci_address in contested:
                 continue
-            key = (iv.labels, dev.pci_address)
+            address = pci_address(dev.pci_address)
+            if address is None:
+                if refused is not None:
+                    refused.append((iv.labels, "pci-address", INVALID))
+                continue
+            hint = pci_address(dev.pf_pci_address) or ""
+            if dev.pf_pci_address and not hint and refused is not None:
+                refused.append((iv.labels, "pf-pci-address", INVALID))
+            key = (iv.labels, address)
             if key not in seen:         # duplicate network-status entries for one interface
                 seen.add(key)
-                out.append((iv.labels, dev.pci_address, dev.pf_pci_address))
+                out.append((iv.labels, address, hint))
     return out
 
 
-@register("sriov", help="SR-IOV VF counters read from the PF (sysfs or netlink), mapped to pods.")
+@register("sriov", help="SR-IOV VF counters and configuration read from the PF (sysfs or netlink), mapped to pods.")
 class SriovSource:
-    def __init__(self, config: Config, netlink=None):
+    def __init__(self, config: Config, netlink=None, sysfs: Sysfs | None = None):
         opts = config.options
+        self.fs = sysfs or Sysfs(config.paths.sysfs)
         self.sysfs = config.paths.sysfs
         self.readers = _reader_order(opts.get("sriov_readers"))
         self.all_vfs = _truthy(opts.get("sriov_all_vfs", False))
@@ -277,34 +170,81 @@ class SriovSource:
         host_netns = opts.get("host_netns", f"{config.paths.procfs}/1/ns/net")
         self.netlink = netlink or readers.NetlinkVfStats(readers.RtnlGetlink(host_netns))
         self._vfs: dict[str, VfHandle] = {}
+        self._errors: dict[tuple, int] = {}     # (labels, pf, vf, file, reason) -> failed reads
         self._free: tuple[float, list[tuple[str, str]]] = (float("-inf"), [])
         self._netlink_warned: set[str] = set()
         self._lock = threading.Lock()       # two scrapes at once share the caches
 
-    def collect(self, snapshot: Snapshot) -> list[Family]:
+    def collect(self, snapshot: Snapshot):
         with self._lock:
             return self._collect(snapshot)
 
-    def _collect(self, snapshot: Snapshot) -> list[Family]:
-        wanted = vf_attachments(snapshot)
+    def _collect(self, snapshot: Snapshot):
+        refused: list = []
+        wanted = vf_attachments(snapshot, refused)
         if self.all_vfs:
             claimed = {addr for _, addr, _ in wanted}
             wanted += [(("", "", "", vf, ""), vf, pf) for vf, pf in self._free_vfs() if vf not in claimed]
-        if not wanted:
+        if not wanted and not refused:
             self._vfs.clear()
+            self._errors.clear()
             return []
-        memo = _PfMemo(self.sysfs)
-        located = [(labels, self._handle(addr, hint, memo)) for labels, addr, hint in wanted]
-        located = [(labels, h) for labels, h in located if h is not None]
+        memo = _PfMemo(self.fs)
+        located = []
+        for labels, addr, hint in wanted:
+            try:
+                handle = self._handle(addr, hint, memo)
+            except SysfsError as err:
+                refused.append((labels, "pci-address", err.reason))
+                continue
+            if handle is not None:
+                located.append((labels, handle))
         self._vfs = {h.pci_address: h for _, h in located}     # forget VFs no longer wanted
-        by_pf = self._netlink_stats({h.pf for _, h in located if h.reader == readers.NETLINK})
+        live = {(labels, h.pf_label, str(h.index)) for labels, h in located}
+        self._errors = {k: v for k, v in self._errors.items() if k[:3] in live}
+        by_pf, pf_errors = self._netlink_info({h.pf for _, h in located if h.pf})
         rows = []
         for labels, handle in located:
-            values = self._counters(handle, by_pf)
-            if values is None:
-                continue
-            rows.append((labels, handle, values))
-        return build_families(rows)
+            row = self._row(labels, handle, by_pf, pf_errors)
+            if row is not None:
+                rows.append(row)
+        return build_families(rows, self._errors, refused)
+
+    def _count(self, labels, handle: VfHandle, errors: dict[str, str]) -> None:
+        for name, reason in errors.items():
+            key = (labels, handle.pf_label, str(handle.index), name, reason)
+            self._errors[key] = self._errors.get(key, 0) + 1
+
+    def _row(self, labels, handle: VfHandle, by_pf, pf_errors) -> VfRow | None:
+        """One VF's row; None when its sysfs entries vanished (resolved afresh next scrape)."""
+        vfs = by_pf.get(handle.pf, {})
+        info = vfs.get(handle.index)
+        row = VfRow(labels, handle.info_values(), config=info.config if info else None)
+        if handle.reader == readers.INTEL:
+            reading = readers.read_intel_stats(handle.stats_path, handle.stats_files, self.fs, handle.real_dir)
+        elif handle.reader == readers.MELLANOX:
+            reading = readers.read_mellanox_stats(handle.stats_path, self.fs, handle.real_dir)
+        elif handle.reader == readers.NETLINK:
+            reading = readers.Reading(dict(info.stats) if info and info.stats else {})
+        else:
+            reading = readers.Reading()
+        if reading is None:
+            log.debug("sriov: VF %s: %s vanished, skipped", handle.pci_address, handle.stats_path)
+            self._vfs.pop(handle.pci_address, None)
+            return None
+        # costs the counters of a netlink-read VF; a sysfs-read VF only loses its
+        # configuration, which the once-per-PF warning already says
+        if handle.pf in pf_errors and handle.reader == readers.NETLINK:
+            reading.errors["netlink"] = pf_errors[handle.pf]
+        row.counters = reading.values
+        if handle.carrier_path:
+            try:
+                text = self.fs.read_text(handle.carrier_path)
+                row.carrier_changes = int(text) if text and text.isdigit() else None
+            except SysfsError as err:
+                reading.errors["carrier_changes"] = err.reason
+        self._count(labels, handle, reading.errors)
+        return row
 
     def _handle(self, vf: str, hint: str, memo: "_PfMemo") -> VfHandle | None:
         handle = self._vfs.get(vf)
@@ -315,57 +255,56 @@ class SriovSource:
         return handle
 
     def _resolve(self, vf: str, hint: str, memo: "_PfMemo") -> VfHandle | None:
-        where = locate_vf(self.sysfs, vf, hint, memo.virtfns)
+        for address in (vf, hint):
+            if address and os.path.lexists(pci_dir(self.fs, address)) and not self.fs.inside(pci_dir(self.fs, address)):
+                raise SysfsError(OUTSIDE, address)
+        where = locate_vf(self.fs, vf, hint, memo.virtfns)
         if where is None:
             log.debug("sriov: VF %s: no PF links to it under %s", vf, self.sysfs)
             return None
         pf, index = where
         netdev, numa = memo.facts(pf)
-        stats = stats_path(self.sysfs, pf, index)
-        reader = choose_reader(stats, netdev, self.readers)
+        stats = stats_path(self.fs, pf, index)
+        reader = choose_reader(stats, netdev, self.readers, self.fs)
         files: tuple[str, ...] = ()
         if reader == readers.INTEL:
-            files = readers.intel_stats_files(stats) or ()
-        return VfHandle(vf, pf, netdev, index, bound_driver(self.sysfs, vf), numa, reader,
-                        stats if reader in (readers.INTEL, readers.MELLANOX) else "", files)
+            files = readers.intel_stats_files(stats, fs=self.fs) or ()
+        host_netdev = vf_host_netdev(self.fs, vf)
+        carrier = self.fs.path("bus", "pci", "devices", vf, "net", host_netdev, "carrier_changes") \
+            if host_netdev else ""
+        real_dir = ""
+        if reader in (readers.INTEL, readers.MELLANOX):
+            try:        # resolved once; a refusal here is reported by the reader at every scrape
+                real_dir = self.fs.resolve(stats if reader == readers.INTEL else os.path.dirname(stats))
+            except SysfsError:
+                real_dir = ""
+        return VfHandle(vf, pf, netdev, index, bound_driver(self.fs, vf), numa, reader,
+                        stats if reader in (readers.INTEL, readers.MELLANOX) else "", files, carrier, real_dir)
 
-    def _counters(self, handle: VfHandle, by_pf: dict[str, dict[int, dict[str, int]]]) -> dict | None:
-        """Counters of one VF ({} when its reader has none); None when it vanished."""
-        if handle.reader == readers.INTEL:
-            values = readers.read_intel_stats(handle.stats_path, handle.stats_files)
-        elif handle.reader == readers.MELLANOX:
-            values = readers.read_mellanox_stats(handle.stats_path)
-        elif handle.reader == readers.NETLINK:
-            return by_pf.get(handle.pf, {}).get(handle.index, {})
-        else:
-            return {}
-        if values is None:
-            log.debug("sriov: VF %s: %s vanished, skipped", handle.pci_address, handle.stats_path)
-            self._vfs.pop(handle.pci_address, None)     # resolve afresh next scrape
-        return values
-
-    def _netlink_stats(self, pfs: set[str]) -> dict[str, dict[int, dict[str, int]]]:
-        out = {}
+    def _netlink_info(self, pfs: set[str]):
+        """PF netdev -> {VF index: VfInfo}, and PF -> errno name of a failed query."""
+        out, errors = {}, {}
         for pf in sorted(pfs):
             try:
-                out[pf] = self.netlink.vf_stats(pf)
+                out[pf] = self.netlink.vf_info(pf)
             except readers.PfNotFound:
                 # renamed or moved away: resolve its VFs afresh next scrape
                 log.debug("sriov: PF %s is not in the host netns", pf)
-                for addr in [a for a, h in self._vfs.items() if h.pf == pf]:
+                for addr in [a for a, h in self._vfs.items() if h.pf == pf and h.reader == readers.NETLINK]:
                     del self._vfs[addr]
             except OSError as err:
                 # e.g. no access to the host netns: the sysfs VFs still count.
+                errors[pf] = errno_name(err.errno)
                 level = logging.DEBUG if pf in self._netlink_warned else logging.WARNING
                 self._netlink_warned.add(pf)
-                log.log(level, "sriov: netlink VF stats of PF %s: %s", pf, err)
-        return out
+                log.log(level, "sriov: netlink VF info of PF %s: %s", pf, err)
+        return out, errors
 
     def _free_vfs(self) -> list[tuple[str, str]]:
         stamp, vfs = self._free
         now = time.monotonic()
         if now - stamp >= self.rescan_seconds:
-            vfs = list_sriov_vfs(self.sysfs)
+            vfs = list_sriov_vfs(self.fs)
             self._free = (now, vfs)
         return vfs
 
@@ -373,3 +312,5 @@ class SriovSource:
         close = getattr(self.netlink, "close", None)
         if close:
             close()
+
+

@@ -18,7 +18,7 @@ counter the driver does not give is absent, never a zero.
 The netlink part is split in two so tests can feed it messages: a transport
 (`RtnlGetlink`, a callable pf-name -> reply bytes, on a socket opened once in
 the host netns) and a pure decoder (`parse_getlink_reply`). The decoder is a
-few struct reads rather than pyroute2: it runs at every scrape, one message
+few struct reads (collector/vfinfo.py) rather than pyroute2: it runs at every scrape, one message
 per PF, and tests check it against pyroute2-encoded messages.
 """
 from __future__ import annotations
@@ -28,9 +28,12 @@ import os
 import socket
 import struct
 import threading
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
+from collector import vfinfo
 from collector.nsenter import in_netns
+from collector.sysfs_safe import SysfsError, as_sysfs
 
 INTEL, MELLANOX, NETLINK, NONE = "sysfs-intel", "sysfs-mellanox", "netlink", "none"
 DEFAULT_READERS = (INTEL, MELLANOX, NETLINK)
@@ -48,45 +51,64 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
     "tx_errors": ("planewatch_vf_transmit_errors_total", "Transmit errors of the SR-IOV VF (Intel sysfs only)."),
     "tx_spoofed": ("planewatch_vf_transmit_spoofed_packets_total",
                    "Packets the SR-IOV VF sent with a spoofed source, dropped by the PF (Intel sysfs only)."),
+    "tx_broadcast": ("planewatch_vf_transmit_broadcast_packets_total",
+                     "Broadcast packets transmitted by the SR-IOV VF (Mellanox OFED sysfs only)."),
+    "tx_multicast": ("planewatch_vf_transmit_multicast_packets_total",
+                     "Multicast packets transmitted by the SR-IOV VF (Mellanox OFED sysfs only)."),
 }
 
 # ---------------------------------------------------------------- sysfs
 
 
-def intel_stats_files(stats_dir: str) -> tuple[str, ...] | None:
+@dataclass
+class Reading:
+    """One VF's counters from sysfs, and the files that failed (file -> reason).
+
+    A failed file costs that counter (Intel: one file per counter) or that VF's
+    counters (Mellanox: one file), never a neighbour's.
+    """
+
+    values: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def intel_stats_files(stats_dir: str, fs=None) -> tuple[str, ...] | None:
     """The counters this driver gives as files, listed once at resolution."""
-    try:
-        names = set(os.listdir(stats_dir))
-    except (FileNotFoundError, NotADirectoryError):
+    fs = as_sysfs(fs if fs is not None else _root_of(stats_dir))
+    names = fs.listdir(stats_dir)
+    if names is None:
         return None
     return tuple(name for name in COUNTERS if name in names)
 
 
-def read_intel_stats(stats_dir: str, names: tuple[str, ...] = tuple(COUNTERS)) -> dict[str, int] | None:
+def read_intel_stats(stats_dir: str, names: tuple[str, ...] = tuple(COUNTERS), fs=None,
+                     real_dir: str = "") -> Reading | None:
     """Counters from a per-file stats directory; None when the directory is gone.
 
-    Raw os.open/os.read: about 3x cheaper than open() per file, and a scrape
-    reads 8 files per VF.
+    `real_dir`: the directory as `Sysfs.resolve` gave it when the VF was
+    resolved, so a scrape does one lstat per file, not a realpath walk each.
     """
-    out: dict[str, int] = {}
+    fs = as_sysfs(fs if fs is not None else _root_of(stats_dir))
+    out = Reading()
+    try:
+        real_dir = real_dir or fs.resolve(stats_dir)
+    except SysfsError as err:
+        return Reading(errors={"stats": err.reason})
     for name in names:
         try:
-            fd = os.open(os.path.join(stats_dir, name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not os.path.isdir(stats_dir):
+            raw = fs.read_at(real_dir, name, limit=64)
+        except SysfsError as err:
+            out.errors[f"stats/{name}"] = err.reason
+            continue
+        if raw is None:
+            if fs.kind(stats_dir) != "dir":
                 return None
             continue            # this driver does not give that counter
-        except NotADirectoryError:
-            return None
-        try:
-            raw = os.read(fd, 64)
-        except IsADirectoryError:
-            continue
-        finally:
-            os.close(fd)
         value = _parse_int(raw)
-        if value is not None:
-            out[name] = value
+        if value is None:
+            out.errors[f"stats/{name}"] = "invalid_value"
+        else:
+            out.values[name] = value
     return out
 
 
@@ -104,19 +126,24 @@ def parse_mellanox_stats(text: str) -> dict[str, int]:
     return out
 
 
-def read_mellanox_stats(path: str) -> dict[str, int] | None:
+def read_mellanox_stats(path: str, fs=None, real_dir: str = "") -> Reading | None:
     """Counters from the single stats file; None when the file is gone."""
+    fs = as_sysfs(fs if fs is not None else _root_of(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+        raw = fs.read_at(real_dir, os.path.basename(path)) if real_dir else fs.read(path)
+    except SysfsError as err:
+        return Reading(errors={"stats": err.reason})
+    if raw is None:
         return None
-    try:
-        raw = os.read(fd, 8192)
-    except IsADirectoryError:
-        return None
-    finally:
-        os.close(fd)
-    return parse_mellanox_stats(raw.decode("ascii", "replace"))
+    return Reading(parse_mellanox_stats(raw.decode("ascii", "replace")))
+
+
+def _root_of(path: str) -> str:
+    """The sysfs root a bare `<root>/bus/pci/devices/...` or `<root>/devices/...` path lives in."""
+    for marker in ("/bus/pci/devices/", "/devices/"):
+        if marker in path:
+            return path.split(marker, 1)[0] or "/"
+    return "/"
 
 
 def _parse_int(raw: bytes) -> int | None:
@@ -132,20 +159,15 @@ NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 RTM_NEWLINK, RTM_GETLINK = 16, 18
-IFLA_IFNAME, IFLA_EXT_MASK, IFLA_VFINFO_LIST = 3, 29, 22
-IFLA_VF_INFO = 1
-IFLA_VF_MAC, IFLA_VF_STATS = 1, 8    # include/uapi/linux/if_link.h enum
+IFLA_IFNAME, IFLA_EXT_MASK = 3, 29
 RTEXT_FILTER_VF = 1
-
-# IFLA_VF_STATS_* (include/uapi/linux/if_link.h); 6 is IFLA_VF_STATS_PAD.
-VF_STATS_ATTRS = {0: "rx_packets", 1: "tx_packets", 2: "rx_bytes", 3: "tx_bytes",
-                  4: "rx_broadcast", 5: "rx_multicast", 7: "rx_dropped", 8: "tx_dropped"}
+IFLA_VFINFO_LIST, IFLA_VF_INFO, IFLA_VF_STATS = vfinfo.IFLA_VFINFO_LIST, vfinfo.IFLA_VF_INFO, vfinfo.IFLA_VF_STATS
+VF_STATS_ATTRS = vfinfo.VF_STATS_ATTRS
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
 _ERRNO = struct.Struct("=i")
 
 RECV_BUF = 1 << 20      # a PF with 128 VFs answers with ~60 KB
@@ -153,16 +175,6 @@ RECV_BUF = 1 << 20      # a PF with 128 VFs answers with ~60 KB
 
 class PfNotFound(LookupError):
     """The PF netdev is not in the queried network namespace."""
-
-
-def _attrs(buf, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, value_start, value_end) of each rtattr in buf[start:end]."""
-    while start + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(buf, start)
-        if length < _RTATTR.size or start + length > end:
-            return
-        yield kind & 0x3FFF, start + _RTATTR.size, start + length
-        start += (length + 3) & ~3
 
 
 def build_getlink_request(pf: str, seq: int) -> bytes:
@@ -178,8 +190,8 @@ def _rtattr(kind: int, payload: bytes) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def parse_getlink_reply(buf: bytes) -> dict[int, dict[str, int]]:
-    """VF index -> counters from the reply to `build_getlink_request`.
+def parse_getlink_vfs(buf: bytes) -> dict[int, vfinfo.VfInfo]:
+    """VF index -> configuration and counters, from the reply to `build_getlink_request`.
 
     Raises PfNotFound for ENODEV and OSError for any other netlink error.
     A link without VFs (or a driver without SR-IOV) gives {}.
@@ -196,38 +208,14 @@ def parse_getlink_reply(buf: bytes) -> dict[int, dict[str, int]]:
             if code:
                 raise OSError(code, os.strerror(code))
         elif mtype == RTM_NEWLINK:
-            return parse_vfinfo(buf, off + _NLMSGHDR.size + _IFINFOMSG.size, off + length)
+            return vfinfo.parse_link_vfs(buf, off + _NLMSGHDR.size + _IFINFOMSG.size, off + length)
         off += (length + 3) & ~3
     raise OSError(errno.EBADMSG, "no RTM_NEWLINK in reply")
 
 
-def parse_vfinfo(buf, start: int, end: int) -> dict[int, dict[str, int]]:
-    """Decode IFLA_VFINFO_LIST among the link attributes in buf[start:end]."""
-    out: dict[int, dict[str, int]] = {}
-    for kind, vs, ve in _attrs(buf, start, end):
-        if kind != IFLA_VFINFO_LIST:
-            continue
-        for position, (info, is_, ie) in enumerate(_attrs(buf, vs, ve)):
-            if info != IFLA_VF_INFO:
-                continue
-            index, stats = position, None
-            for sub, ss, se in _attrs(buf, is_, ie):
-                if sub == IFLA_VF_MAC and se - ss >= 4:
-                    index = _U32.unpack_from(buf, ss)[0]
-                elif sub == IFLA_VF_STATS:
-                    stats = _vf_stats(buf, ss, se)
-            if stats is not None:
-                out[index] = stats
-    return out
-
-
-def _vf_stats(buf, start: int, end: int) -> dict[str, int]:
-    stats: dict[str, int] = {}
-    for kind, vs, ve in _attrs(buf, start, end):
-        name = VF_STATS_ATTRS.get(kind)
-        if name and ve - vs >= _U64.size:
-            stats[name] = _U64.unpack_from(buf, vs)[0]
-    return stats
+def parse_getlink_reply(buf: bytes) -> dict[int, dict[str, int]]:
+    """VF index -> counters (VFs whose reply carries IFLA_VF_STATS)."""
+    return {i: info.stats for i, info in parse_getlink_vfs(buf).items() if info.stats is not None}
 
 
 class RtnlGetlink:
@@ -291,6 +279,9 @@ class NetlinkVfStats:
 
     def __init__(self, transport: Callable[[str], bytes]):
         self.transport = transport
+
+    def vf_info(self, pf: str) -> dict[int, vfinfo.VfInfo]:
+        return parse_getlink_vfs(self.transport(pf))
 
     def vf_stats(self, pf: str) -> dict[int, dict[str, int]]:
         return parse_getlink_reply(self.transport(pf))

@@ -26,10 +26,11 @@ import shutil
 from dataclasses import dataclass, field
 
 from collector.sriov_readers import COUNTERS, INTEL, MELLANOX, NETLINK
+from lab.rdma_fixture import IbPort, write_ib_device
 
 INTEL_FILES = ("rx_bytes", "rx_dropped", "rx_packets", "tx_bytes", "tx_dropped",
                "tx_packets", "tx_spoofed", "tx_errors")
-# mlx5 sriov_sysfs.c stats_show order; tx_broadcast/tx_multicast have no planewatch metric.
+# mlx5 sriov_sysfs.c stats_show order: all 10 lines, each a planewatch metric.
 MELLANOX_KEYS = ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes", "rx_broadcast",
                  "rx_multicast", "tx_broadcast", "tx_multicast", "rx_dropped")
 NETLINK_KEYS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_broadcast", "rx_multicast",
@@ -44,6 +45,7 @@ class VfSpec:
     driver: str = ""          # "" = unbound
     netdev: str = ""          # the VF's netdev in the host netns (a free kernel-bound VF)
     seed: int = 1             # makes every counter of every VF distinct
+    rdma: str = ""            # IB device the VF owns (mlx5 VFs), written by lab/rdma_fixture.py
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ LAB_LAYOUT = (
            vfs=(VfSpec("0000:3b:02.0", "iavf", seed=1), VfSpec("0000:3b:02.1", "vfio-pci", seed=2))),
     PfSpec("0000:5e:00.0", "pci0000:5d/0000:5d:00.0", "ens2f0np0", "mlx5_core", "mellanox",
            "0x15b3", "0x1017", "0x1018", numa_node=1, phys_port_name="p0",
-           vfs=(VfSpec("0000:5e:00.2", "mlx5_core", seed=3),)),
+           vfs=(VfSpec("0000:5e:00.2", "mlx5_core", seed=3, rdma="mlx5_2"),)),
 )
 
 TEST_LAYOUT = (
@@ -89,7 +91,7 @@ TEST_LAYOUT = (
     PfSpec("0000:5e:00.0", "pci0000:5d/0000:5d:00.0", "ens2f0np0", "mlx5_core", "mellanox",
            "0x15b3", "0x1017", "0x1018", numa_node=1, phys_port_name="p0",
            representors=(("ens2f0_0", "pf0vf0"), ("ens2f0_1", "pf0vf1")),
-           vfs=(VfSpec("0000:5e:00.2", "mlx5_core", seed=4), VfSpec("0000:5e:00.3", "vfio-pci", seed=5))),
+           vfs=(VfSpec("0000:5e:00.2", "mlx5_core", seed=4, rdma="mlx5_2"), VfSpec("0000:5e:00.3", "vfio-pci", seed=5))),
     PfSpec("0000:af:00.0", "pci0000:ae/0000:ae:00.0", "ens3f0", "ice", "netlink",
            "0x8086", "0x159b", "0x1889", numa_node=-1,
            vfs=(VfSpec("0000:af:01.0", "iavf", seed=6), VfSpec("0000:af:01.1", "vfio-pci", seed=7),
@@ -134,6 +136,7 @@ class _Writer:
         nd = f"{base}/net/{name}"
         self.file(f"{nd}/ifindex", f"{self.ifindex}\n")
         self.file(f"{nd}/address", f"02:00:00:00:{self.ifindex // 256:02x}:{self.ifindex % 256:02x}\n")
+        self.file(f"{nd}/carrier_changes", f"{self.ifindex * 2 + 1}\n")
         if phys_port_name:
             self.file(f"{nd}/phys_port_name", phys_port_name + "\n")
         # the kernel's link goes up to the common ancestor's parent: ../../../<pf>
@@ -171,12 +174,14 @@ def write_tree(root: str, layout=TEST_LAYOUT) -> dict:
                 w.netdev(base, vf.address, vf.netdev)
             counters = counters_for(vf, pf.layout)
             _write_stats(w, pf_base, pf, index, counters)
+            rdma = write_ib_device(root, base, vf.rdma, (IbPort(seed=vf.seed),)) if vf.rdma else None
             vfs.append({
                 "pci_address": vf.address, "pf_pci_address": pf.address, "pf": pf.netdev,
                 "vf": index, "driver": vf.driver, "host_netdev": vf.netdev,
+                "carrier_changes": w.ifindex * 2 + 1 if vf.netdev else None,
                 "numa_node": "" if pf.numa_node < 0 else str(pf.numa_node),
                 "reader": LAYOUT_READER[pf.layout], "counters": counters,
-                "metrics": expected_metrics(counters),
+                "metrics": expected_metrics(counters), "rdma": rdma,
             })
     return {"sysfs": root, "vfs": vfs}
 

@@ -231,6 +231,29 @@ def _synthetic_exposition(step: int) -> str:
     add("planewatch_vf_receive_multicast_packets_total", vf, step)
     add("planewatch_vf_transmit_errors_total", vf, step)
     add("planewatch_vf_transmit_spoofed_packets_total", vf, step)
+    add("planewatch_vf_config_info", {**vf, "mac": "02:00:00:00:00:03", "vlan": "300", "qos": "0",
+                                      "vlan_protocol": "802.1Q", "spoof_check": "on", "trust": "off",
+                                      "link_state": "auto"}, 1)
+    add("planewatch_vf_read_errors_total", {**vf, "pf": "ens1f0", "vf": "3", "file": "stats/tx_spoofed",
+                                            "reason": "EINVAL"}, step)
+    add("planewatch_vf_attachment_refused", {**vf, "pod": "evil-c", "field": "pci-address",
+                                             "reason": "invalid_format"}, 1)
+    for ident in ({**vf, "interface": "net2"}, {**vf, "network": "telco/signaling", "interface": "net1",
+                                                 "plane": "signaling"}):
+        add("planewatch_interface_carrier_changes_total", ident, step // 10)
+    ib = {"namespace": "telco", "pod": "upf-a", "network": "telco/storage", "interface": "net3",
+          "plane": "storage", "port": "1"}
+    add("planewatch_rdma_port_info", {**ib, "device": "mlx5_3", "pci_address": "0000:5e:00.3",
+                                      "link_layer": "InfiniBand"}, 1)
+    add("planewatch_rdma_port_state_id", ib, 4)
+    for d in ("receive", "transmit"):
+        add(f"planewatch_rdma_port_{d}_bytes_total", ib, 4_000_000 * step)
+    add("planewatch_rdma_port_symbol_errors_total", ib, step)
+    add("planewatch_rdma_port_link_downed_total", ib, step // 30)
+    add("planewatch_rdma_port_hw_events_total", {**ib, "stat": "out_of_sequence"}, 3 * step)
+    add("planewatch_rdma_port_hw_events_total", {**ib, "stat": "roce_adp_retrans"}, step)
+    add("planewatch_rdma_read_errors_total", {**ib, "device": "mlx5_3", "file": "counters/port_xmit_wait",
+                                              "reason": "EOPNOTSUPP"}, step)
     sig = {"namespace": "telco", "pod": "upf-a", "network": "telco/signaling", "interface": "net1",
            "plane": "signaling"}
     add("planewatch_asymmetric_packets_total", {**sig, "ingress_interface": "net1", "egress_interface": "eth0"},

@@ -52,7 +52,15 @@ CONTRACT_METRICS = frozenset(
        "planewatch_pod_network_attachment_missing", "planewatch_network_info",
        "planewatch_pod_ip_info", "planewatch_ebpf_up", "planewatch_annotation_errors_total",
        "planewatch_scrape_collector_success", "planewatch_scrape_collector_duration_seconds",
-       "planewatch_build_info"])
+       "planewatch_build_info",
+       # issues 12/13/15: VF configuration, link flaps, RDMA ports, device read health
+       "planewatch_interface_carrier_changes_total", "planewatch_vf_config_info",
+       "planewatch_vf_min_transmit_rate_bytes_per_second", "planewatch_vf_max_transmit_rate_bytes_per_second",
+       "planewatch_vf_read_errors_total", "planewatch_vf_attachment_refused",
+       "planewatch_rdma_port_state_id", "planewatch_rdma_port_link_downed_total",
+       "planewatch_rdma_port_receive_bytes_total", "planewatch_rdma_port_transmit_bytes_total",
+       "planewatch_rdma_port_symbol_errors_total", "planewatch_rdma_port_hw_events_total",
+       "planewatch_rdma_read_errors_total", "planewatch_rdma_attachment_refused"])
 
 IDENTITY_LABELS = {"namespace", "pod", "network", "interface", "plane", "node"}
 

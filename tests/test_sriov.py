@@ -15,6 +15,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from collector import sriov, sriov_readers as readers
 from collector.model import Attachment, DeviceInfo, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Paths, Snapshot
+from collector.sysfs_safe import Sysfs
 from exporters.exposition import render
 from lab import sriov_fixture
 
@@ -213,7 +214,7 @@ def test_pf_netdev_skips_switchdev_representors():
 @pytest.mark.parametrize("text, want", [
     ("tx_packets    : 12\nrx_bytes      : 34\n", {"tx_packets": 12, "rx_bytes": 34}),
     ("rx_broadcast:5\nrx_multicast :  6 \n", {"rx_broadcast": 5, "rx_multicast": 6}),
-    ("tx_broadcast  : 7\ntx_multicast  : 8\n", {}),                       # no planewatch metric
+    ("tx_broadcast  : 7\ntx_multicast  : 8\n", {"tx_broadcast": 7, "tx_multicast": 8}),
     ("rx_dropped : 18446744073709551615\n", {"rx_dropped": 2**64 - 1}),
     ("rx_packets : n/a\ngarbage line\n: 3\nrx_bytes : -1\ntx_bytes : 9", {"tx_bytes": 9}),
     ("", {}),
@@ -223,15 +224,18 @@ def test_parse_mellanox_stats(text, want):
 
 
 def test_intel_reader_gives_only_the_files_there(tmp_path):
-    stats = tmp_path / "stats"
-    stats.mkdir()
+    fs = Sysfs(str(tmp_path))
+    stats = tmp_path / "devices" / "pci0000:00" / "0000:00:01.0" / "sriov" / "0" / "stats"
+    stats.mkdir(parents=True)
     (stats / "rx_bytes").write_text("100\n")
     (stats / "tx_errors").write_text("3\n")
     (stats / "tx_spoofed").write_text("bogus\n")
     (stats / "rx_unknown_protocol").write_text("5\n")
-    assert readers.read_intel_stats(str(stats)) == {"rx_bytes": 100, "tx_errors": 3}
-    assert readers.read_intel_stats(str(tmp_path / "gone")) is None
-    assert readers.read_mellanox_stats(str(tmp_path / "gone")) is None
+    got = readers.read_intel_stats(str(stats), fs=fs)
+    assert got.values == {"rx_bytes": 100, "tx_errors": 3}
+    assert got.errors == {"stats/tx_spoofed": "invalid_value"}      # a value that is no count is said so
+    assert readers.read_intel_stats(str(stats.parent / "gone"), fs=fs) is None
+    assert readers.read_mellanox_stats(str(stats.parent / "gone"), fs=fs) is None
 
 # ---------------------------------------------------------------- netlink
 
@@ -331,7 +335,8 @@ def test_every_vf_value_in_metrics_equals_the_fixture(expected):
         assert info_of(scraped, vf["pci_address"]) == dict(
             labels, pf=vf["pf"], vf=str(vf["vf"]), pci_address=vf["pci_address"], driver=vf["driver"],
             numa_node=vf["numa_node"], reader=vf["reader"])
-    assert sorted(transport.queries) == ["ens3f0"]      # one netlink request per PF per scrape
+    # one netlink request per PF with a netdev per scrape: counters for ens3f0, VF configuration for all
+    assert sorted(transport.queries) == ["ens1f0", "ens2f0np0", "ens3f0"]
     # what the drivers give, seen through /metrics
     assert series(scraped, "planewatch_vf_transmit_spoofed_packets_total", pod="p0")
     assert series(scraped, "planewatch_vf_receive_broadcast_packets_total", pod="p3")
@@ -507,3 +512,13 @@ def test_collect_over_64_vfs_is_cheap(tmp_path):
     assert len(info) == 64 and len(first) == len(fams)
     print(f"\n64 VFs: cold collect {cold * 1e3:.2f} ms, warm median {warm * 1e3:.2f} ms")
     assert warm < 0.05
+
+
+def test_free_vf_with_a_host_netdev_counts_its_carrier_changes(expected):
+    """A VF whose netdev sits in the host netns: its sysfs carrier_changes; others have none."""
+    with_netdev = [vf for vf in expected["vfs"] if vf["host_netdev"]]
+    assert with_netdev, "the test layout has a VF with a host netdev"
+    source = make_source(FIXTURE, transport_for(expected), sriov_all_vfs=True)
+    scraped = scrape(source, Snapshot(()))
+    got = {dict(k)["interface"]: v for k, v in scraped["planewatch_vf_carrier_changes_total"].items()}
+    assert got == {vf["pci_address"]: vf["carrier_changes"] for vf in with_netdev}
