@@ -38,6 +38,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collector.sriov.host-netns", dest="sriov_host_netns", default=None,
                    help="netns of the PFs for the netlink VF reader (default <procfs>/1/ns/net; "
                         "\"\" = the collector's own, e.g. with hostNetwork)")
+    from collector.budgets import add_budget_flags
+    add_budget_flags(p)
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "error"])
     for name, spec in sorted(sources.items()):
@@ -80,8 +82,10 @@ def build_server(args):
     from exporters.http import Server
     from exporters.metrics import Scraper
 
+    from collector.budgets import budgets_from_args
     plane_map = PlaneMap.load(args.plane_map) if args.plane_map else PlaneMap()
-    store = Store(args.node_name, plane_map)
+    budgets = budgets_from_args(args)
+    store = Store(args.node_name, plane_map, budgets)
     feeds = []
     if args.pods_file:
         from collector.podsfile import PodsFile
@@ -96,7 +100,7 @@ def build_server(args):
             sources[name] = spec.factory(config)
     middlewares, ssl_context = web_security(args.web_config)
     ebpf = sources.get("ebpf")
-    server = Server(Scraper(store, Resolver(args.netns, args.procfs), sources, __version__),
+    server = Server(Scraper(store, Resolver(args.netns, args.procfs, budgets=budgets), sources, __version__),
                     middlewares=middlewares,
                     asymmetric_flows=getattr(ebpf, "top_asymmetric_flows", None))
     return server, feeds, ssl_context
