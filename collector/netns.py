@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from collector.budgets import Budgets
 from collector.cgroups import scan_pod_netns
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.rtnl import LinkEvents, LinkStats, RtnlSocket
+from collector.rtnl import CUT_TIME, LinkEvents, LinkStats, RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ SHORT_REASONS = (SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED)
 # Above this many links more than the ones wanted, counters are asked for per
 # interface rather than by one dump of the whole namespace.
 STATS_DUMP_SLACK = 16
+# A namespace over its budgets is re-read on link events at most this often:
+# each read costs the full time budget and still shows only part of it.
+CUT_BACKOFF = 30.0
 
 
 @dataclass
@@ -72,18 +75,16 @@ class Namespace:
         deadline = started + self.budgets.netns_refresh_seconds
         short: dict[str, int] = {}
         try:
-            links, complete = self.rtnl.links_bounded(self.budgets.netns_links, deadline)
-            if not complete:
-                short[SHORT_TIME if time.monotonic() > deadline else SHORT_LINKS] = 1
+            links, why = self.rtnl.links_bounded(self.budgets.netns_links, deadline)
+            if why:
+                short[SHORT_TIME if why == CUT_TIME else SHORT_LINKS] = 1
                 self._reopen()
             addresses: list = []
-            if time.monotonic() <= deadline:
-                addresses, complete = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
-                if not complete:
-                    short[SHORT_TIME if time.monotonic() > deadline else SHORT_ADDRESSES] = 1
+            if why != CUT_TIME:
+                addresses, why = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
+                if why:
+                    short[SHORT_TIME if why == CUT_TIME else SHORT_ADDRESSES] = 1
                     self._reopen()
-            else:
-                short[SHORT_TIME] = 1
         finally:
             self.cost = time.monotonic() - started
         self.links = links
@@ -116,8 +117,10 @@ class Namespace:
         return self.pending
 
     def backoff(self) -> float:
-        """Least time between two event-driven refreshes."""
-        return self.cost / self.budgets.netns_refresh_share
+        """Least time between two event-driven refreshes: the refresh share, and for
+        a namespace already over its budgets (read only in part) CUT_BACKOFF."""
+        floor = CUT_BACKOFF if self.short.keys() - {SHORT_DEFERRED} else 0.0
+        return max(floor, self.cost / self.budgets.netns_refresh_share)
 
     def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
         if self.short or len(self.links) > len(ifindexes) + STATS_DUMP_SLACK:

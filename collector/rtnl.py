@@ -48,6 +48,8 @@ _STATS8 = struct.Struct("=8Q")
 _U32 = struct.Struct("=I")
 
 RECV_BUF = 1 << 20
+# Why a bounded dump stopped early.
+CUT_LIMIT, CUT_TIME = "limit", "time"
 
 
 class NetlinkError(OSError):
@@ -207,17 +209,15 @@ class RtnlSocket:
         return [parse_link(buf, s, e) for buf, s, e in self._dump(RTM_GETLINK, RTM_NEWLINK,
                                                                _IFINFOMSG.pack(0, 0, 0, 0, 0))]
 
-    def links_bounded(self, limit: int, deadline: float) -> tuple[list[LinkStats], bool]:
-        """At most `limit` links, read until `deadline` (time.monotonic): (links,
-        complete). An incomplete dump leaves the socket unusable: reopen it."""
-        msgs, complete = self._dump_bounded(RTM_GETLINK, RTM_NEWLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0),
-                                            limit, deadline)
-        return [parse_link(buf, s, e) for buf, s, e in msgs], complete
+    def links_bounded(self, limit: int, deadline: float) -> tuple[list[LinkStats], str]:
+        """At most `limit` links, read and decoded until `deadline` (time.monotonic):
+        (links, "" | CUT_LIMIT | CUT_TIME). A cut dump leaves the socket busy: reopen it."""
+        return self._dump_bounded(RTM_GETLINK, RTM_NEWLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0),
+                                  parse_link, limit, deadline)
 
-    def addresses_bounded(self, limit: int, deadline: float) -> tuple[list[tuple[int, str, int]], bool]:
-        msgs, complete = self._dump_bounded(RTM_GETADDR, RTM_NEWADDR, _IFADDRMSG.pack(0, 0, 0, 0, 0),
-                                            limit, deadline)
-        return [parse_addr(buf, s, e) for buf, s, e in msgs], complete
+    def addresses_bounded(self, limit: int, deadline: float) -> tuple[list[tuple[int, str, int]], str]:
+        return self._dump_bounded(RTM_GETADDR, RTM_NEWADDR, _IFADDRMSG.pack(0, 0, 0, 0, 0),
+                                  parse_addr, limit, deadline)
 
     def link_by_name(self, name: str) -> LinkStats | None:
         """One link by name (RTM_GETLINK with IFLA_IFNAME, no dump); None when absent."""
@@ -264,19 +264,21 @@ class RtnlSocket:
         return [parse_addr(buf, s, e) for buf, s, e in self._dump(RTM_GETADDR, RTM_NEWADDR,
                                                                _IFADDRMSG.pack(0, 0, 0, 0, 0))]
 
-    def _dump_bounded(self, request: int, reply: int, body: bytes, limit: int, deadline: float):
+    def _dump_bounded(self, request: int, reply: int, body: bytes, parse, limit: int, deadline: float):
         for _ in range(3):
             out: list = []
             try:
-                for item in self._dump_iter(request, reply, body):
-                    if len(out) >= limit or time.monotonic() > deadline:
-                        return out, False
-                    out.append(item)
-                return out, True
+                for buf, start, end in self._dump_iter(request, reply, body):
+                    if len(out) >= limit:
+                        return out, CUT_LIMIT
+                    if time.monotonic() > deadline:
+                        return out, CUT_TIME
+                    out.append(parse(buf, start, end))
+                return out, ""
             except NetlinkError as err:
                 if err.errno != errno.EINTR:        # dump interrupted by a change: start over
                     raise
-        return out, False
+        return out, CUT_TIME
 
     def _dump_iter(self, request: int, reply: int, body: bytes):
         """The messages of one dump as they arrive (the kernel fills the dump as it
