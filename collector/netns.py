@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from collector.budgets import Budgets
 from collector.cgroups import scan_pod_netns
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.rtnl import CUT_TIME, LinkEvents, LinkStats, RtnlSocket
+from collector.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Namespace:
                 short[SHORT_TIME if why == CUT_TIME else SHORT_LINKS] = 1
                 self._reopen()
             addresses: list = []
-            if why != CUT_TIME:
+            if why != CUT_TIME:         # (a small table may still be read past the deadline)
                 addresses, why = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
                 if why:
                     short[SHORT_TIME if why == CUT_TIME else SHORT_ADDRESSES] = 1
@@ -117,10 +117,15 @@ class Namespace:
         return self.pending
 
     def backoff(self) -> float:
-        """Least time between two event-driven refreshes: the refresh share, and for
-        a namespace already over its budgets (read only in part) CUT_BACKOFF."""
-        floor = CUT_BACKOFF if self.short.keys() - {SHORT_DEFERRED} else 0.0
-        return max(floor, self.cost / self.budgets.netns_refresh_share)
+        """Least time between two event-driven refreshes: the refresh share for a
+        large namespace, at least CUT_BACKOFF for one over its budgets."""
+        if self.short.keys() - {SHORT_DEFERRED}:
+            return max(CUT_BACKOFF, self.cost / self.budgets.netns_refresh_share)
+        # A small namespace is never held back: its refresh was slow only if the
+        # machine was (and a pod's flap must show at the next scrape).
+        if len(self.links) + len(self.addresses) <= TIME_CUT_AFTER:
+            return 0.0
+        return self.cost / self.budgets.netns_refresh_share
 
     def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
         if self.short or len(self.links) > len(ifindexes) + STATS_DUMP_SLACK:

@@ -24,11 +24,12 @@ EXTRA = os.path.join(HERE, "fixtures", "golden", "extra-objects.yaml")
 PREFIX = "pwgold"
 
 HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
-          "# Normalised: values of kernel traffic counters are zeroed, scrape durations and\n"
+          "# Normalised: values of kernel traffic (and flow) counters are zeroed, scrape durations and\n"
           "# the (traffic-dependent) drop-reason and asymmetric-flow series are removed.\n")
 DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet_drops_total|"
                          r"asymmetric_packets_total)\{")
-ZERO_VALUE = re.compile(r"^(planewatch_(interface|ebpf_interface)_(receive|transmit)_[a-z]+_total\{.*\}) \S+$")
+ZERO_VALUE = re.compile(r"^(planewatch_((interface|ebpf_interface)_(receive|transmit)_[a-z]+|ebpf_flows_[a-z]+)_total"
+                        r"\{.*\}) \S+$")
 
 
 def normalise(text: str) -> str:
