@@ -31,7 +31,7 @@ class StoreView:
     networks: Mapping[str, Network]
     annotation_errors: Mapping[str, int]
     version: int
-    budget_cuts: Mapping[str, Mapping[str, int]] = None   # pod uid -> reason -> items left out
+    budget_cuts: Mapping[str, Mapping[str, int]] | None = None   # pod uid -> reason -> items left out
 
 
 class Store:

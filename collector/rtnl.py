@@ -224,7 +224,10 @@ class RtnlSocket:
 
     def link_by_name(self, name: str) -> LinkStats | None:
         """One link by name (RTM_GETLINK with IFLA_IFNAME, no dump); None when absent."""
-        raw = name.encode()[:15] + b"\0"
+        raw = name.encode()
+        if not raw or len(raw) > 15 or b"\0" in raw:     # no such interface name can exist (IFNAMSIZ)
+            return None
+        raw += b"\0"
         attr = _RTATTR.pack(4 + len(raw), IFLA_IFNAME) + raw + b"\0" * (-len(raw) % 4)
         for _, buf, s, e in self._requests(RTM_GETLINK, RTM_NEWLINK, [_IFINFOMSG.pack(0, 0, 0, 0, 0) + attr]):
             return parse_link(buf, s, e)
