@@ -79,3 +79,15 @@ def test_select_networks_keeps_in_use_and_shares_the_total_fairly():
     assert len([k for k in chosen if k.startswith("evil/")]) == 28
     assert cut == {"evil": 499 - 27, "b": 13}
     assert chosen == sorted(chosen)
+
+
+def test_flags_build_budgets_and_refuse_nonsense():
+    import argparse
+    from collector.budgets import add_budget_flags, budgets_from_args
+    p = argparse.ArgumentParser()
+    add_budget_flags(p)
+    assert budgets_from_args(p.parse_args([])) == Budgets()
+    got = budgets_from_args(p.parse_args(["--budget.pod-attachments", "4", "--budget.netns-refresh-time", "0.2"]))
+    assert (got.pod_attachments, got.netns_refresh_seconds) == (4, 0.2)
+    with pytest.raises(ValueError, match="pod-attachments"):
+        budgets_from_args(p.parse_args(["--budget.pod-attachments", "0"]))
