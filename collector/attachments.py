@@ -10,6 +10,7 @@ import ipaddress
 from functools import lru_cache
 
 from collector.annotations import ERROR_REASONS
+from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
@@ -50,8 +51,21 @@ class AttachmentsSource:
         resolved = Family("planewatch_pod_netns_resolved", GAUGE,
                           "1 when the pod's network namespace was found on this node, 0 when not (yet).",
                           ("namespace", "pod"))
+        cut = Family("planewatch_pod_budget_cut", GAUGE,
+                     "Items of a pod left out of the metrics by a budget (attachments, IPs, ...), by reason.",
+                     ("namespace", "pod", "reason"))
+        short = Family("planewatch_pod_netns_cut_short", GAUGE,
+                       "1 when the pod's netns was read only in part (links, addresses or time budget "
+                       "spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
+                       ("namespace", "pod", "reason"))
+        pool = snapshot.netns
         for view in snapshot.pods:
             pod = view.pod
+            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            for reason in sorted(getattr(ns, "short", None) or ()):
+                short.add((pod.namespace, pod.name, reason), 1)
+            for reason, n in sorted((snapshot.budget_cuts.get(pod.uid) or {}).items()):
+                cut.add((pod.namespace, pod.name, reason), n)
             resolved.add((pod.namespace, pod.name), 1 if view.netns_inode else 0)
             for kind, claim in conflicts.get(pod.uid, ()):
                 identity.add((pod.namespace, pod.name, kind, claim), 1)
@@ -78,10 +92,17 @@ class AttachmentsSource:
         broken = Family("planewatch_network_config_error", GAUGE,
                         "A NetworkAttachmentDefinition whose spec.config does not parse (value 1).",
                         ("network", "reason"))
-        for key in sorted(snapshot.networks):
+        in_use = {iv.attachment.network for view in snapshot.pods for iv in view.interfaces}
+        chosen, networks_cut = select_networks(snapshot.networks, in_use, snapshot.budgets or Budgets())
+        net_cut = Family("planewatch_network_budget_cut", GAUGE,
+                         "NetworkAttachmentDefinitions of a namespace left out of planewatch_network_info "
+                         "by the NAD budget (none of them used by a pod on this node).", ("namespace",))
+        for namespace, n in sorted(networks_cut.items()):
+            net_cut.add((namespace,), n)
+        for key in chosen:
             net = snapshot.networks[key]
             nets.add((key, net.cni_type, net.master, net.ipam, net.resource_name,
                       snapshot.plane_for_network(key)), 1)
             if net.config_error:
                 broken.add((key, net.config_error), 1)
-        return [info, ips, missing, resolved, identity, errors, nets, broken]
+        return [info, ips, missing, resolved, identity, errors, nets, broken, cut, net_cut, short]

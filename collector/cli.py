@@ -45,6 +45,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="most probe packets per second, for the whole node (default 10)")
     p.add_argument("--collector.neighbours.probe-interval", dest="probe_interval", type=float, default=10.0,
                    help="seconds between two probes of one gateway (default 10)")
+    from collector.budgets import add_budget_flags
+    add_budget_flags(p)
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "error"])
     for name, spec in sorted(sources.items()):
@@ -89,8 +91,10 @@ def build_server(args):
     from exporters.http import Server
     from exporters.metrics import Scraper
 
+    from collector.budgets import budgets_from_args
     plane_map = PlaneMap.load(args.plane_map) if args.plane_map else PlaneMap()
-    store = Store(args.node_name, plane_map)
+    budgets = budgets_from_args(args)
+    store = Store(args.node_name, plane_map, budgets)
     feeds = []
     if args.pods_file:
         from collector.podsfile import PodsFile
@@ -105,7 +109,7 @@ def build_server(args):
             sources[name] = spec.factory(config)
     middlewares, ssl_context = web_security(args.web_config)
     ebpf = sources.get("ebpf")
-    server = Server(Scraper(store, Resolver(args.netns, args.procfs), sources, __version__),
+    server = Server(Scraper(store, Resolver(args.netns, args.procfs, budgets=budgets), sources, __version__),
                     middlewares=middlewares,
                     asymmetric_flows=getattr(ebpf, "top_asymmetric_flows", None))
     return server, feeds, ssl_context

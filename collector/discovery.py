@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 from collector.annotations import pod_from_object
+from collector.budgets import CUT_NODE_SERIES, Budgets, fit_node, trim_pod
 from collector.model import Network, Pod
 from collector.nad import network_from_object
 from collector.netnames import resolve_pod
@@ -31,13 +32,17 @@ class StoreView:
     networks: Mapping[str, Network]
     annotation_errors: Mapping[str, int]
     version: int
+    budget_cuts: Mapping[str, Mapping[str, int]] | None = None   # pod uid -> reason -> items left out
 
 
 class Store:
-    def __init__(self, node_name: str = "", plane_map: PlaneMap | None = None):
+    def __init__(self, node_name: str = "", plane_map: PlaneMap | None = None,
+                 budgets: Budgets | None = None):
         self.node_name = node_name
         self.plane_map = plane_map or PlaneMap()
+        self.budgets = budgets or Budgets()
         self._pods: dict[str, Pod] = {}
+        self._cuts: dict[str, dict[str, int]] = {}      # uid -> per-pod budget cuts
         self._pod_fingerprint: dict[str, tuple] = {}
         self._networks: dict[str, Network] = {}
         self._errors: collections.Counter[str] = collections.Counter()
@@ -99,11 +104,17 @@ class Store:
             # Count each malformed annotation once, not at every status update.
             self._errors.update(pod.errors)
             self._pod_fingerprint[pod.uid] = fingerprint
+        pod, cuts = trim_pod(pod, self.budgets)
+        if cuts:
+            self._cuts[pod.uid] = cuts
+        else:
+            self._cuts.pop(pod.uid, None)
         self._pods[pod.uid] = pod
         return pod.uid
 
     def _drop_pod(self, uid: str) -> None:
         self._pods.pop(uid, None)
+        self._cuts.pop(uid, None)
         self._pod_fingerprint.pop(uid, None)
 
     # --- networks
@@ -144,9 +155,16 @@ class Store:
         """The current pods with planes assigned; rebuilt only after a change."""
         with self._lock:
             if self._view is None:
-                pods = tuple(self._with_planes(p) for p in self._pods.values()
-                             if not p.host_network and p.phase not in _FINISHED)
-                self._view = StoreView(pods, dict(self._networks), dict(self._errors), self._version)
+                live = [p for p in self._pods.values() if not p.host_network and p.phase not in _FINISHED]
+                # Per-pod budgets are already applied; the node budget is applied to
+                # the set of live pods, so it never depends on arrival order.
+                fitted, shed = fit_node(live, self.budgets.node_series)
+                cuts = {p.uid: dict(self._cuts.get(p.uid, {})) for p in live
+                        if p.uid in self._cuts or p.uid in shed}
+                for uid, n in shed.items():
+                    cuts[uid][CUT_NODE_SERIES] = n
+                pods = tuple(self._with_planes(p) for p in fitted)
+                self._view = StoreView(pods, dict(self._networks), dict(self._errors), self._version, cuts)
             return self._view
 
     def _with_planes(self, pod: Pod) -> Pod:

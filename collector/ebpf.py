@@ -121,6 +121,34 @@ def status_families(reason: str, attach_mode: str, attached: int) -> list[Family
     return [up, info, count]
 
 
+def flow_families(index: Mapping[Key, InterfaceView],
+                  evictions: Mapping[tuple[int, int], tuple[int, int]]) -> list[Family]:
+    created = Family("planewatch_ebpf_flows_created_total", COUNTER,
+                     "Flows (5-tuples) the pod interface created in the flow table shared by all pods.",
+                     ATTACHMENT_LABELS)
+    evicted = Family("planewatch_ebpf_flows_evicted_total", COUNTER,
+                     "Flows the pod interface created that the shared LRU flow table evicted (by any "
+                     "pod's newer flows): asymmetric routing on them is no longer seen.", ATTACHMENT_LABELS)
+    for key, view in index.items():
+        made, gone = evictions.get(key, (0, 0))
+        created.add(view.labels, made)
+        evicted.add(view.labels, gone)
+    return [created, evicted]
+
+
+def guard_families(refused: Mapping[str, int], stale_removed: int) -> list[Family]:
+    fam = Family("planewatch_ebpf_map_refused_total", COUNTER,
+                 "Updates a full BPF map refused, by map: iface_traffic, asym_packets and packet_drops "
+                 "(counts lost in the kernel), watched (interfaces left unwatched).", ("map",))
+    for name in sorted(refused):
+        fam.add((name,), refused[name])
+    stale = Family("planewatch_ebpf_stale_filters_removed_total", COUNTER,
+                   "clsact filters of planewatch's left by a previous (crashed) collector on a pod "
+                   "interface, removed before attaching (one per hook).")
+    stale.add((), stale_removed)
+    return [fam, stale]
+
+
 def label_flow(flow: dict, index: Mapping[Key, InterfaceView]) -> dict:
     """A loader flow with pod and interface names added (when still known)."""
     inbound = index.get((flow["netns"], flow["ingress_ifindex"]))
@@ -184,6 +212,8 @@ class EbpfSource:
         families.append(drop_family(index, loader.packet_drops()))
         families.append(asymmetric_family(index, loader.asymmetric_packets()))
         families.extend(status_families(self.reason, loader.mode, len(attached)))
+        families.extend(flow_families(index, loader.flow_evictions()))
+        families.extend(guard_families(loader.map_refused(), loader.stale_filters_removed))
         return families
 
     def reconcile(self, snapshot: Snapshot) -> None:

@@ -50,7 +50,7 @@ class NetlinkSource:
             if ns is None:
                 continue
             try:
-                stats = ns.rtnl.stats64()
+                stats = ns.stats64({iv.link.ifindex for iv in view.interfaces if iv.link})
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: netns %s: %s", view.pod.key, view.netns_path, err)
                 continue

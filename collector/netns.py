@@ -30,9 +30,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from collector.budgets import Budgets
 from collector.cgroups import scan_pod_processes
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.rtnl import LinkEvents, LinkStats, RtnlSocket
+from collector.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ LINKS_TTL = 300.0          # link events keep the interface table fresh; this is
 RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
 MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
 NO_MAC = "00:00:00:00:00:00"
+
+
+# Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
+# read only in part (the budget in links, addresses or time ran out), or a
+# link change is known but its re-read deferred (refresh_deferred).
+SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED = "links", "addresses", "time", "refresh_deferred"
+SHORT_REASONS = (SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED)
+# Above this many links more than the ones wanted, counters are asked for per
+# interface rather than by one dump of the whole namespace.
+STATS_DUMP_SLACK = 16
+# A namespace over its budgets is re-read on link events at most this often:
+# each read costs the full time budget and still shows only part of it.
+CUT_BACKOFF = 30.0
 
 
 @dataclass
@@ -51,21 +65,86 @@ class Namespace:
     fd: int
     rtnl: RtnlSocket
     events: LinkEvents
+    budgets: Budgets = field(default_factory=Budgets)
     links: list[LinkStats] = field(default_factory=list)
     by_index: dict[int, LinkStats] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
     refreshed: float = 0.0
+    cost: float = 0.0                   # seconds the last refresh took
+    pending: bool = False               # a link event arrived since the last refresh
+    short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
 
     def refresh(self, now: float) -> None:
+        """Re-read links and addresses within the netns budgets (collector/budgets.py):
+        a pod holding thousands of links costs a bounded share of the scrape."""
         self.events.changed()                   # what we are about to read covers them
-        self.links = self.rtnl.links()
-        self.by_index = {l.ifindex: l for l in self.links}
-        self.addresses = {ip: idx for idx, ip, _ in self.rtnl.addresses()}
+        self.pending = False
+        started = time.monotonic()
+        deadline = started + self.budgets.netns_refresh_seconds
+        short: dict[str, int] = {}
+        try:
+            links, why = self.rtnl.links_bounded(self.budgets.netns_links, deadline)
+            if why:
+                short[SHORT_TIME if why == CUT_TIME else SHORT_LINKS] = 1
+                self._reopen()
+            addresses: list = []
+            if why != CUT_TIME:         # (a small table may still be read past the deadline)
+                addresses, why = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
+                if why:
+                    short[SHORT_TIME if why == CUT_TIME else SHORT_ADDRESSES] = 1
+                    self._reopen()
+        finally:
+            self.cost = time.monotonic() - started
+        self.links = links
+        self.by_index = {l.ifindex: l for l in links}
+        self.addresses = {ip: idx for idx, ip, _ in addresses}
+        self.short = short
         self.refreshed = now
 
+    def find_links(self, names) -> None:
+        """After a partial read, look the named interfaces up one by one (an
+        attachment of this pod must not vanish because the pod holds many links)."""
+        for name in names:
+            if name and not any(l.name == name for l in self.links):
+                link = self.rtnl.link_by_name(name)
+                if link is not None:
+                    self.links.append(link)
+                    self.by_index[link.ifindex] = link
+
     def stale(self, now: float) -> bool:
-        """Never read, a link changed since (kernel notification), or past the TTL."""
-        return not self.refreshed or self.events.changed() or now - self.refreshed > LINKS_TTL
+        """Never read, past the TTL, or a link changed since (kernel notification)
+        and the refresh share allows it now: a netns whose refreshes are costly
+        (a pod flapping one of thousands of links) is re-read less often."""
+        if self.events.changed():
+            self.pending = True
+        if not self.refreshed or now - self.refreshed > LINKS_TTL:
+            return True
+        if self.pending and now - self.refreshed < self.backoff():
+            self.short[SHORT_DEFERRED] = 1
+            return False
+        return self.pending
+
+    def backoff(self) -> float:
+        """Least time between two event-driven refreshes: the refresh share for a
+        large namespace, at least CUT_BACKOFF for one over its budgets."""
+        if self.short.keys() - {SHORT_DEFERRED}:
+            return max(CUT_BACKOFF, self.cost / self.budgets.netns_refresh_share)
+        # A small namespace is never held back: its refresh was slow only if the
+        # machine was (and a pod's flap must show at the next scrape).
+        if len(self.links) + len(self.addresses) <= TIME_CUT_AFTER:
+            return 0.0
+        return self.cost / self.budgets.netns_refresh_share
+
+    def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
+        if self.short or len(self.links) > len(ifindexes) + STATS_DUMP_SLACK:
+            return self.rtnl.stats64_of(sorted(ifindexes))
+        return self.rtnl.stats64()
+
+    def _reopen(self) -> None:
+        """A dump stopped half-way keeps the socket busy: replace it."""
+        fresh = RtnlSocket.open(self.fd)
+        self.rtnl.close()
+        self.rtnl = fresh
 
     def close(self) -> None:
         self.events.close()
@@ -77,7 +156,8 @@ class NetnsPool:
     """Namespaces kept open across scrapes, keyed by inode. Not thread-safe:
     one scrape at a time uses it (exporters/metrics.py serialises scrapes)."""
 
-    def __init__(self):
+    def __init__(self, budgets: Budgets | None = None):
+        self.budgets = budgets or Budgets()
         self._by_inode: dict[int, Namespace] = {}
 
     def open(self, path: str) -> Namespace:
@@ -92,7 +172,7 @@ class NetnsPool:
                 except BaseException:
                     rtnl.close()
                     raise
-                known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events)
+                known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events, self.budgets)
                 return known
         except BaseException:
             os.close(fd)
@@ -231,16 +311,16 @@ class Resolver:
     """Keeps pod UID → namespace across scrapes; called once per scrape."""
 
     def __init__(self, netns_dir: str, procfs: str, pool: NetnsPool | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, budgets: Budgets | None = None):
         self.netns_dir = netns_dir
         self.procfs = procfs
-        self.pool = pool or NetnsPool()
+        self.pool = pool or NetnsPool(budgets)
         self._clock = clock
         self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
         self._tried: dict[str, float] = {}                  # uid -> last failed attempt
-        # uid -> (pod, (netns inode, refresh time), interfaces): matching is redone
+        # uid -> (pod, (netns inode, refresh time, links), interfaces): matching is redone
         # only when the pod object or its namespace's link table changed
-        self._matched: dict[str, tuple[Pod, tuple[int, float], tuple[InterfaceView, ...]]] = {}
+        self._matched: dict[str, tuple[Pod, tuple[int, float, int], tuple[InterfaceView, ...]]] = {}
         self._conflicts: dict[str, tuple[tuple[str, str], ...]] = {}   # uid -> contested claims
         # uid -> (inode, refresh time, names missing right after that refresh)
         self._missing_seen: dict[str, tuple[int, float, frozenset]] = {}
@@ -295,18 +375,23 @@ class Resolver:
         link event)."""
         missing = _missing_names(pod, ns)
         seen = self._missing_seen.get(pod.uid)
-        if not (ns.stale(now) or (missing and seen != (ns.inode, ns.refreshed, missing)
-                                  and now - ns.refreshed > MIN_REFRESH)):
-            return
-        ns.refresh(now)
-        self._missing_seen[pod.uid] = (ns.inode, ns.refreshed, _missing_names(pod, ns))
+        if ns.stale(now) or (missing and seen != (ns.inode, ns.refreshed, missing)
+                             and now - ns.refreshed > max(MIN_REFRESH, ns.backoff())):
+            ns.refresh(now)
+            missing = _missing_names(pod, ns)
+            self._missing_seen[pod.uid] = (ns.inode, ns.refreshed, missing)
+        if ns.short and missing:
+            # a read cut short by the netns budgets may have stopped before the
+            # pod's own links: look those up one by one
+            ns.find_links(a.interface for a in pod.attachments)
 
     def _interfaces(self, pod: Pod, ns: Namespace) -> tuple[InterfaceView, ...]:
         cached = self._matched.get(pod.uid)
-        if cached and cached[0] is pod and cached[1] == (ns.inode, ns.refreshed):
+        key = (ns.inode, ns.refreshed, len(ns.links))     # find_links may add links between refreshes
+        if cached and cached[0] is pod and cached[1] == key:
             return cached[2]
         interfaces = match_interfaces(pod, ns.links, ns.addresses)
-        self._matched[pod.uid] = (pod, (ns.inode, ns.refreshed), interfaces)
+        self._matched[pod.uid] = (pod, key, interfaces)
         return interfaces
 
     def _still_there(self, inode: int, pinned: dict[int, str]) -> bool:

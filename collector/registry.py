@@ -49,6 +49,8 @@ class Snapshot:
     netns: object | None = None
     annotation_errors: Mapping[str, int] = field(default_factory=dict)
     plane_for_network: Callable[[str], str] = lambda network: ""
+    budget_cuts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)   # collector/budgets.py
+    budgets: object | None = None           # collector.budgets.Budgets; None: the defaults
 
 
 class Source(Protocol):

@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from collector.nsenter import in_netns
@@ -48,6 +49,11 @@ _STATS8 = struct.Struct("=8Q")
 _U32 = struct.Struct("=I")
 
 RECV_BUF = 1 << 20
+# Why a bounded dump stopped early.
+CUT_LIMIT, CUT_TIME = "limit", "time"
+# The time budget applies only past this many messages: a small (honest)
+# namespace whose read was slow because the machine was busy is never cut.
+TIME_CUT_AFTER = 128
 
 
 class NetlinkError(OSError):
@@ -214,6 +220,54 @@ class RtnlSocket:
         return [parse_link(buf, s, e) for buf, s, e in self._dump(RTM_GETLINK, RTM_NEWLINK,
                                                                _IFINFOMSG.pack(0, 0, 0, 0, 0))]
 
+    def links_bounded(self, limit: int, deadline: float) -> tuple[list[LinkStats], str]:
+        """At most `limit` links, read and decoded until `deadline` (time.monotonic):
+        (links, "" | CUT_LIMIT | CUT_TIME). A cut dump leaves the socket busy: reopen it."""
+        return self._dump_bounded(RTM_GETLINK, RTM_NEWLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0),
+                                  parse_link, limit, deadline)
+
+    def addresses_bounded(self, limit: int, deadline: float) -> tuple[list[tuple[int, str, int]], str]:
+        return self._dump_bounded(RTM_GETADDR, RTM_NEWADDR, _IFADDRMSG.pack(0, 0, 0, 0, 0),
+                                  parse_addr, limit, deadline)
+
+    def link_by_name(self, name: str) -> LinkStats | None:
+        """One link by name (RTM_GETLINK with IFLA_IFNAME, no dump); None when absent."""
+        raw = name.encode()
+        if not raw or len(raw) > 15 or b"\0" in raw:     # no such interface name can exist (IFNAMSIZ)
+            return None
+        raw += b"\0"
+        attr = _RTATTR.pack(4 + len(raw), IFLA_IFNAME) + raw + b"\0" * (-len(raw) % 4)
+        for _, buf, s, e in self._requests(RTM_GETLINK, RTM_NEWLINK, [_IFINFOMSG.pack(0, 0, 0, 0, 0) + attr]):
+            return parse_link(buf, s, e)
+        return None
+
+    def stats64_of(self, ifindexes) -> dict[int, tuple[int, ...]]:
+        """stats64() for the given interfaces only, one RTM_GETSTATS each (no dump):
+        a namespace holding thousands of links costs what its attachments cost."""
+        mask = 1 << (IFLA_STATS_LINK_64 - 1)
+        bodies = [_IF_STATS_MSG.pack(0, 0, 0, i, mask) for i in ifindexes]
+        return dict(parse_stats(buf, s, e) for _, buf, s, e in self._requests(RTM_GETSTATS, RTM_NEWSTATS, bodies))
+
+    def _requests(self, request: int, reply: int, bodies: list[bytes]):
+        """Send one non-dump request per body, yield (index, buf, start, end) of
+        each answer; an absent object (ENODEV and the like) yields nothing."""
+        first = self._seq + 1
+        for i, body in enumerate(bodies):
+            self._seq = (first + i) & 0xFFFFFFFF
+            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST, self._seq, 0) + body)
+        waiting = {(first + i) & 0xFFFFFFFF: i for i in range(len(bodies))}
+        while waiting:
+            buf = self._sock.recv(RECV_BUF)
+            off = 0
+            while off + _NLMSGHDR.size <= len(buf):
+                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+                if length < _NLMSGHDR.size:
+                    raise NetlinkError(errno.EBADMSG, "short netlink message")
+                index = waiting.pop(mseq, None)
+                if index is not None and mtype == reply:
+                    yield index, buf, off + _NLMSGHDR.size, off + length
+                off += (length + 3) & ~3
+
     def stats64(self) -> dict[int, tuple[int, ...]]:
         """ifindex -> the first 8 rtnl_link_stats64 counters (rx/tx packets, bytes,
         errors, dropped), by RTM_GETSTATS: ~250 bytes a link instead of ~1.5 KB."""
@@ -223,6 +277,45 @@ class RtnlSocket:
     def addresses(self) -> list[tuple[int, str, int]]:
         return [parse_addr(buf, s, e) for buf, s, e in self._dump(RTM_GETADDR, RTM_NEWADDR,
                                                                _IFADDRMSG.pack(0, 0, 0, 0, 0))]
+
+    def _dump_bounded(self, request: int, reply: int, body: bytes, parse, limit: int, deadline: float):
+        for _ in range(3):
+            out: list = []
+            try:
+                for buf, start, end in self._dump_iter(request, reply, body):
+                    if len(out) >= limit:
+                        return out, CUT_LIMIT
+                    if len(out) >= TIME_CUT_AFTER and time.monotonic() > deadline:
+                        return out, CUT_TIME
+                    out.append(parse(buf, start, end))
+                return out, ""
+            except NetlinkError as err:
+                if err.errno != errno.EINTR:        # dump interrupted by a change: start over
+                    raise
+        return out, CUT_TIME
+
+    def _dump_iter(self, request: int, reply: int, body: bytes):
+        """The messages of one dump as they arrive (the kernel fills the dump as it
+        is read, so stopping early also stops the kernel's work)."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        seq = self._seq
+        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        while True:
+            buf = self._sock.recv(RECV_BUF)
+            off = 0
+            while off + _NLMSGHDR.size <= len(buf):
+                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+                if length < _NLMSGHDR.size:
+                    raise NetlinkError(errno.EBADMSG, "short netlink message")
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", buf, off + _NLMSGHDR.size)[0]
+                        raise NetlinkError(code, os.strerror(code))
+                    if mtype == reply:
+                        yield buf, off + _NLMSGHDR.size, off + length
+                off += (length + 3) & ~3
 
     def _dump(self, request: int, reply: int, body: bytes):
         self._seq = (self._seq + 1) & 0xFFFFFFFF

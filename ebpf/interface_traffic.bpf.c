@@ -10,6 +10,8 @@
  *   flows          LRU (netns, 5-tuple) -> last ingress/egress ifindex
  *   asym_packets   per-CPU (netns, request ifindex, reply ifindex) -> packets
  *                  whose reversed tuple last came in by another interface
+ *   flows_created  per-CPU (netns, ifindex) -> flows that interface created
+ *   map_refused    per-CPU [map] -> updates a full map refused
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -49,6 +51,33 @@ struct {
 	__type(value, __u64);
 } asym_packets SEC(".maps");
 
+/* Flows each interface created in the shared LRU `flows`. The LRU evicts the
+ * oldest entries whoever owns them, so one pod opening many flows pushes the
+ * others' out; the collector counts what each interface still holds
+ * (flow_value.owner_ifindex) and reports created - held as its evicted flows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct interface_key);
+	__type(value, __u64);
+} flows_created SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, REFUSED_MAPS);
+	__type(key, __u32);
+	__type(value, __u64);
+} map_refused SEC(".maps");
+
+/* A full map refused an update: count it, per map, for /metrics. */
+static __always_inline void count_refused(__u32 map)
+{
+	__u64 *value = bpf_map_lookup_elem(&map_refused, &map);
+
+	if (value)
+		(*value)++;
+}
+
 /* The netns of the device the program runs on; not bpf_get_netns_cookie(),
  * which is the sending socket's netns. */
 static __always_inline __u32 device_netns(struct sk_buff *kskb)
@@ -68,11 +97,31 @@ static __always_inline void count_traffic(__u32 netns, __u32 ifindex, __u32 dire
 			return;
 		/* another CPU created it meanwhile: count into that one */
 		value = bpf_map_lookup_elem(&iface_traffic, &key);
-		if (!value)
+		if (!value) {
+			count_refused(REFUSED_IFACE_TRAFFIC);
 			return;
+		}
 	}
 	value->packets++;         /* per-CPU slot: no atomics needed */
 	value->bytes += len;
+}
+
+static __always_inline void count_flow_created(__u32 netns, __u32 ifindex)
+{
+	struct interface_key key = { .netns = netns, .ifindex = ifindex };
+	__u64 one = 1, *value = bpf_map_lookup_elem(&flows_created, &key);
+
+	if (value) {
+		(*value)++;
+		return;
+	}
+	if (bpf_map_update_elem(&flows_created, &key, &one, BPF_NOEXIST) == 0)
+		return;
+	value = bpf_map_lookup_elem(&flows_created, &key);
+	if (value)
+		(*value)++;
+	else
+		count_refused(REFUSED_FLOWS_CREATED);
 }
 
 static __always_inline void count_asymmetric(__u32 netns, __u32 ingress, __u32 egress)
@@ -89,6 +138,8 @@ static __always_inline void count_asymmetric(__u32 netns, __u32 ingress, __u32 e
 	value = bpf_map_lookup_elem(&asym_packets, &key);
 	if (value)
 		(*value)++;
+	else
+		count_refused(REFUSED_ASYM_PACKETS);
 }
 
 /* Offset of the IP header from skb->data: 14 on Ethernet devices, 0 on L3
@@ -187,8 +238,9 @@ static __always_inline void track_ingress(struct flow_key *key, __u32 ifindex, _
 		value->last_seen_ns = now;
 		return;
 	}
-	struct flow_value first = { .ingress_ifindex = ifindex, .last_seen_ns = now };
-	bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST);
+	struct flow_value first = { .ingress_ifindex = ifindex, .owner_ifindex = ifindex, .last_seen_ns = now };
+	if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0)
+		count_flow_created(key->netns, ifindex);
 }
 
 /* A packet leaving by `ifindex` whose reversed tuple last came in by another
@@ -216,10 +268,12 @@ static __always_inline void track_egress(struct flow_key *key, __u32 ifindex, __
 		struct flow_value first = {
 			.egress_ifindex = ifindex,
 			.request_ifindex = request_ifindex,
+			.owner_ifindex = ifindex,
 			.last_seen_ns = now,
 			.asymmetric_packets = request_ifindex ? 1 : 0,
 		};
-		bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST);
+		if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0)
+			count_flow_created(key->netns, ifindex);
 	}
 	if (request_ifindex)
 		count_asymmetric(key->netns, request_ifindex, ifindex);

@@ -86,6 +86,9 @@ def tcx_link_alive(hook: Hook) -> bool:
     finally:
         os.close(fd)
 
+# Least time between two walks of the flow table for per-interface evictions.
+FLOW_CENSUS_SECONDS = 10.0
+
 
 class Loader:
     """Loads both objects at construction; raises LoadError (with a reason)."""
@@ -99,6 +102,12 @@ class Loader:
         self._lock = threading.RLock()
         self._objects: list[int] = []
         self._drop_link = 0
+        # Refusals seen here rather than in BPF (a full watch map), and clsact
+        # filters of a crashed predecessor removed before attaching.
+        self.refused = {"watched": 0}
+        self.stale_filters_removed = 0
+        self.flow_census_seconds = FLOW_CENSUS_SECONDS
+        self._census: tuple[float, dict] | None = None
         started = time.monotonic()
         self._preflight(Path(objects_dir), btf_path)
         try:
@@ -155,8 +164,9 @@ class Loader:
         self.ingress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_ingress"))
         self.egress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_egress"))
         self.fds = {name: libbpf.map_fd(libbpf.find_map(obj, name)) for obj, name in (
-            (traffic, "iface_traffic"), (traffic, "flows"), (traffic, "asym_packets"),
+            (traffic, "iface_traffic"), (traffic, "flows"), (traffic, "asym_packets"), (traffic, "flows_created"),
             (drops, "packet_drops"), (drops, "watched"))}
+        self._refused_fds = [libbpf.map_fd(libbpf.find_map(obj, "map_refused")) for obj in (traffic, drops)]
         try:
             self._drop_link = libbpf.attach_program(libbpf.find_program(drops, "count_drop"))
         except OSError as err:
@@ -189,8 +199,17 @@ class Loader:
             if key in self.hooks:
                 return self.hooks[key]
             with in_netns(netns_path):
+                self.stale_filters_removed += tc.remove_stale(key[1])
                 hook = self._attach_here(netns_path, key)
-            maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
+            try:
+                maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
+            except OSError as err:
+                # The watch map is full: undo the attach, or its TCX links (fds)
+                # and clsact filters would stay with no hook to remove them.
+                if err.errno == errno.E2BIG:
+                    self.refused["watched"] += 1
+                self._unhook(hook)
+                raise
             self.hooks[key] = hook
             return hook
 
@@ -253,6 +272,7 @@ class Loader:
         maps.remove(self.fds["watched"], maps.WATCHED, (netns, ifindex))
         for direction in range(len(maps.DIRECTIONS)):
             maps.remove(self.fds["iface_traffic"], maps.TRAFFIC, (netns, ifindex, direction))
+        maps.remove(self.fds["flows_created"], maps.CREATED, (netns, ifindex))
         maps.delete_where(self.fds["packet_drops"], maps.DROPS, lambda k: k[:2] == (netns, ifindex))
         maps.delete_where(self.fds["asym_packets"], maps.ASYMMETRIC,
                           lambda k: k[0] == netns and ifindex in (k[1], k[2]))
@@ -307,6 +327,32 @@ class Loader:
     def asymmetric_packets(self) -> dict[tuple[int, int, int], int]:
         """(netns, ingress ifindex of the request, egress ifindex of the reply) -> packets."""
         return {k: v[0] for k, v in self._counters("asym_packets", maps.ASYMMETRIC).items()}
+
+    def flow_evictions(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(netns, ifindex) -> (flows it created, flows it created that the LRU
+        table evicted since). Flows are never deleted otherwise, so what an
+        interface created and no longer holds was evicted: by its own later flows
+        or by another pod's. Walking a full table costs ~17 ms (16 384 flows), so
+        the census is taken at most every FLOW_CENSUS_SECONDS (both numbers of one
+        census together, so evicted never goes down)."""
+        now = time.monotonic()
+        if self._census is None or now - self._census[0] >= self.flow_census_seconds:
+            created = {k: v[0] for k, v in self._counters("flows_created", maps.CREATED).items()}
+            held = maps.flows_held(maps.read_entries(self.fds["flows"], maps.FLOWS, 1))
+            self._census = (now, {k: (n, max(0, n - held.get(k, 0))) for k, n in created.items()})
+        return self._census[1]
+
+    def map_refused(self) -> dict[str, int]:
+        """Map name -> updates refused because the map was full, since load."""
+        out = dict.fromkeys(maps.REFUSED_MAPS, 0)
+        for fd in self._refused_fds:
+            for (index,), (count,) in maps.decode_counters(maps.read_entries(fd, maps.REFUSED, self.ncpus),
+                                                           maps.REFUSED, self.ncpus).items():
+                if index < len(maps.REFUSED_MAPS):
+                    out[maps.REFUSED_MAPS[index]] += count
+        with self._lock:
+            out.update(self.refused)
+        return out
 
     def top_asymmetric_flows(self, n: int) -> list[dict]:
         """The `n` (at most MAX_TOP_FLOWS) flows with most asymmetric packets."""

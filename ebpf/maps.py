@@ -48,6 +48,21 @@ DROPS = Layout(struct.Struct("=III"), struct.Struct("=Q"), percpu=True)
 ASYMMETRIC = Layout(struct.Struct("=III"), struct.Struct("=Q"), percpu=True)
 WATCHED = Layout(struct.Struct("=II"), struct.Struct("=B"))
 FLOWS = Layout(struct.Struct("=IBBH2s2s16s16s"), struct.Struct("=IIIIQQ"))
+REFUSED = Layout(struct.Struct("=I"), struct.Struct("=Q"), percpu=True)
+# enum refused_map in planewatch.bpf.h: index -> the map that refused
+REFUSED_MAPS = ("iface_traffic", "asym_packets", "packet_drops", "flows_created")
+CREATED = Layout(struct.Struct("=II"), struct.Struct("=Q"), percpu=True)
+
+
+def flows_held(entries: Iterable[tuple[bytes, bytes]]) -> dict[tuple[int, int], int]:
+    """(netns, owner ifindex) -> flows of the table created by that interface."""
+    held: dict[tuple[int, int], int] = {}
+    netns_of = struct.Struct("=I").unpack_from
+    owner_at = 12          # flow_value.owner_ifindex
+    for key, value in entries:
+        owner = (netns_of(key)[0], int.from_bytes(value[owner_at:owner_at + 4], "little"))
+        held[owner] = held.get(owner, 0) + 1
+    return held
 
 
 # --- pure decoding -------------------------------------------------------------

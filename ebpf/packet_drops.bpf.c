@@ -30,6 +30,22 @@ struct {
 	__type(value, __u8);
 } watched SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, REFUSED_MAPS);
+	__type(key, __u32);
+	__type(value, __u64);
+} map_refused SEC(".maps");
+
+/* A full map refused an update: count it, per map, for /metrics. */
+static __always_inline void count_refused(__u32 map)
+{
+	__u64 *value = bpf_map_lookup_elem(&map_refused, &map);
+
+	if (value)
+		(*value)++;
+}
+
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(count_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
@@ -58,6 +74,8 @@ int BPF_PROG(count_drop, struct sk_buff *skb, void *location, enum skb_drop_reas
 	value = bpf_map_lookup_elem(&packet_drops, &key);
 	if (value)
 		(*value)++;
+	else
+		count_refused(REFUSED_PACKET_DROPS);
 	return 0;
 }
 

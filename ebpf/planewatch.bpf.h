@@ -53,9 +53,19 @@ struct flow_value {            /* "=IIIIQQ", 32 bytes */
 	__u32 ingress_ifindex;     /* last interface this tuple came in by */
 	__u32 egress_ifindex;      /* last interface this tuple left by */
 	__u32 request_ifindex;     /* where the reversed tuple came in, when it differs */
-	__u32 pad;
+	__u32 owner_ifindex;       /* the interface whose packet created the entry */
 	__u64 last_seen_ns;        /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 asymmetric_packets;
+};
+
+/* Index in each object's `map_refused` per-CPU array: updates a full map
+ * refused (LRU maps never refuse, they evict). */
+enum refused_map {
+	REFUSED_IFACE_TRAFFIC = 0,
+	REFUSED_ASYM_PACKETS = 1,
+	REFUSED_PACKET_DROPS = 2,
+	REFUSED_FLOWS_CREATED = 3,
+	REFUSED_MAPS = 4,
 };
 
 #endif

@@ -132,6 +132,49 @@ def count_filters(tc: TcSocket, ifindex: int, parent: int) -> int:
     return len(tc.request(RTM_GETTFILTER, NLM_F_DUMP, _tcmsg(ifindex, 0, parent, 0)))
 
 
+def _attrs(buf: bytes, start: int) -> dict[int, bytes]:
+    out, pos = {}, start
+    while pos + 4 <= len(buf):
+        length, kind = _RTATTR.unpack_from(buf, pos)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = buf[pos + 4:pos + length]
+        pos += (length + 3) & ~3
+    return out
+
+
+def is_ours(payload: bytes) -> bool:
+    """A filter message for one of our cls_bpf filters: our priority, kind bpf
+    and the name we give (TCA_BPF_NAME "planewatch")."""
+    if len(payload) < _TCMSG.size:
+        return False
+    info = _TCMSG.unpack_from(payload, 0)[6]
+    attrs = _attrs(payload, _TCMSG.size)
+    if info >> 16 != FILTER_PRIO or attrs.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf":
+        return False
+    options = _attrs(attrs.get(TCA_OPTIONS, b""), 0)
+    return options.get(TCA_BPF_NAME, b"").rstrip(b"\0") == FILTER_NAME.encode()
+
+
+def remove_stale(ifindex: int) -> int:
+    """Remove cls_bpf filters a previous planewatch left on `ifindex` (clsact
+    filters outlive a SIGKILLed process); returns how many hooks (ingress,
+    egress) had one. Call before attaching: any filter of ours there is stale."""
+    removed = 0
+    with TcSocket() as tc:
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            try:
+                found = tc.request(RTM_GETTFILTER, NLM_F_DUMP, _tcmsg(ifindex, 0, parent, 0))
+            except OSError as err:
+                if err.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):    # no clsact qdisc
+                    continue
+                raise
+            if any(is_ours(p) for p in found):
+                delete_bpf_filter(tc, ifindex, parent)
+                removed += 1
+    return removed
+
+
 def delete_clsact(tc: TcSocket, ifindex: int) -> None:
     try:
         tc.request(RTM_DELQDISC, NLM_F_ACK, clsact_message(ifindex))

@@ -52,6 +52,7 @@ class Scraper:
         return Snapshot(
             pods=tuple(pods), networks=networks, netns=self.resolver.pool,
             annotation_errors=view.annotation_errors,
+            budget_cuts=view.budget_cuts or {}, budgets=self.store.budgets,
             plane_for_network=lambda key: plane_map.plane_for(
                 key, default=False, nad_plane=networks[key].plane if key in networks else ""))
 

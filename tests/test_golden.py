@@ -28,14 +28,14 @@ PREFIX = unique_prefix("pwg")
 GOLDEN_PREFIX = "pwgold"
 
 HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
-          "# Normalised: values of kernel traffic counters (and carrier changes) are zeroed, scrape\n"
-          "# durations and the (traffic-dependent) drop-reason and asymmetric-flow series and\n"
-          "# neighbour ages are removed.\n")
+          "# Normalised: values of kernel traffic (and flow, carrier-change) counters are zeroed,\n"
+          "# scrape durations and the (traffic-dependent) drop-reason and asymmetric-flow series\n"
+          "# and neighbour ages are removed.\n")
 DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet_drops_total|"
                          r"asymmetric_packets_total|gateway_neighbour_[a-z]+_age_seconds)\{")
 # carrier changes depend on the order the lab brought its links up in
-ZERO_VALUE = re.compile(r"^(planewatch_((interface|ebpf_interface)_(receive|transmit)_[a-z]+|interface_carrier_changes)"
-                        r"_total\{.*\}) \S+$")
+ZERO_VALUE = re.compile(r"^(planewatch_((interface|ebpf_interface)_(receive|transmit)_[a-z]+|ebpf_flows_[a-z]+"
+                        r"|interface_carrier_changes)_total\{.*\}) \S+$")
 
 
 def _mac_stem(prefix: str) -> str:
