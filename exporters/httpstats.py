@@ -1,0 +1,67 @@
+"""What the HTTP face refused, and whether its credentials files reloaded.
+
+Counted here so that a flood, a slow client or a guessing attack shows on
+/metrics (`planewatch_http_refused_total{reason}`) instead of only in logs,
+while the collector keeps answering everyone else. Every reason is exported
+from the start at 0, so a rule can use `increase()` from the first scrape.
+"""
+from __future__ import annotations
+
+import threading
+
+from exporters.exposition import COUNTER, Family
+
+REASONS = {
+    "connection_limit": "over --web.max-connections (total or per client address)",
+    "tls_handshake": "TLS handshake failed or did not finish in time",
+    "header_timeout": "request not complete within --web.read-timeout",
+    "request_too_large": "request line, a header or the number of headers over the limits",
+    "malformed_request": "not parseable as HTTP/1.1",
+    "client_certificate": "no client certificate, or none of its SANs allowed",
+    "unauthorized": "no or wrong credentials (401)",
+    "auth_busy": "too many password checks already running (503)",
+    "debug_busy": "a /debug request already waiting (429)",
+}
+RELOADED_FILES = ("certificate", "bearer_token")
+
+
+class Refusals:
+    """Thread-safe counters: refusals come from the event loop, reloads too,
+    and /metrics is rendered on the scrape worker thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._refused = dict.fromkeys(REASONS, 0)
+        self._reloads = {(f, r): 0 for f in RELOADED_FILES for r in ("success", "failure")}
+
+    def refuse(self, reason: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        with self._lock:
+            self._refused[reason] += 1
+
+    def reloaded(self, file: str, ok: bool) -> None:
+        with self._lock:
+            self._reloads[(file, "success" if ok else "failure")] += 1
+
+    def count(self, reason: str) -> int:
+        with self._lock:
+            return self._refused[reason]
+
+    def families(self) -> list[Family]:
+        refused = Family("planewatch_http_refused_total", COUNTER,
+                         "Connections or requests the HTTP server refused, by reason.", ("reason",))
+        reloads = Family("planewatch_web_config_reloads_total", COUNTER,
+                         "Re-reads of a changed web config file (TLS certificate and key, "
+                         "bearer token file), by result; a failure keeps the previous one.",
+                         ("file", "result"))
+        with self._lock:
+            for reason, n in sorted(self._refused.items()):
+                refused.add((reason,), n)
+            for (file, result), n in sorted(self._reloads.items()):
+                reloads.add((file, result), n)
+        return [refused, reloads]
+
+
+# The process's counters (one HTTP server per process); tests make their own.
+REFUSALS = Refusals()
