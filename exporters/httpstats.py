@@ -20,7 +20,6 @@ REASONS = {
     "client_certificate": "no client certificate, or none of its SANs allowed",
     "unauthorized": "no or wrong credentials (401)",
     "auth_busy": "too many password checks already running (503)",
-    "debug_busy": "a /debug request already waiting (429)",
 }
 RELOADED_FILES = ("certificate", "bearer_token")
 

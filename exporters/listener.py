@@ -1,0 +1,220 @@
+"""The listening socket, guarded: connection caps, timeouts, request size limits.
+
+aiohttp alone lets a client hold a connection with half a request forever and
+accepts any number of connections; 60 of them holding 1.6 MB of headers each
+doubled the collector's RSS before any authentication ran. Here:
+
+- connections are counted from accept, before any TLS work, and refused over
+  `max_connections` in total or `max_per_client` from one address (one pod
+  cannot take every slot from Prometheus);
+- a TLS handshake must finish within `handshake_timeout`;
+- a request must be complete within `read_timeout` of the connection opening or
+  of the previous response (aiohttp's keep-alive timer, which it starts at
+  accept and which closes a connection waiting for a request), so an idle
+  keep-alive connection is closed after that time too;
+- request line, each header and the number of headers are bounded, so one
+  connection buffers at most ~`max_headers` x `max_field_size` bytes.
+
+Each refusal is counted in `planewatch_http_refused_total{reason}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+
+from aiohttp import http_exceptions, web, web_protocol, web_server
+
+from exporters.httpstats import REFUSALS, Refusals
+
+log = logging.getLogger(__name__)
+
+# Without versions: the Server header would otherwise tell a scanner which
+# Python and aiohttp releases to try.
+SERVER_HEADER = "planewatch"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 128
+    max_per_client: int = 16
+    read_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 32
+
+    def handler_kwargs(self) -> dict:
+        return {"keepalive_timeout": self.read_timeout, "max_line_size": self.max_line_size,
+                "max_field_size": self.max_field_size, "max_headers": self.max_headers,
+                "lingering_time": 1.0, "access_log": None}
+
+
+class GuardedHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, counting what it refuses and telling the
+    listener when the connection is gone. Relies on aiohttp 3.x internals
+    (`_request_count`, `_process_keepalive`); tests/test_hostile_http.py pins them."""
+
+    def __init__(self, manager, *, refusals: Refusals, on_lost, **kwargs):
+        super().__init__(manager, **kwargs)
+        self._refusals = refusals
+        self._on_lost = on_lost
+        self._unfinished = 0            # bytes of a request not yet complete
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        self._unfinished = 0 if self._request_count > before else self._unfinished + len(data)
+
+    def _process_keepalive(self) -> None:
+        was_open = self.transport is not None
+        super()._process_keepalive()
+        if was_open and self.transport is None and self._unfinished:
+            self._refusals.refuse("header_timeout")
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            too_large = isinstance(exc, http_exceptions.LineTooLong) or "Too many headers" in str(exc)
+            self._refusals.refuse("request_too_large" if too_large else "malformed_request")
+            # A client's garbage is not our error: no traceback per bad request.
+            log.debug("refused request from %s: %s", request.remote, exc)
+            resp = web.Response(status=status, text=f"{status} Bad Request\n")
+            resp.force_close()
+        else:
+            resp = super().handle_error(request, status, exc, message)
+        resp.headers["Server"] = SERVER_HEADER
+        return resp
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._on_lost()
+
+
+async def _server_header(request, response) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def harden_app(app: web.Application) -> None:
+    """Call before the app is frozen (before AppRunner.setup)."""
+    app.on_response_prepare.append(_server_header)
+
+
+def listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class GuardedListener:
+    """Accepts on its own socket and hands each admitted connection to `server`
+    (the aiohttp low-level server of an AppRunner)."""
+
+    def __init__(self, server: web_server.Server, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(),
+                 refusals: Refusals = REFUSALS):
+        self.server = server
+        self.host, self.requested_port = host, port
+        self.ssl_context = ssl_context
+        self.limits = limits
+        self.refusals = refusals
+        self.active = 0
+        self.per_client: Counter[str] = Counter()
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._opening: set[asyncio.Task] = set()
+
+    @property
+    def port(self) -> int:
+        return self._sock.getsockname()[1] if self._sock else self.requested_port
+
+    async def start(self) -> None:
+        self._sock = listen_socket(self.host, self.requested_port)
+        self._accepting = asyncio.create_task(self._accept_forever())
+
+    async def stop(self) -> None:
+        if self._accepting:
+            self._accepting.cancel()
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*(t for t in [self._accepting, *self._opening] if t),
+                             return_exceptions=True)
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._sock)
+            except OSError as err:          # EMFILE and friends: do not spin
+                log.warning("accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(conn, address[0] if isinstance(address, tuple) else "")
+
+    def _admit(self, conn: socket.socket, client: str) -> None:
+        if (self.active >= self.limits.max_connections
+                or self.per_client[client] >= self.limits.max_per_client):
+            self.refusals.refuse("connection_limit")
+            _close_now(conn)
+            return
+        self.active += 1
+        self.per_client[client] += 1
+        task = asyncio.create_task(self._open(conn, client))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, conn: socket.socket, client: str) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+                self.per_client[client] -= 1
+                if self.per_client[client] <= 0:
+                    del self.per_client[client]
+
+        loop = asyncio.get_running_loop()
+
+        def handler() -> GuardedHandler:
+            return GuardedHandler(self.server, loop=loop, refusals=self.refusals, on_lost=release,
+                                  **self.limits.handler_kwargs())
+        kwargs = {}
+        if self.ssl_context is not None:
+            kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.handshake_timeout}
+        try:
+            await loop.connect_accepted_socket(handler, conn, **kwargs)
+        except asyncio.CancelledError:
+            release()
+            conn.close()
+            raise
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+            release()
+            conn.close()
+            if self.ssl_context is not None:
+                self.refusals.refuse("tls_handshake")
+            log.debug("connection from %s dropped before HTTP: %s", client, err)
+
+
+def _close_now(conn: socket.socket) -> None:
+    """Close with a reset, leaving no TIME_WAIT or lingering buffer behind."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    conn.close()
