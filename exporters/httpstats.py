@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from exporters.exposition import COUNTER, Family
+from exporters.exposition import COUNTER, GAUGE, Family
 
 REASONS = {
     "connection_limit": "over --web.max-connections (total or per client address)",
@@ -32,6 +32,7 @@ class Refusals:
         self._lock = threading.Lock()
         self._refused = dict.fromkeys(REASONS, 0)
         self._reloads = {(f, r): 0 for f in RELOADED_FILES for r in ("success", "failure")}
+        self._last_ok = dict.fromkeys(RELOADED_FILES, 1)
 
     def refuse(self, reason: str) -> None:
         if reason not in REASONS:
@@ -42,6 +43,7 @@ class Refusals:
     def reloaded(self, file: str, ok: bool) -> None:
         with self._lock:
             self._reloads[(file, "success" if ok else "failure")] += 1
+            self._last_ok[file] = 1 if ok else 0
 
     def count(self, reason: str) -> int:
         with self._lock:
@@ -54,12 +56,17 @@ class Refusals:
                          "Re-reads of a changed web config file (TLS certificate and key, "
                          "bearer token file), by result; a failure keeps the previous one.",
                          ("file", "result"))
+        last = Family("planewatch_web_config_last_reload_success", GAUGE,
+                      "0 when the latest change of the file could not be loaded (the previous "
+                      "certificate or tokens are still in use), else 1.", ("file",))
         with self._lock:
             for reason, n in sorted(self._refused.items()):
                 refused.add((reason,), n)
             for (file, result), n in sorted(self._reloads.items()):
                 reloads.add((file, result), n)
-        return [refused, reloads]
+            for file, ok in sorted(self._last_ok.items()):
+                last.add((file,), ok)
+        return [refused, reloads, last]
 
 
 # The process's counters (one HTTP server per process); tests make their own.

@@ -384,6 +384,8 @@ bearer_token_file: {live}/token
     reloads = series(parse_metrics(text), "planewatch_web_config_reloads_total", file="certificate")
     assert reloads[frozenset({("file", "certificate"), ("result", "success")})] >= 1
     assert reloads[frozenset({("file", "certificate"), ("result", "failure")})] >= 1
+    assert series(parse_metrics(text), "planewatch_web_config_last_reload_success",
+                  file="certificate").popitem()[1] == 0
     _replace(pki / "other.key", live / "tls.key")
     wait_for(lambda: _served_cert(c.port, ca) == _der(pki / "other.crt"), timeout=10,
              what="the completed renewal served")

@@ -52,7 +52,11 @@ CONTRACT_METRICS = frozenset(
        "planewatch_pod_network_attachment_missing", "planewatch_network_info",
        "planewatch_pod_ip_info", "planewatch_ebpf_up", "planewatch_annotation_errors_total",
        "planewatch_scrape_collector_success", "planewatch_scrape_collector_duration_seconds",
-       "planewatch_build_info"])
+       "planewatch_build_info"]
+    # Only with the Kubernetes API feed, so not in the golden file (pods-file mode);
+    # tests/test_hostile_kube.py reads them.
+    + ["planewatch_kube_watch_restarts_total", "planewatch_kube_requests_total",
+       "planewatch_kube_objects_trimmed_total"])
 
 IDENTITY_LABELS = {"namespace", "pod", "network", "interface", "plane", "node"}
 
