@@ -6,7 +6,8 @@ doubled the collector's RSS before any authentication ran. Here:
 
 - connections are counted from accept, before any TLS work, and refused over
   `max_connections` in total or `max_per_client` from one address (one pod
-  cannot take every slot from Prometheus);
+  cannot take every slot from Prometheus), after waiting up to a second for a
+  slot (the previous connection of a client reconnecting at once);
 - a TLS handshake must finish within `handshake_timeout`;
 - a request must be complete within `read_timeout` of the connection opening or
   of the previous response (aiohttp's keep-alive timer, which it starts at
@@ -35,12 +36,15 @@ log = logging.getLogger(__name__)
 # Without versions: the Server header would otherwise tell a scanner which
 # Python and aiohttp releases to try.
 SERVER_HEADER = "planewatch"
+# How long a connection over a cap waits (accepted, unread) for a slot before it
+# is refused: the close of a client's previous connection may not be seen yet.
+ADMIT_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 128
-    max_per_client: int = 16
+    max_per_client: int = 64
     read_timeout: float = 30.0
     handshake_timeout: float = 10.0
     max_line_size: int = 8190
@@ -148,6 +152,7 @@ class GuardedListener:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._opening: set[asyncio.Task] = set()
+        self._waiting: set[asyncio.Task] = set()
 
     @property
     def port(self) -> int:
@@ -160,10 +165,10 @@ class GuardedListener:
     async def stop(self) -> None:
         if self._accepting:
             self._accepting.cancel()
-        for task in list(self._opening):
+        tasks = [t for t in [self._accepting, *self._opening, *self._waiting] if t]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*(t for t in [self._accepting, *self._opening] if t),
-                             return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._sock:
             self._sock.close()
             self._sock = None
@@ -179,12 +184,40 @@ class GuardedListener:
                 continue
             self._admit(conn, address[0] if isinstance(address, tuple) else "")
 
+    def _full(self, client: str) -> bool:
+        return (self.active >= self.limits.max_connections
+                or self.per_client[client] >= self.limits.max_per_client)
+
     def _admit(self, conn: socket.socket, client: str) -> None:
-        if (self.active >= self.limits.max_connections
-                or self.per_client[client] >= self.limits.max_per_client):
-            self.refusals.refuse("connection_limit")
-            _close_now(conn)
+        if self._full(client):
+            # A client that closed and reconnected at once may still be counted
+            # (its close not yet seen by the loop): give it a moment, unread,
+            # before refusing. Those waiting are bounded like connections.
+            if len(self._waiting) >= self.limits.max_connections:
+                self.refusals.refuse("connection_limit")
+                _close_now(conn)
+                return
+            task = asyncio.create_task(self._admit_later(conn, client))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
             return
+        self._start(conn, client)
+
+    async def _admit_later(self, conn: socket.socket, client: str) -> None:
+        deadline = asyncio.get_running_loop().time() + ADMIT_WAIT_SECONDS
+        try:
+            while self._full(client):
+                if asyncio.get_running_loop().time() >= deadline:
+                    self.refusals.refuse("connection_limit")
+                    _close_now(conn)
+                    return
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        self._start(conn, client)
+
+    def _start(self, conn: socket.socket, client: str) -> None:
         self.active += 1
         self.per_client[client] += 1
         task = asyncio.create_task(self._open(conn, client))
