@@ -27,6 +27,12 @@ behaves as NoClientCert: Go does not verify that certificate either, so it
 never grants anything. Verifying modes need `client_ca_file` (Go would fall
 back to the system roots; a monitoring endpoint should not trust every public CA).
 
+`client_allowed_sans` needs RequireAndVerifyClientCert (exporter-toolkit refuses
+it with the other modes too: a client that sends no certificate has no SAN to
+check). The certificate and key, and the bearer token file, are re-read when
+they change (CertificateReloader, webauth.TokenFile); the file itself is read
+once. Checking requests lives in exporters/webauth.py.
+
 /healthz and /readyz are left open on purpose: kubelet probes can neither send
 a password without writing it into the pod spec nor present a client cert.
 They return only ok/not-ready; /metrics and /debug/* always need credentials
