@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 NAD_GROUP, NAD_VERSION, NAD_PLURAL = "k8s.cni.cncf.io", "v1", "network-attachment-definitions"
 WATCH_TIMEOUT = 300          # server-side watch timeout, seconds
-PAGE = 100                   # pods of one node per list page
+PAGE = 500                   # objects per list page (default)
+POD_PAGE = 100               # this node's pods: each may carry 256 KiB of annotations
 NAD_PAGE = 20                # NADs per page: each may be ~1.5 MB (etcd's object limit)
 # Real CNI configs are a few KiB (a conflist with tuning/portmap under 10 KiB).
 MAX_NAD_CONFIG_CHARS = 64 * 1024
@@ -192,7 +193,8 @@ class KubeSource:
         core = client.CoreV1Api(api)
         pods = functools.partial(core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node_name}")
         self.watches = [ListWatch("pods", pods, store.replace_pods, store.upsert_pod, store.delete_pod,
-                                  on_listed=lambda: store.mark_ready(self.FEED), stop=self.stop_event)]
+                                  on_listed=lambda: store.mark_ready(self.FEED), stop=self.stop_event,
+                                  page=POD_PAGE)]
         if watch_nads:
             custom = client.CustomObjectsApi(api)
             nads = functools.partial(custom.list_cluster_custom_object, NAD_GROUP, NAD_VERSION, NAD_PLURAL)
