@@ -56,7 +56,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 def add_web_limit_flags(p: argparse.ArgumentParser) -> None:
     """Caps on what an HTTP client can hold (exporters/listener.py)."""
-    from exporters.listener import Limits
+    from exporters.httpstats import Limits      # not listener: no aiohttp import for --help
     d = Limits()
     p.add_argument("--web.max-connections", dest="web_max_connections", type=int,
                    default=d.max_connections, help=f"open connections at most (default {d.max_connections})")
@@ -70,7 +70,7 @@ def add_web_limit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def web_limits(args):
-    from exporters.listener import Limits
+    from exporters.httpstats import Limits
     return Limits(max_connections=args.web_max_connections, max_per_client=args.web_max_per_client,
                   read_timeout=args.web_read_timeout)
 

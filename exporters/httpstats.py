@@ -1,4 +1,4 @@
-"""What the HTTP face refused, and whether its credentials files reloaded.
+"""The HTTP face's caps, what it refused, and whether its credentials files reloaded.
 
 Counted here so that a flood, a slow client or a guessing attack shows on
 /metrics (`planewatch_http_refused_total{reason}`) instead of only in logs,
@@ -8,8 +8,29 @@ from the start at 0, so a rule can use `increase()` from the first scrape.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from exporters.exposition import COUNTER, GAUGE, Family
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold; exporters/listener.py enforces them (the
+    defaults are the flags' defaults in collector/cli.py)."""
+
+    max_connections: int = 128
+    max_per_client: int = 64
+    read_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 32
+
+    def handler_kwargs(self) -> dict:
+        return {"keepalive_timeout": self.read_timeout, "max_line_size": self.max_line_size,
+                "max_field_size": self.max_field_size, "max_headers": self.max_headers,
+                "lingering_time": 1.0, "access_log": None}
+
 
 REASONS = {
     "connection_limit": "over --web.max-connections (total or per client address)",

@@ -25,11 +25,10 @@ import logging
 import socket
 import ssl
 from collections import Counter
-from dataclasses import dataclass
 
 from aiohttp import http_exceptions, web, web_protocol, web_server
 
-from exporters.httpstats import REFUSALS, Refusals
+from exporters.httpstats import REFUSALS, Limits, Refusals  # noqa: F401  (Limits: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +38,6 @@ SERVER_HEADER = "planewatch"
 # How long a connection over a cap waits (accepted, unread) for a slot before it
 # is refused: the close of a client's previous connection may not be seen yet.
 ADMIT_WAIT_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 128
-    max_per_client: int = 64
-    read_timeout: float = 30.0
-    handshake_timeout: float = 10.0
-    max_line_size: int = 8190
-    max_field_size: int = 8190
-    max_headers: int = 32
-
-    def handler_kwargs(self) -> dict:
-        return {"keepalive_timeout": self.read_timeout, "max_line_size": self.max_line_size,
-                "max_field_size": self.max_field_size, "max_headers": self.max_headers,
-                "lingering_time": 1.0, "access_log": None}
 
 
 class GuardedHandler(web_protocol.RequestHandler):
