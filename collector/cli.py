@@ -67,12 +67,15 @@ def add_web_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds a connection may take to send a complete request, counted from "
                         f"accept or from the previous response; also the idle keep-alive time "
                         f"(default {d.read_timeout:g})")
+    p.add_argument("--web.write-timeout", dest="web_write_timeout", type=float, default=d.write_timeout,
+                   help="seconds a client may take to read a response before the connection is "
+                        f"aborted (default {d.write_timeout:g})")
 
 
 def web_limits(args):
     from exporters.httpstats import Limits
     return Limits(max_connections=args.web_max_connections, max_per_client=args.web_max_per_client,
-                  read_timeout=args.web_read_timeout)
+                  read_timeout=args.web_read_timeout, write_timeout=args.web_write_timeout)
 
 
 def setup_logging(level: str) -> None:

@@ -21,6 +21,7 @@ class Limits:
     max_connections: int = 128
     max_per_client: int = 64
     read_timeout: float = 30.0
+    write_timeout: float = 60.0
     handshake_timeout: float = 10.0
     max_line_size: int = 8190
     max_field_size: int = 8190
@@ -36,6 +37,7 @@ REASONS = {
     "connection_limit": "over --web.max-connections (total or per client address)",
     "tls_handshake": "TLS handshake failed or did not finish in time",
     "header_timeout": "request not complete within --web.read-timeout",
+    "write_timeout": "response not read by the client within --web.write-timeout",
     "request_too_large": "request line, a header or the number of headers over the limits",
     "malformed_request": "not parseable as HTTP/1.1",
     "client_certificate": "no client certificate, or none of its SANs allowed",

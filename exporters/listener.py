@@ -14,7 +14,9 @@ doubled the collector's RSS before any authentication ran. Here:
   accept and which closes a connection waiting for a request), so an idle
   keep-alive connection is closed after that time too;
 - request line, each header and the number of headers are bounded, so one
-  connection buffers at most ~`max_headers` x `max_field_size` bytes.
+  connection buffers at most ~`max_headers` x `max_field_size` bytes;
+- a response must be taken by the client within `write_timeout`, or the
+  connection is aborted (with its unsent buffer).
 
 Each refusal is counted in `planewatch_http_refused_total{reason}`.
 """
@@ -43,10 +45,12 @@ ADMIT_WAIT_SECONDS = 1.0
 class GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler, counting what it refuses and telling the
     listener when the connection is gone. Relies on aiohttp 3.x internals
-    (`_request_count`, `_process_keepalive`); tests/test_hostile_http.py pins them."""
+    (`_request_count`, `_process_keepalive`, `_messages`, `finish_response`);
+    tests/test_hostile_http.py pins them."""
 
-    def __init__(self, manager, *, refusals: Refusals, on_lost, **kwargs):
+    def __init__(self, manager, *, refusals: Refusals, on_lost, write_timeout: float, **kwargs):
         super().__init__(manager, **kwargs)
+        self._write_timeout = write_timeout
         self._refusals = refusals
         self._on_lost = on_lost
         self._unfinished = 0            # bytes of a request not yet complete
@@ -75,6 +79,20 @@ class GuardedHandler(web_protocol.RequestHandler):
         super()._process_keepalive()
         if was_open and self.transport is None and self._unfinished:
             self._refusals.refuse("header_timeout")
+
+    async def finish_response(self, request, resp, start_time):
+        """Writing the response, bounded: a client that sends requests and never
+        reads would otherwise hold its slot and a copy of the body (the
+        transport's buffer) forever."""
+        try:
+            return await asyncio.wait_for(super().finish_response(request, resp, start_time),
+                                          self._write_timeout)
+        except asyncio.TimeoutError:
+            self._refusals.refuse("write_timeout")
+            if self.transport is not None:
+                self.transport.abort()      # close() would wait to flush the buffer
+            self.force_close()
+            return resp, True
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if isinstance(exc, http_exceptions.HttpProcessingError):
@@ -223,6 +241,7 @@ class GuardedListener:
 
         def handler() -> GuardedHandler:
             return GuardedHandler(self.server, loop=loop, refusals=self.refusals, on_lost=release,
+                                  write_timeout=self.limits.write_timeout,
                                   **self.limits.handler_kwargs())
         kwargs = {}
         if self.ssl_context is not None:

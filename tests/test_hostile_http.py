@@ -502,6 +502,55 @@ def test_silent_tls_clients_are_dropped_after_the_handshake_timeout(pki):
     assert counted == 40
 
 
+def test_a_client_that_never_reads_its_response_is_cut_off():
+    """Ten clients ask for a 24 MB /metrics and never read: each would keep its
+    slot and a copy of the body in the transport's buffer forever."""
+    from aiohttp import web
+
+    from exporters.httpstats import Refusals
+    from exporters.listener import GuardedListener, Limits
+
+    body = b"planewatch_padding 1\n" * (24 * MIB // 21)
+
+    async def run():
+        async def metrics(request):
+            return web.Response(body=body)
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        refusals = Refusals()
+        listener = GuardedListener(runner.server, "127.0.0.1", 0, None,
+                                   Limits(write_timeout=1.0), refusals=refusals)
+        await listener.start()
+        loop = asyncio.get_running_loop()
+        try:
+            readers = []
+            for _ in range(10):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", listener.port))
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                readers.append(s)
+            await asyncio.sleep(0.5)
+            during = listener.active
+            honest = await loop.run_in_executor(None, lambda: len(get_from(listener.port, "/metrics")[2]))
+            await asyncio.sleep(1.5)
+            after = listener.active
+            cut = sum(closed_by_peer(s) for s in readers)
+            for s in readers:
+                s.close()
+            return during, honest, after, cut, refusals.count("write_timeout")
+        finally:
+            await listener.stop()
+            await runner.cleanup()
+    during, honest, after, cut, counted = asyncio.run(run())
+    assert during == 10
+    assert honest == len(body)          # a reader that reads gets all of it meanwhile
+    assert after == 0 and cut == 10
+    assert counted == 10
+
+
 def _https_status(port: int, ca: str) -> int:
     conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
                                        context=ssl.create_default_context(cafile=ca))
