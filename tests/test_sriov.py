@@ -297,6 +297,7 @@ def test_getlink_request_asks_for_vf_info_by_name():
     assert msg.get_attr("IFLA_EXT_MASK") == readers.RTEXT_FILTER_VF
 
 
+@pytest.mark.root          # setns into a netns needs CAP_SYS_ADMIN
 @pytest.mark.parametrize("netns", ["", "/proc/self/ns/net", "/proc/1/ns/net"])
 def test_real_rtnetlink_socket(netns):
     """This kernel has no SR-IOV, but the transport must talk to it: lo has no VFs."""
