@@ -146,22 +146,28 @@ RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 HOPS_TTL = 300.0            # a safety net: route events trigger the re-read
 
 
+def route_events(ns) -> LinkEvents:
+    """Route change notifications of both families in the namespace `ns`."""
+    with in_netns(ns.fd):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
+    sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+    return LinkEvents(sock)
+
+
 class HopCache:
     """Next hops per pod netns, re-read when a route event arrived (or past the TTL)."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, subscribe=None):
         self._clock = clock
+        self._subscribe = subscribe or route_events     # tests/replay.py passes a quiet one
         self._by_inode: dict[int, tuple[LinkEvents, list[NextHop], float]] = {}
 
     def hops(self, ns) -> list[NextHop]:
         known = self._by_inode.get(ns.inode)
         now = self._clock()
         if known is None:
-            with in_netns(ns.fd):
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
-                                     | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
-            sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-            events = LinkEvents(sock)       # subscribed before the dump: no change is missed
+            events = self._subscribe(ns)    # subscribed before the dump: no change is missed
         else:
             events, hops, at = known
             if not events.changed() and now - at <= HOPS_TTL:

@@ -152,13 +152,27 @@ class Namespace:
         os.close(self.fd)
 
 
+def open_sockets(fd: int) -> tuple[RtnlSocket, LinkEvents]:
+    """The two netlink sockets a kept namespace needs, made inside it."""
+    rtnl = RtnlSocket.open(fd)
+    try:
+        return rtnl, LinkEvents.open(fd)
+    except BaseException:
+        rtnl.close()
+        raise
+
+
 class NetnsPool:
     """Namespaces kept open across scrapes, keyed by inode. Not thread-safe:
-    one scrape at a time uses it (exporters/metrics.py serialises scrapes)."""
+    one scrape at a time uses it (exporters/metrics.py serialises scrapes).
 
-    def __init__(self, budgets: Budgets | None = None):
+    `sockets(fd, path)` makes a namespace's sockets; the root-free tests pass one
+    that replays recorded netlink replies (tests/replay.py)."""
+
+    def __init__(self, budgets: Budgets | None = None, sockets=None):
         self.budgets = budgets or Budgets()
         self._by_inode: dict[int, Namespace] = {}
+        self._sockets = sockets or (lambda fd, path: open_sockets(fd))
 
     def open(self, path: str) -> Namespace:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -166,12 +180,7 @@ class NetnsPool:
             inode = os.fstat(fd).st_ino
             known = self._by_inode.get(inode)
             if known is None:
-                rtnl = RtnlSocket.open(fd)
-                try:
-                    events = LinkEvents.open(fd)
-                except BaseException:
-                    rtnl.close()
-                    raise
+                rtnl, events = self._sockets(fd, path)
                 known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events, self.budgets)
                 return known
         except BaseException:
@@ -314,7 +323,7 @@ class Resolver:
                  clock=time.monotonic, budgets: Budgets | None = None):
         self.netns_dir = netns_dir
         self.procfs = procfs
-        self.pool = pool or NetnsPool(budgets)
+        self.pool = pool if pool is not None else NetnsPool(budgets)     # an empty pool is falsy (__len__)
         self._clock = clock
         self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
         self._tried: dict[str, float] = {}                  # uid -> last failed attempt

@@ -119,7 +119,6 @@ async def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
     """Everything the analysis needs from one netns: the facts, the lookups
     planned and their answers."""
     from pyroute2 import AsyncIPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
 
     ipr = None
     try:
@@ -127,29 +126,38 @@ async def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
             ipr = AsyncIPRoute(netns=None, flags=0, groups=0)
             await ipr.setup_endpoint()          # the socket is made here: inside
             rp_filter = read_rp_filter(procfs, [a.interface for a in atts])
-        versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
-        families = [f for f, v in FAMILY_VERSION.items() if v in versions]
-        addresses = [address_from_msg(m) for m in await _all(ipr.addr("dump"))]
-        routes, rules = [], []
-        for fam in families:
-            routes += [r for r in map(route_from_msg, await _all(ipr.route("dump", family=fam)))
-                       if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
-            rules += [rule_from_msg(m) for m in await _all(ipr.rule("dump", family=fam))]
-        facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
-        answers = {}
-        plan = probe_plan(facts)
-        for probe in plan:
-            try:
-                msgs = await _all(ipr.route("get", dst=probe.address, src=probe.source))
-                answers[(probe.source, probe.address)] = answer_from_msg(msgs[0])
-            except NetlinkError as err:
-                if err.code not in NO_ROUTE_ERRNOS:
-                    raise
-                answers[(probe.source, probe.address)] = {"error": err.code}
-        return facts, plan, answers
+        return await read_facts(ipr, rp_filter, namespace, pod, atts, links)
     finally:
         if ipr is not None:
             ipr.close()
+
+
+async def read_facts(ipr, rp_filter: dict[str, int], namespace: str, pod: str,
+                     atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+    """The dumps and lookups of `read_pod` on an open pyroute2 socket (or anything
+    answering the same calls with pyroute2 messages: tests/replay.py)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
+    families = [f for f, v in FAMILY_VERSION.items() if v in versions]
+    addresses = [address_from_msg(m) for m in await _all(ipr.addr("dump"))]
+    routes, rules = [], []
+    for fam in families:
+        routes += [r for r in map(route_from_msg, await _all(ipr.route("dump", family=fam)))
+                   if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
+        rules += [rule_from_msg(m) for m in await _all(ipr.rule("dump", family=fam))]
+    facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
+    answers = {}
+    plan = probe_plan(facts)
+    for probe in plan:
+        try:
+            msgs = await _all(ipr.route("get", dst=probe.address, src=probe.source))
+            answers[(probe.source, probe.address)] = answer_from_msg(msgs[0])
+        except NetlinkError as err:
+            if err.code not in NO_ROUTE_ERRNOS:
+                raise
+            answers[(probe.source, probe.address)] = {"error": err.code}
+    return facts, plan, answers
 
 
 # --- knowing when to look again ---------------------------------------------------
@@ -219,7 +227,8 @@ class RoutesSource:
         self._clock = clock
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
-        self._watch = ChangeWatch()
+        self.watch = ChangeWatch()
+        self.read_pod = read_pod            # both replaced by tests/replay.py with recorded replies
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()       # collect() and findings() may come from two threads
 
@@ -236,12 +245,12 @@ class RoutesSource:
         self._dirty &= set(live)
         for uid, (view, ns, _, _) in live.items():
             try:
-                if self._watch.changed(ns.inode, ns.fd):
+                if self.watch.changed(ns.inode, ns.fd):
                     self._dirty.add(uid)
             except OSError as err:
                 log.debug("pod %s: change watch: %s", view.pod.key, err)
                 self._dirty.add(uid)
-        self._watch.keep_only({v[1].inode for v in live.values()})
+        self.watch.keep_only({v[1].inode for v in live.values()})
         now, started = self._clock(), time.perf_counter()
         for n, uid in enumerate(self._due(live, now)):
             limit = self.budget_new if uid not in self._cache else self.budget
@@ -280,7 +289,7 @@ class RoutesSource:
         try:
             links = {l.ifindex: l.name for l in ns.rtnl.links()}
             facts, plan, answers = self._loop.run_until_complete(
-                read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name, atts, links))
+                self.read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name, atts, links))
         except OSError as err:          # the pod's netns went away meanwhile: not a failure
             log.debug("pod %s: %s", view.pod.key, err)
             self._cache.pop(uid, None)
@@ -307,7 +316,7 @@ class RoutesSource:
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
-            self._watch.keep_only(set())
+            self.watch.keep_only(set())
             if self._loop is not None:
                 self._loop.close()
                 self._loop = None

@@ -313,8 +313,13 @@ class Loader:
 
     # --- readers --------------------------------------------------------------------
 
+    def _entries(self, name: str, layout: maps.Layout, ncpus: int) -> list[tuple[bytes, bytes]]:
+        """The raw (key, value) bytes of one map: the only map read the decoders see
+        (tests/replay.py feeds recorded dumps here)."""
+        return maps.read_entries(self.fds[name], layout, ncpus)
+
     def _counters(self, name: str, layout: maps.Layout) -> dict:
-        return maps.decode_counters(maps.read_entries(self.fds[name], layout, self.ncpus), layout, self.ncpus)
+        return maps.decode_counters(self._entries(name, layout, self.ncpus), layout, self.ncpus)
 
     def interface_traffic(self) -> dict[tuple[int, int, str], tuple[int, int]]:
         """(netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
@@ -338,7 +343,7 @@ class Loader:
         now = time.monotonic()
         if self._census is None or now - self._census[0] >= self.flow_census_seconds:
             created = {k: v[0] for k, v in self._counters("flows_created", maps.CREATED).items()}
-            held = maps.flows_held(maps.read_entries(self.fds["flows"], maps.FLOWS, 1))
+            held = maps.flows_held(self._entries("flows", maps.FLOWS, 1))
             self._census = (now, {k: (n, max(0, n - held.get(k, 0))) for k, n in created.items()})
         return self._census[1]
 
@@ -357,7 +362,7 @@ class Loader:
     def top_asymmetric_flows(self, n: int) -> list[dict]:
         """The `n` (at most MAX_TOP_FLOWS) flows with most asymmetric packets."""
         n = max(0, min(n, MAX_TOP_FLOWS))
-        entries = maps.read_entries(self.fds["flows"], maps.FLOWS, 1)
+        entries = self._entries("flows", maps.FLOWS, 1)
         top = maps.top_asymmetric_flows(entries, n)
         now_unix, now_mono = time.time(), time.monotonic_ns()
         return [flow.as_dict(now_unix, now_mono) for flow in top]

@@ -176,3 +176,16 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.2, what: str 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- the quick tier: `make test-quick` runs `pytest -m "not root"` as uid 65534 ------
+# A test that needs root is marked `root` here, from what it asks for, so the quick
+# tier deselects it instead of letting it skip.
+ROOT_MARKERS = frozenset({"lab", "kube", "ebpf"})
+ROOT_FIXTURES = frozenset({"root", "lab", "golden_lab", "kube", "capability_lab"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ROOT_MARKERS & {m.name for m in item.iter_markers()} or ROOT_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.root)

@@ -1,5 +1,7 @@
 """The golden /metrics: the collector on the lab (fixed prefix, no traffic) plus
 fixture objects and trees, normalised, diffed against tests/golden/metrics.prom.
+Needs root (marked `root`): the root-free tier checks the same file from recorded
+kernel answers (tests/test_replay_golden.py).
 
 `pytest tests/test_golden.py --update-golden` rewrites the file; review the diff:
 the golden file is the list of every metric planewatch exposes.
@@ -30,9 +32,11 @@ GOLDEN_PREFIX = "pwgold"
 HEADER = ("# Golden /metrics of planewatch on the lab (tests/test_golden.py).\n"
           "# Normalised: values of kernel traffic (and flow, carrier-change) counters are zeroed,\n"
           "# scrape durations and the (traffic-dependent) drop-reason and asymmetric-flow series\n"
-          "# and neighbour ages are removed.\n")
+          "# and neighbour ages are removed; the BPF attach mode, the kernel's choice (tcx from\n"
+          "# Linux 6.6, else clsact), is written tcx|clsact.\n")
 DROP_SERIES = re.compile(r"^planewatch_(scrape_collector_duration_seconds|packet_drops_total|"
                          r"asymmetric_packets_total|gateway_neighbour_[a-z]+_age_seconds)\{")
+ATTACH_MODE = re.compile(r'^(planewatch_ebpf_info\{.*attach_mode=)"(tcx|clsact)"')
 # carrier changes depend on the order the lab brought its links up in
 ZERO_VALUE = re.compile(r"^(planewatch_((interface|ebpf_interface)_(receive|transmit)_[a-z]+|ebpf_flows_[a-z]+"
                         r"|interface_carrier_changes)_total\{.*\}) \S+$")
@@ -48,6 +52,7 @@ def normalise(text: str, prefix: str = GOLDEN_PREFIX) -> str:
     for line in text.splitlines():
         if DROP_SERIES.match(line):
             continue
+        line = ATTACH_MODE.sub(r'\1"tcx|clsact"', line)
         out.append(ZERO_VALUE.sub(r"\1 0", line).replace(f'"{run_stem}', f'"{golden_stem}'))
     return HEADER + "\n".join(out) + "\n"
 
@@ -98,6 +103,24 @@ def test_golden_metrics(golden_lab, tmp_path, update_golden):
     with open(GOLDEN) as f:
         want = f.read()
     assert got == want, "golden /metrics differs: run pytest tests/test_golden.py --update-golden and review"
+
+
+def test_golden_metrics_do_not_depend_on_the_attach_mode(golden_lab, tmp_path):
+    """Kernels before 6.6 get clsact instead of TCX: the same golden, in-process
+    (the attach mode has no flag: the ebpf source's option is set)."""
+    from tests.replay import build
+    _, pods_file = golden_lab
+    server, feeds = build(["--pods-file", pods_file, *golden_args(tmp_path)])
+    scraper = server.scraper
+    scraper.sources["ebpf"].options["attach_mode"] = "clsact"
+    try:
+        scraper.reconcile()             # attaches every interface, as the server's thread does
+        text = scraper.scrape().decode()
+    finally:
+        scraper.close()
+    assert 'attach_mode="clsact"' in text
+    with open(GOLDEN) as f:
+        assert normalise(text, PREFIX) == f.read()
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian prometheus) not installed")

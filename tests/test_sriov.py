@@ -18,16 +18,22 @@ from collector.registry import Config, Paths, Snapshot
 from collector.sysfs_safe import Sysfs
 from exporters.exposition import render
 from lab import sriov_fixture
+from tests.vf_metric_names import VF_METRIC, with_expected_metrics
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sysfs")
-ALL_METRICS = {metric for metric, _ in readers.COUNTERS.values()}
+ALL_METRICS = set(VF_METRIC.values())
 PYROUTE2_NAMES = {"rx_broadcast": "IFLA_VF_STATS_BROADCAST", "rx_multicast": "IFLA_VF_STATS_MULTICAST"}
 
 
 @pytest.fixture(scope="module")
 def expected(tmp_path_factory):
     """What the committed tree holds, per VF, from the one layout source."""
-    return sriov_fixture.write_tree(str(tmp_path_factory.mktemp("gen") / "sysfs"), sriov_fixture.TEST_LAYOUT)
+    return with_expected_metrics(
+        sriov_fixture.write_tree(str(tmp_path_factory.mktemp("gen") / "sysfs"), sriov_fixture.TEST_LAYOUT))
+
+
+def test_counter_names_are_the_written_out_ones():
+    assert {k: metric for k, (metric, _) in readers.COUNTERS.items()} == VF_METRIC
 
 
 @pytest.fixture
@@ -297,6 +303,7 @@ def test_getlink_request_asks_for_vf_info_by_name():
     assert msg.get_attr("IFLA_EXT_MASK") == readers.RTEXT_FILTER_VF
 
 
+@pytest.mark.root          # setns into a netns needs CAP_SYS_ADMIN
 @pytest.mark.parametrize("netns", ["", "/proc/self/ns/net", "/proc/1/ns/net"])
 def test_real_rtnetlink_socket(netns):
     """This kernel has no SR-IOV, but the transport must talk to it: lo has no VFs."""

@@ -28,6 +28,7 @@ from collector.registry import Config, Paths, Snapshot
 from collector.sysfs_safe import Sysfs, pci_address
 from exporters.exposition import render
 from lab import sriov_fixture
+from tests.vf_metric_names import VF_METRIC, with_expected_metrics
 from tests.test_sriov import FakeTransport, one_pod_per_vf, pci, pod_view
 
 INTEL_PF, MLX_PF = "0000:3b:00.0", "0000:5e:00.0"
@@ -35,7 +36,7 @@ INTEL_PF, MLX_PF = "0000:3b:00.0", "0000:5e:00.0"
 
 @pytest.fixture
 def tree(tmp_path):
-    return sriov_fixture.write_tree(str(tmp_path / "sys"), sriov_fixture.TEST_LAYOUT)
+    return with_expected_metrics(sriov_fixture.write_tree(str(tmp_path / "sys"), sriov_fixture.TEST_LAYOUT))
 
 
 def stats_file(root: str, pf: str, index: int, name: str = "") -> str:
@@ -244,7 +245,7 @@ def test_real_kernel_errnos_cost_one_counter_each(root, tree):
     assert got == want
     for (pod, file), _ in want.items():
         if file.startswith("stats/"):
-            metric = readers.COUNTERS[file[6:]][0]
+            metric = VF_METRIC[file[6:]]
             assert not values(scraped, metric, pod=pod)
     assert_intact(scraped, tree, {1: "p1", 4: "p4"})
     # what was not bind-mounted still reads: p0's other counters

@@ -1,0 +1,522 @@
+"""Record the kernel's answers to one scrape of the golden lab, and replay them.
+
+What a scrape reads from the kernel goes through four narrow seams, and this
+module sits behind each of them, once recording (as root, on the real lab) and
+then replaying (as anybody, with no namespace, socket or BPF map):
+
+- rtnetlink dumps on the sockets a kept pod netns holds (links, addresses,
+  RTM_GETSTATS, neighbours, route next hops): `NetnsPool(sockets=...)`; the
+  replies are replayed into `collector.rtnl.RtnlSocket`, whose decoders run;
+- the routes source's pyroute2 dumps and route lookups and the rp_filter it
+  reads inside the netns: `RoutesSource.read_pod`; pyroute2 decodes the
+  recorded message bytes and `collector.routes.read_facts` runs on them;
+- the SR-IOV PF query (RTM_GETLINK with VF info): the transport of
+  `NetlinkVfStats`;
+- BPF map dumps: `Loader._entries`; the ebpf/maps.py decoders run on the bytes.
+
+Netns inodes are a property of the run, not of the recording: the replay pins
+one empty file per recorded namespace and rewrites the netns word of every BPF
+map key to that file's inode.
+
+Record again (as root) when the golden /metrics changes on purpose:
+
+    .venv/bin/python -m tests.replay
+
+It writes tests/fixtures/recorded/{kernel.json,pods.yaml,metrics.prom}: the
+raw answers, the lab's pods file, and the /metrics the collector served live
+from those very answers (scrape durations dropped), which the replay must
+reproduce byte for byte (tests/test_replay_golden.py).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import json
+import os
+import re
+import struct
+import sys
+import threading
+
+from collector.netns import NetnsPool, Resolver, open_sockets
+from collector.rtnl import LinkEvents, RtnlSocket
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECORDED = os.path.join(HERE, "fixtures", "recorded")
+KERNEL = os.path.join(RECORDED, "kernel.json")
+PODS = os.path.join(RECORDED, "pods.yaml")
+METRICS = os.path.join(RECORDED, "metrics.prom")
+
+_NLMSGHDR = struct.Struct("=IHHII")
+DURATION = re.compile(r"^planewatch_scrape_collector_duration_seconds\{")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _raw(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def without_durations(text: str) -> str:
+    """The only part of a scrape that no recording can fix: how long it took."""
+    return "".join(line for line in text.splitlines(keepends=True) if not DURATION.match(line))
+
+
+# --- rtnetlink -----------------------------------------------------------------------
+
+class RecordingSocket:
+    """A netlink socket that keeps the reply buffers of the last dump of each type."""
+
+    def __init__(self, sock, replies: dict[str, list[str]]):
+        self._sock = sock
+        self._replies = replies
+        self._current: list[str] = []
+
+    def send(self, msg: bytes) -> int:
+        kind = _NLMSGHDR.unpack_from(msg)[1]
+        self._current = self._replies[str(kind)] = []
+        return self._sock.send(msg)
+
+    def recv(self, size: int) -> bytes:
+        buf = self._sock.recv(size)
+        self._current.append(_b64(buf))
+        return buf
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class ReplaySocket:
+    """Answers each dump request with the recorded buffers of its type, the
+    sequence number rewritten to the request's."""
+
+    def __init__(self, replies: dict[str, list[str]], where: str):
+        self._replies = replies
+        self._where = where
+        self._pending: list[bytes] = []
+
+    def send(self, msg: bytes) -> int:
+        _len, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(msg)
+        if str(kind) not in self._replies:
+            raise OSError(errno.EOPNOTSUPP, f"{self._where}: no recorded reply to netlink message type {kind}")
+        self._pending = [_with_seq(_raw(b), seq) for b in self._replies[str(kind)]]
+        return len(msg)
+
+    def recv(self, size: int) -> bytes:
+        if not self._pending:
+            raise OSError(errno.EBADMSG, f"{self._where}: recording ran out")
+        return self._pending.pop(0)
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+def _with_seq(buf: bytes, seq: int) -> bytes:
+    out = bytearray(buf)
+    off = 0
+    while off + _NLMSGHDR.size <= len(out):
+        length = _NLMSGHDR.unpack_from(out, off)[0]
+        struct.pack_into("=I", out, off + 8, seq)
+        if length < _NLMSGHDR.size:
+            break
+        off += (length + 3) & ~3
+    return bytes(out)
+
+
+class QuietSocket:
+    """A subscription on which nothing ever changes: a recording is one instant."""
+
+    def recv(self, size: int) -> bytes:
+        raise BlockingIOError(errno.EAGAIN, "nothing pending")
+
+    def close(self) -> None:
+        pass
+
+
+def quiet_events(*_args) -> LinkEvents:
+    return LinkEvents(QuietSocket())
+
+
+# --- pyroute2 (routes source) ----------------------------------------------------------
+
+def _msg_bytes(msg) -> bytes:
+    length = msg["header"]["length"]
+    return bytes(msg.data[msg.offset:msg.offset + length])
+
+
+def _call_key(method: str, cmd: str, kwargs: dict) -> str:
+    return " ".join([method, cmd] + [f"{k}={kwargs[k]}" for k in sorted(kwargs)])
+
+
+class RecordingIPRoute:
+    """An AsyncIPRoute whose answers are kept as message bytes (or errno)."""
+
+    def __init__(self, ipr, calls: dict):
+        self._ipr = ipr
+        self._calls = calls
+
+    async def _call(self, method: str, cmd: str, **kwargs):
+        from pyroute2.netlink.exceptions import NetlinkError
+        from collector.routes import _all
+        key = _call_key(method, cmd, kwargs)
+        try:
+            msgs = await _all(getattr(self._ipr, method)(cmd, **kwargs))
+        except NetlinkError as err:
+            self._calls[key] = {"error": err.code}
+            raise
+        self._calls[key] = {"messages": [_b64(_msg_bytes(m)) for m in msgs]}
+        return msgs
+
+    def addr(self, cmd, **kwargs):
+        return self._call("addr", cmd, **kwargs)
+
+    def route(self, cmd, **kwargs):
+        return self._call("route", cmd, **kwargs)
+
+    def rule(self, cmd, **kwargs):
+        return self._call("rule", cmd, **kwargs)
+
+
+class ReplayIPRoute:
+    """pyroute2 messages decoded by pyroute2 from the recorded bytes."""
+
+    def __init__(self, calls: dict, where: str):
+        self._calls = calls
+        self._where = where
+
+    async def _call(self, method: str, cmd: str, **kwargs):
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.rtnl.fibmsg import fibmsg
+        from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
+        key = _call_key(method, cmd, kwargs)
+        if key not in self._calls:
+            raise OSError(errno.EOPNOTSUPP, f"{self._where}: no recorded answer to {key}")
+        answer = self._calls[key]
+        if "error" in answer:
+            raise NetlinkError(answer["error"])
+        cls = {"addr": ifaddrmsg, "route": rtmsg, "rule": fibmsg}[method]
+        out = []
+        for text in answer["messages"]:
+            msg = cls(_raw(text))
+            msg.decode()
+            out.append(msg)
+        return out
+
+    def addr(self, cmd, **kwargs):
+        return self._call("addr", cmd, **kwargs)
+
+    def route(self, cmd, **kwargs):
+        return self._call("route", cmd, **kwargs)
+
+    def rule(self, cmd, **kwargs):
+        return self._call("rule", cmd, **kwargs)
+
+
+def recording_read_pod(calls_by_pod: dict):
+    """`collector.routes.read_pod`, with the socket and rp_filter kept per pod."""
+    from collector.nsenter import in_netns
+    from collector.routes import read_facts, read_rp_filter
+
+    async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+        from pyroute2 import AsyncIPRoute
+        entry = calls_by_pod[f"{namespace}/{pod}"] = {"calls": {}}
+        ipr = None
+        try:
+            with in_netns(netns_fd):
+                ipr = AsyncIPRoute(netns=None, flags=0, groups=0)
+                await ipr.setup_endpoint()
+                entry["rp_filter"] = read_rp_filter(procfs, [a.interface for a in atts])
+            return await read_facts(RecordingIPRoute(ipr, entry["calls"]), entry["rp_filter"],
+                                    namespace, pod, atts, links)
+        finally:
+            if ipr is not None:
+                ipr.close()
+    return read_pod
+
+
+def replay_read_pod(calls_by_pod: dict):
+    from collector.routes import read_facts
+
+    async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+        key = f"{namespace}/{pod}"
+        if key not in calls_by_pod:
+            raise OSError(errno.ENOENT, f"{key}: not in the recording")
+        entry = calls_by_pod[key]
+        return await read_facts(ReplayIPRoute(entry["calls"], key), entry["rp_filter"],
+                                namespace, pod, atts, links)
+    return read_pod
+
+
+# --- SR-IOV PF query --------------------------------------------------------------------
+
+class RecordingTransport:
+    def __init__(self, transport, answers: dict):
+        self._transport = transport
+        self._answers = answers
+
+    def __call__(self, pf: str) -> bytes:
+        try:
+            reply = self._transport(pf)
+        except OSError as err:
+            self._answers[pf] = {"errno": err.errno}
+            raise
+        self._answers[pf] = {"reply": _b64(reply)}
+        return reply
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+class ReplayTransport:
+    def __init__(self, answers: dict):
+        self._answers = answers
+
+    def __call__(self, pf: str) -> bytes:
+        answer = self._answers.get(pf, {"errno": errno.ENODEV})
+        if "errno" in answer:
+            raise OSError(answer["errno"], os.strerror(answer["errno"] or errno.EIO))
+        return _raw(answer["reply"])
+
+
+# --- BPF maps ---------------------------------------------------------------------------
+
+def _netns_word(key: bytes, inode: int) -> bytes:
+    """Every planewatch map key starts with the netns inode (ebpf/planewatch.bpf.h)."""
+    return struct.pack("=I", inode) + key[4:]
+
+
+def replay_loader(bpf: dict, inode_of: dict[int, int]):
+    """The read side of ebpf.loader.Loader (`_counters`, `interface_traffic`,
+    `packet_drops`, ...: the same code) over recorded map dumps."""
+    from ebpf.loader import Loader
+
+    class ReplayLoader(Loader):
+        def __init__(self):         # nothing loaded: the maps are the recording
+            _replay_state(self, bpf, inode_of)
+
+        def _entries(self, name, layout, ncpus):
+            return list(self._maps.get(name, ()))
+
+        def prune_dead(self):
+            return []
+
+        def map_refused(self) -> dict[str, int]:
+            return dict(self._recorded_refused)
+
+        def detach(self, netns_inode: int, ifindex: int) -> None:
+            self.hooks.pop((netns_inode, ifindex), None)
+
+        def close(self) -> None:
+            self.hooks.clear()
+    return ReplayLoader()
+
+
+def _replay_state(loader, bpf: dict, inode_of: dict[int, int]) -> None:
+    loader.ncpus = bpf["ncpus"]
+    loader.mode = bpf["mode"]
+    loader.reasons = {int(code): name for code, name in bpf["reasons"].items()}
+    loader.hooks = {(inode_of[n], i): None for n, i in bpf["attached"] if n in inode_of}
+    loader._lock = threading.Lock()
+    loader._census = None
+    loader.flow_census_seconds = 0.0
+    loader.stale_filters_removed = bpf.get("stale_filters_removed", 0)
+    loader._recorded_refused = bpf.get("refused", {})
+    loader._maps = {name: [(_netns_word(_raw(k), inode_of.get(struct.unpack_from("=I", _raw(k))[0], 0)),
+                            _raw(v)) for k, v in entries]
+                    for name, entries in bpf["maps"].items()}
+
+
+# --- the two sides -------------------------------------------------------------------------
+
+def serve_args(pods_file: str, sysfs: str, netns_dir: str, procfs: str) -> list[str]:
+    from lab.objects import NODE_NAME
+    return ["--node-name", NODE_NAME, "--pods-file", pods_file, "--path.sysfs", sysfs,
+            "--path.netns", netns_dir, "--path.procfs", procfs]
+
+
+def build(args: list[str]):
+    """The Server `planewatch serve <args>` builds (feeds not started)."""
+    import argparse as _argparse
+    from collector.cli import add_serve_flags, build_server
+    parser = _argparse.ArgumentParser()
+    add_serve_flags(parser)
+    server, feeds, _ = build_server(parser.parse_args(args))
+    for feed in feeds:
+        feed.load_once()        # the pods file read now, not on a thread
+    return server, feeds
+
+
+class Replay:
+    """A planewatch Server whose kernel is the recording. `netns_dir` must be an
+    empty directory the replay may fill; `procfs` any directory (no pod process
+    is found there, as on the lab)."""
+
+    def __init__(self, sysfs: str, netns_dir: str, procfs: str, kernel: dict | None = None):
+        if kernel is None:
+            with open(KERNEL) as f:
+                kernel = json.load(f)
+        self.kernel = kernel
+        inode_of = {}
+        for name, ns in kernel["netns"].items():
+            path = os.path.join(netns_dir, name)
+            open(path, "w").close()
+            inode_of[ns["inode"]] = os.stat(path).st_ino
+        self.server, self.feeds = build(serve_args(PODS, sysfs, netns_dir, procfs))
+        scraper = self.server.scraper
+        netns = kernel["netns"]
+
+        def sockets(fd: int, path: str):
+            name = os.path.basename(path)
+            return RtnlSocket(ReplaySocket(netns[name]["replies"], name)), quiet_events()
+        scraper.resolver = Resolver(netns_dir, procfs, pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
+        sources = scraper.sources
+        if "neighbours" in sources:
+            from collector.neighbours import HopCache
+            sources["neighbours"].hop_cache = HopCache(subscribe=quiet_events)
+        if "routes" in sources:
+            sources["routes"].read_pod = replay_read_pod(kernel["routes"])
+            sources["routes"].watch = QuietWatch()
+        if "sriov" in sources:
+            sources["sriov"].netlink.transport = ReplayTransport(kernel["sriov_pf"])
+        if "ebpf" in sources:
+            sources["ebpf"].loader = replay_loader(kernel["bpf"], inode_of)
+            sources["ebpf"].reason = "ok"
+
+    def scrape(self) -> str:
+        return self.server.scraper.scrape().decode()
+
+    def close(self) -> None:
+        for feed in self.feeds:
+            feed.stop()
+        self.server.scraper.close()
+
+
+class QuietWatch:
+    """routes.ChangeWatch with no kernel: each netns is new once, then unchanged."""
+
+    def __init__(self):
+        self._seen: set[int] = set()
+
+    def changed(self, inode: int, netns_fd: int) -> bool:
+        new = inode not in self._seen
+        self._seen.add(inode)
+        return new
+
+    def keep_only(self, inodes: set[int]) -> None:
+        self._seen &= inodes
+
+
+def record(prefix: str, out_dir: str = RECORDED) -> None:
+    """Bring up the golden lab under `prefix`, serve it for real with every kernel
+    answer kept, scrape once, and write the recording."""
+    import tempfile
+    import yaml
+    from lab import topology
+    from lab.objects import lab_objects
+    from lab.sriov_fixture import write_sriov_fixture
+    from tests.test_golden import EXTRA
+
+    topology.down(prefix)
+    state = topology.up(prefix, topology.demo_pods() + topology.sriov_pods())
+    try:
+        with open(EXTRA) as f:
+            extra = [d for d in yaml.safe_load_all(f) if d]
+        pods_text = yaml.safe_dump_all(lab_objects(state) + extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            pods_file, sysfs = os.path.join(tmp, "pods.yaml"), os.path.join(tmp, "sysfs")
+            with open(pods_file, "w") as f:
+                f.write(pods_text)
+            write_sriov_fixture(sysfs)
+            # traffic once BPF is attached, so the counters and drop maps hold numbers
+            kernel, metrics = _record_scrape(serve_args(pods_file, sysfs, "/run/netns", "/proc"),
+                                             lambda: topology.warm_up(state))
+    finally:
+        topology.down(prefix)
+    kernel["prefix"] = prefix
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernel.json"), "w") as f:
+        json.dump(kernel, f, indent=1, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(out_dir, "pods.yaml"), "w") as f:
+        f.write(pods_text)
+    with open(os.path.join(out_dir, "metrics.prom"), "w") as f:
+        f.write(without_durations(metrics))
+
+
+def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
+    server, feeds = build(args)
+    scraper = server.scraper
+    replies_by_path: dict[str, dict] = {}
+
+    def sockets(fd: int, path: str):
+        rtnl, events = open_sockets(fd)
+        replies_by_path[path] = {"inode": os.fstat(fd).st_ino, "replies": {}}
+        return RtnlSocket(RecordingSocket(rtnl._sock, replies_by_path[path]["replies"])), events
+    scraper.resolver = Resolver(scraper.resolver.netns_dir, scraper.resolver.procfs,
+                                pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
+    sources = scraper.sources
+    routes: dict = {}
+    sources["routes"].read_pod = recording_read_pod(routes)
+    sriov_pf: dict = {}
+    sources["sriov"].netlink.transport = RecordingTransport(sources["sriov"].netlink.transport, sriov_pf)
+    maps: dict[str, list] = {}
+    ebpf = sources["ebpf"]
+    scraper.reconcile()                 # loads the BPF objects and attaches, as the server's thread does
+    loader = ebpf.loader
+    if loader is None:
+        raise SystemExit(f"BPF did not load ({ebpf.reason}): record where it does")
+    real_entries = loader._entries
+
+    def entries(name, layout, ncpus):
+        got = real_entries(name, layout, ncpus)
+        maps[name] = [[_b64(k), _b64(v)] for k, v in got]
+        return got
+    loader._entries = entries
+    try:
+        before_scrape()
+        metrics = scraper.scrape().decode()
+        snapshot = scraper.snapshot()
+        used = {pv.netns_path for pv in snapshot.pods if pv.netns_path}
+        netns = {os.path.basename(p): r for p, r in replies_by_path.items() if p in used}
+        inodes = {r["inode"] for r in netns.values()}
+        kernel = {
+            "netns": netns,
+            "routes": routes,
+            "sriov_pf": sriov_pf,
+            "bpf": {"ncpus": loader.ncpus, "mode": loader.mode,
+                    "reasons": {str(c): n for c, n in sorted(loader.reasons.items())},
+                    "attached": sorted(k for k in loader.attached() if k[0] in inodes),
+                    "refused": loader.map_refused(),
+                    "stale_filters_removed": loader.stale_filters_removed,
+                    "maps": {name: [e for e in got if struct.unpack_from("=I", _raw(e[0]))[0] in inodes]
+                             for name, got in maps.items()}},
+        }
+    finally:
+        for feed in feeds:
+            feed.stop()
+        scraper.close()
+    return kernel, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix", default="pwrec", help="lab prefix for the recording (default pwrec)")
+    parser.add_argument("--out", default=RECORDED, help=f"directory to write (default {RECORDED})")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("recording needs root: it brings up the lab and loads BPF", file=sys.stderr)
+        return 1
+    record(args.prefix, args.out)
+    print(f"recorded into {args.out}: review the diff (git diff --stat {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
