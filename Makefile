@@ -1,6 +1,7 @@
 # planewatch — the two commands a new user runs:
 #   make run    bring up the lab and serve /metrics on it (Ctrl-C tears it down)
 #   make test   run every test
+#   make node-up / make node-down   a real single-node Kubernetes (tests/node.py)
 # Both install what they need first (Debian packages, a venv, the BPF objects).
 
 PYTHON ?= python3
@@ -8,9 +9,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9808
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
-                openssl prometheus prometheus-node-exporter
+                openssl prometheus prometheus-node-exporter \
+                containerd runc containernetworking-plugins iptables conntrack socat \
+                buildah mmdebstrap busybox-static gcc libc6-dev git
 
-.PHONY: deps apt venv ebpf run test bench lab-down generate clean
+.PHONY: deps apt venv ebpf run test bench lab-down node-up node-down generate clean
 
 deps: apt venv ebpf
 
@@ -45,6 +48,13 @@ generate: venv
 	$(BIN)/python deploy/rules/generate.py
 	$(BIN)/python dashboards/generate.py
 	$(BIN)/python deploy/generate.py
+
+NODE ?= pwnode
+node-up: deps
+	$(BIN)/python -m tests.node up $(NODE)
+
+node-down: venv
+	$(BIN)/python -m tests.node down $(NODE)
 
 lab-down: venv
 	$(BIN)/planewatch lab down

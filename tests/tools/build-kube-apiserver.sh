@@ -7,7 +7,12 @@
 #
 # Usage: build-kube-apiserver.sh OUTDIR [CMD...]  -> OUTDIR/bin/{CMD...,etcd}
 #   CMD: directories under cmd/ of the Kubernetes tree (default: kube-apiserver),
-#   e.g. kube-apiserver kubelet kube-controller-manager kube-scheduler kubectl.
+#   e.g. kube-apiserver kubelet kube-controller-manager kube-scheduler kubectl;
+#   and `pause`: build/pause/linux/pause.c compiled statically (the sandbox image).
+#   Binaries already in OUTDIR/bin are kept, not rebuilt: one run builds only
+#   what is missing, all from the same tree and Go build cache (after
+#   kube-apiserver, incremental: kubelet ~100 s, controller-manager ~75 s,
+#   scheduler ~26 s on 2 cores).
 # Needs: Debian 12 or 13 (apt-get, dpkg), network access to the Debian archive.
 # Whatever the host runs, the source package and the Go toolchain are bookworm's,
 # asked for by suite name: trixie and later do not carry them.
@@ -16,7 +21,15 @@
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: $0 OUTDIR [CMD...]}")
 shift
-TARGETS=("${@:-kube-apiserver}")
+WANTED=("${@:-kube-apiserver}")
+TARGETS=()
+for T in "${WANTED[@]}"; do
+  [ -x "$OUT/bin/$T" ] || TARGETS+=("$T")
+done
+if [ ${#TARGETS[@]} = 0 ] && [ -x "$OUT/bin/etcd" ]; then
+  echo "[build-kube-apiserver] all of ${WANTED[*]} and etcd already in $OUT/bin"
+  exit 0
+fi
 SUITE=bookworm
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 GO_VERSION=1.19
@@ -137,6 +150,12 @@ done
 # Each binary is built to a temporary name and renamed, so a killed build never
 # leaves a half-written binary that a later run would take as ready.
 for T in "${TARGETS[@]}"; do
+  if [ "$T" = pause ]; then
+    # The pod sandbox: a static binary, so a one-layer image needs nothing else.
+    step "cc -static build/pause/linux/pause.c"
+    "${CC:-cc}" -Os -static -DVERSION=v1.20.2 -o "$OUT/bin/.$T.tmp" build/pause/linux/pause.c
+    continue
+  fi
   step "go build ./cmd/$T (kube-apiserver is the long part: a few minutes)"
   go build -ldflags "$LD" -o "$OUT/bin/.$T.tmp" "./cmd/$T"
 done
@@ -144,6 +163,7 @@ cp "$W"/root/usr/bin/etcd "$OUT"/bin/.etcd.tmp
 mv "$OUT"/bin/.etcd.tmp "$OUT"/bin/etcd
 for T in "${TARGETS[@]}"; do
   mv "$OUT/bin/.$T.tmp" "$OUT/bin/$T"
+  [ "$T" = pause ] && { "$OUT/bin/$T" -v; continue; }
   "$OUT/bin/$T" --version 2>/dev/null || "$OUT/bin/$T" version --client 2>/dev/null || true
 done
 "$OUT"/bin/etcd --version | head -1
