@@ -170,6 +170,15 @@ class Node:
 
     def _host_network(self) -> None:
         net = self.net
+        # The DaemonSet mounts /run/netns with HostToContainer propagation, which the
+        # runtime refuses unless the source is a shared (or slave) mount; `ip netns add`
+        # makes it one, a fresh machine may not have it yet: do what iproute2 does.
+        if not _is_mountpoint("/run/netns"):
+            os.makedirs("/run/netns", exist_ok=True)
+            subprocess.run(["mount", "--bind", "/run/netns", "/run/netns"], check=True)
+            self.state["made_netns_mount"] = True
+            self._save()
+        subprocess.run(["mount", "--make-shared", "/run/netns"], check=True)
         ip = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True)
         ip("link", "add", net.bridge, "type", "bridge")
         ip("addr", "add", f"{net.node_ip}/24", "dev", net.bridge)
@@ -308,6 +317,11 @@ class Node:
     def used_netns(self) -> list[str]:
         log = self.dir / "cni" / "netns.log"
         return sorted({n for n in log.read_text().split() if n}) if log.exists() else []
+
+
+def _is_mountpoint(path: str) -> bool:
+    return any(line.split()[4] == path
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
 def _starttime(pid: int) -> int | None:

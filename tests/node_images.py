@@ -79,11 +79,14 @@ def oci_archive(name: str, files: dict[str, tuple[bytes | str, int]], config: di
     return out.getvalue()
 
 
-def import_archive(node, data_or_path) -> None:
+def import_archive(node, data_or_path, base_name: str = "") -> None:
+    """ctr import. An OCI ref.name annotation is only a tag by the spec: base_name
+    gives the repository (buildah's archives carry no containerd name annotation)."""
+    extra = ["--base-name", base_name] if base_name else []
     if isinstance(data_or_path, (bytes, bytearray)):
-        node.ctr("images", "import", "-", input=data_or_path)
+        node.ctr("images", "import", *extra, "-", input=data_or_path)
     else:
-        node.ctr("images", "import", str(data_or_path))
+        node.ctr("images", "import", *extra, str(data_or_path))
 
 
 def import_base_images(node) -> None:

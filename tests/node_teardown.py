@@ -153,6 +153,8 @@ def teardown_host(node) -> None:
                 top.rmdir()
             except OSError:
                 pass
+    if state.get("made_netns_mount") and not os.listdir("/run/netns"):
+        subprocess.run(["umount", "/run/netns"], capture_output=True)
     restore_sysctls(state.get("sysctls", {}))
     _remove_pod_logs(state.get("pod_uids", []))
     for path, existed in state.get("preexisting", {}).items():

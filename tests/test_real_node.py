@@ -16,8 +16,6 @@ import yaml
 
 from tests.conftest import REPO, parse_metrics, series, unique_prefix
 
-pytestmark = pytest.mark.timeout(1500) if hasattr(pytest.mark, "timeout") else []
-
 WORKLOAD_NS = "pwtraffic"
 PODS = ("pod-a", "pod-b")
 SECONDARY = {"macvlan-net": ("net1", "signaling"), "bridge-net": ("net2", "data")}
@@ -81,7 +79,9 @@ def deployed(node):
     from tests.node_images import PLANEWATCH_IMAGE, import_archive, planewatch_image
     t = time.monotonic()
     archive, timings = planewatch_image()
-    import_archive(node, archive)
+    import_archive(node, archive, base_name=PLANEWATCH_IMAGE.rsplit(":", 1)[0])
+    images = node.ctr("images", "ls", "-q").stdout.decode().split()
+    assert PLANEWATCH_IMAGE in images, images
     timings["image-total"] = round(time.monotonic() - t, 1)
     for crd in (NAD_CRD, SERVICEMONITOR_CRD, PROMETHEUSRULE_CRD):
         sh(kubectl(), "--kubeconfig", node.kubeconfig, "apply", "-f", str(crd))
