@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -106,6 +105,10 @@ class Node:
         self._host_network()
         for root in cgroup_roots():                      # kubelet's --cgroup-root must exist
             (Path(root) / self.name).mkdir(exist_ok=True)
+            # A new v1 cpuset starts empty and no task could join it: inherit the root's.
+            for knob in ("cpuset.cpus", "cpuset.mems"):
+                if (Path(root) / knob).exists():
+                    (Path(root) / self.name / knob).write_text((Path(root) / knob).read_text())
         (d / "kubeconfig.json").write_text(cfg.kubeconfig(
             f"https://127.0.0.1:{ports['apiserver']}", d / "pki" / "ca.crt", token))
 

@@ -83,6 +83,7 @@ def deployed(node):
     images = node.ctr("images", "ls", "-q").stdout.decode().split()
     assert PLANEWATCH_IMAGE in images, images
     timings["image-total"] = round(time.monotonic() - t, 1)
+    node.tcx_links_before_deploy = tcx_links()
     for crd in (NAD_CRD, SERVICEMONITOR_CRD, PROMETHEUSRULE_CRD):
         sh(kubectl(), "--kubeconfig", node.kubeconfig, "apply", "-f", str(crd))
     sh(kubectl(), "--kubeconfig", node.kubeconfig, "wait", "--for=condition=established",
@@ -184,6 +185,13 @@ def value(m: dict, name: str, **labels) -> float:
     found = series(m, name, **labels)
     assert len(found) == 1, (name, labels, found)
     return next(iter(found.values()))
+
+
+def tcx_links() -> set[int]:
+    """Ids of BPF links whose program is planewatch's TCX/tc program."""
+    progs = {p["id"]: p.get("name", "") for p in json.loads(sh("bpftool", "-j", "prog", "show") or "[]")}
+    return {l["id"] for l in json.loads(sh("bpftool", "-j", "link", "show") or "[]")
+            if progs.get(l.get("prog_id")) in ("tcx_ingress", "tcx_egress")}
 
 
 def quiet_scrape(ds: dict, netns: dict[str, str]):
@@ -310,25 +318,24 @@ def test_nothing_stays_attached_after_the_daemonset_is_deleted(node, deployed, w
                 ifindex = json.loads(sh("ip", "-n", ns, "-j", "link", "show", dev))[0]["ifindex"]
                 nets = json.loads(sh("ip", "netns", "exec", ns, "bpftool", "-j", "net", "show"))
                 tc = [t for n in nets for t in n.get("tc", []) if t.get("ifindex") == ifindex]
-                filters = sh("tc", "-n", ns, "filter", "show", "dev", dev, "ingress").strip() + \
-                    sh("tc", "-n", ns, "filter", "show", "dev", dev, "egress").strip()
+                # No clsact qdisc at all is an error for tc, and no filter either.
+                filters = "".join(subprocess.run(
+                    ["tc", "-n", ns, "filter", "show", "dev", dev, hook], capture_output=True,
+                    text=True).stdout.strip() for hook in ("ingress", "egress"))
                 out[(p, dev)] = (tc, filters)
         return out
 
-    def tcx_links() -> set[int]:
-        links = json.loads(sh("bpftool", "-j", "link", "show") or "[]")
-        return {l["id"] for l in links if l.get("type") == "tcx"}
-
-    during_tcx = tcx_links()
     during = tc_programs()
-    # Attached while it runs (tcx links here; tc filters on kernels without TCX).
-    assert during_tcx or any(t or f for t, f in during.values())
+    ours = tcx_links() - node.tcx_links_before_deploy
+    # Attached while it runs: TCX links (ingress + egress) on the six workload interfaces
+    # and the DaemonSet pod's eth0, or tc filters on kernels without TCX.
+    assert len(ours) >= 2 * 6 or all(t or f for t, f in during.values()), (ours, during)
     sh(kubectl(), "--kubeconfig", node.kubeconfig, "-n", "planewatch", "delete", "daemonset",
        "planewatch", "--wait=true", "--timeout=120s")
     wait(lambda: node.request("GET", "/api/v1/namespaces/planewatch/pods?labelSelector="
                               "app.kubernetes.io/name=planewatch")[1]["items"] == [], 120,
          "the DaemonSet pod to be gone")
-    left = wait(lambda: (not (during_tcx & tcx_links()) and
+    left = wait(lambda: (not (ours & tcx_links()) and
                          all(not t and not f for t, f in tc_programs().values())) or None,
                 20, "programs detached")
     assert left
