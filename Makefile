@@ -13,7 +13,7 @@ APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-
                 containerd runc containernetworking-plugins iptables conntrack socat \
                 buildah mmdebstrap busybox-static gcc libc6-dev git
 
-.PHONY: deps apt venv ebpf run test bench lab-down node-up node-down generate clean
+.PHONY: deps apt venv ebpf run test bench lab-down node-up node-down kube-bins generate clean
 
 deps: apt venv ebpf
 
@@ -38,8 +38,13 @@ ebpf:
 run: deps
 	$(BIN)/planewatch lab run --web.listen-address $(LISTEN)
 
-test: deps
+test: deps kube-bins
 	$(BIN)/python -m pytest -q tests
+
+# Kubernetes v1.20.2 binaries for tests/kubeapi.py and the real node (tests/node.py),
+# built once into ~/.cache/planewatch from Debian's source (minutes the first time).
+kube-bins: venv
+	$(BIN)/python -m tests.node_bins
 
 bench: deps
 	$(BIN)/python bench/scrape.py
