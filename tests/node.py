@@ -283,6 +283,10 @@ class Node:
         if (self.dir / "logs").exists():
             shutil.copytree(self.dir / "logs", logs)
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            BASE.rmdir()                 # only when no other node lives there
+        except OSError:
+            pass
         self.state = {}
 
     def _delete_workloads(self, timeout: float = 90) -> None:
