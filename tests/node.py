@@ -269,15 +269,25 @@ class Node:
     def down(self) -> None:
         if not self.state:
             return
+        phases, t = {}, time.monotonic()
+
+        def phase(name):
+            nonlocal t
+            phases[name] = round(time.monotonic() - t, 1)
+            t = time.monotonic()
         if self.alive("kube-apiserver") and self.alive("kubelet"):
             self._delete_workloads()
+        phase("workloads")
         kill_recorded(self.state.get("pids", {}),
                       ["kubelet", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
                        "kube-proxy-standin", "etcd"])
+        phase("daemons")
         if self.alive("containerd"):
             self._stop_sandboxes()
         kill_recorded(self.state.get("pids", {}), ["containerd"])
+        phase("containerd")
         teardown_host(self)
+        phase("host")
         logs = Path(f"/tmp/planewatch-node-{self.name}-logs")
         shutil.rmtree(logs, ignore_errors=True)
         if (self.dir / "logs").exists():
@@ -287,6 +297,8 @@ class Node:
             BASE.rmdir()                 # only when no other node lives there
         except OSError:
             pass
+        phase("files")
+        self.down_timings = phases
         self.state = {}
 
     def _delete_workloads(self, timeout: float = 90) -> None:
@@ -309,6 +321,9 @@ class Node:
             if status == 200 and not body.get("items"):
                 break
             time.sleep(0.5)
+        else:
+            left = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in body.get("items", [])]
+            print(f"node {self.name}: pods still in the API after {timeout} s: {left}", file=sys.stderr)
         # Sandboxes are stopped (CNI DEL, netns removed) just after the pods leave the API.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(Path(n).exists() for n in self.used_netns()):
@@ -354,7 +369,7 @@ def main(argv: list[str]) -> int:
     node = Node(argv[1] if len(argv) > 1 else "pwnode")
     if argv[0] == "down":
         node.down()
-        print(f"node {node.name}: down, nothing left")
+        print(f"node {node.name}: down, nothing left ({node.down_timings} s)")
         return 0
     node.up()
     print(f"node {node.name} is up in {node.state['timings']['up']} s\n"

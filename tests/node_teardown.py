@@ -56,10 +56,10 @@ def _starttime(pid: int) -> int | None:
         return None
 
 
-def kill_recorded(pids: dict, names: list[str], grace: float = 15.0) -> None:
+def kill_recorded(pids: dict, names: list[str], grace: float = 5.0) -> None:
     """SIGTERM each recorded daemon that is still the process we started (same start
-    time), then SIGKILL what outlives the grace period; its process group too
-    (socat forks per connection)."""
+    time), then SIGKILL what outlives the grace period (the node's state is thrown
+    away: nothing to flush); its process group too (socat forks per connection)."""
     live = {}
     for name in names:
         rec = pids.get(name)

@@ -68,7 +68,7 @@ def node():
         print(f"\nreal node timings (s): {n.state.get('timings')}")
         t = time.monotonic()
         n.down()
-        print(f"real node tear-down: {time.monotonic() - t:.1f} s")
+        print(f"real node tear-down: {time.monotonic() - t:.1f} s {n.down_timings}")
 
 
 @pytest.fixture(scope="module")
