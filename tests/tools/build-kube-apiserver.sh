@@ -166,5 +166,7 @@ for T in "${TARGETS[@]}"; do
   [ "$T" = pause ] && { "$OUT/bin/$T" -v; continue; }
   "$OUT/bin/$T" --version 2>/dev/null || "$OUT/bin/$T" version --client 2>/dev/null || true
 done
-"$OUT"/bin/etcd --version | head -1
+# sed, not head: head exits after one line and etcd, still writing, would die of
+# SIGPIPE, failing the whole build under pipefail (seen on a loaded machine).
+"$OUT"/bin/etcd --version | sed -n 1p
 step "done: $OUT/bin/{${TARGETS[*]},etcd}"
