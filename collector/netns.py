@@ -13,6 +13,10 @@ Two ways, the exact one first:
 
 A resolution is kept until its namespace disappears; lookups of unresolved pods
 are rate-limited so a pod we can never see does not cost a scan per scrape.
+A pod resolved through the netns dir is checked again through its cgroup (with
+backoff) and takes that answer: containerd runs the CNI ADD that writes
+network-status before any process of the pod exists, so the first lookup of a
+new pod often cannot use the exact path yet.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ LINKS_TTL = 300.0          # link events keep the interface table fresh; this is
 RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
 MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
 NO_MAC = "00:00:00:00:00:00"
+CONFIRM_BACKOFF_MAX = 320.0    # seconds between cgroup checks of a netns-dir resolution
 
 
 @dataclass
@@ -185,6 +190,7 @@ class Resolver:
         self._clock = clock
         self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
         self._tried: dict[str, float] = {}                  # uid -> last failed attempt
+        self._confirm_at: dict[str, tuple[float, float]] = {}  # uid -> (next check, backoff)
         # uid -> (pod, (netns inode, refresh time), interfaces): matching is redone
         # only when the pod object or its namespace's link table changed
         self._matched: dict[str, tuple[Pod, tuple[int, float], tuple[InterfaceView, ...]]] = {}
@@ -208,6 +214,14 @@ class Resolver:
                 and now - self._tried.get(p.uid, -RETRY_UNRESOLVED) >= RETRY_UNRESOLVED]
         if todo:
             self._find(todo, pinned, now)
+        self._confirm_at = {u: v for u, v in self._confirm_at.items()
+                            if self._resolved.get(u, (0, "cgroup"))[1] != "cgroup"}
+        for p in pods:
+            if self._resolved.get(p.uid, (0, "cgroup"))[1] != "cgroup":
+                self._confirm_at.setdefault(p.uid, (now + RETRY_UNRESOLVED, RETRY_UNRESOLVED))
+        unconfirmed = [p for p in pods if p.uid in self._confirm_at and now >= self._confirm_at[p.uid][0]]
+        if unconfirmed:
+            self._confirm(unconfirmed, pinned, now)
 
         views = []
         used: set[int] = set()
@@ -248,10 +262,11 @@ class Resolver:
         except OSError:
             return False
 
-    def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
-        claimed = {inode for inode, _ in self._resolved.values()}
-        by_cgroup = scan_pod_netns(self.procfs, {p.uid for p in todo if p.uid})
-        for pod in todo:
+    def _by_cgroup(self, pods: list[Pod], pinned: dict[int, str], now: float) -> dict[str, int]:
+        """uid -> netns inode (opened in the pool) for the pods a process was found for."""
+        found = {}
+        by_cgroup = scan_pod_netns(self.procfs, {p.uid for p in pods if p.uid})
+        for pod in pods:
             path = by_cgroup.get(pod.uid)
             if not path:
                 continue
@@ -262,8 +277,25 @@ class Resolver:
             except OSError as err:
                 log.debug("pod %s: %s: %s", pod.key, path, err)
                 continue
-            self._resolved[pod.uid] = (ns.inode, "cgroup")
-            claimed.add(ns.inode)
+            found[pod.uid] = ns.inode
+        return found
+
+    def _confirm(self, pods: list[Pod], pinned: dict[int, str], now: float) -> None:
+        """The exact path replaces a netns-dir match once the pod has a process."""
+        for pod in pods:
+            backoff = min(self._confirm_at[pod.uid][1] * 2, CONFIRM_BACKOFF_MAX)
+            self._confirm_at[pod.uid] = (now + backoff, backoff)
+        for uid, inode in self._by_cgroup(pods, pinned, now).items():
+            if inode != self._resolved[uid][0]:
+                log.warning("pod %s: its cgroup's namespace is not the one its %s matched; "
+                            "taking the cgroup's", uid, self._resolved[uid][1])
+            self._resolved[uid] = (inode, "cgroup")
+
+    def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
+        claimed = {inode for inode, _ in self._resolved.values()}
+        for uid, inode in self._by_cgroup(todo, pinned, now).items():
+            self._resolved[uid] = (inode, "cgroup")
+            claimed.add(inode)
 
         left = [p for p in todo if p.uid not in self._resolved and p.attachments]
         if left:

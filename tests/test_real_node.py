@@ -258,16 +258,20 @@ def test_metrics_show_every_runtime_made_attachment(node, deployed, workload):
 
 
 def test_resolved_through_the_cgroup_uid(node, deployed, workload):
-    def resolved():
-        debug = json.loads(get(deployed, "/debug/attachments"))
+    """containerd runs CNI ADD (which writes network-status) before the pod's first
+    process starts, so a pod seen at once may first be matched by MAC in the netns
+    dir; the collector must then settle on the exact path, the cgroup UID."""
+    def by_cgroup():
+        debug = json.loads(get(deployed, "/debug/attachments"))    # a fresh snapshot
         pods = {(p["namespace"], p["pod"]): p for p in debug["pods"]}
-        return pods if all(pods.get((WORKLOAD_NS, n), {}).get("resolved_by") for n in PODS) else None
-    pods = wait(resolved, 60, "workload pods resolved")
-    for name in PODS:
-        entry = pods[(WORKLOAD_NS, name)]
-        assert entry["resolved_by"] == "cgroup", entry
+        ours = [pods.get((WORKLOAD_NS, n), {}) for n in PODS]
+        return ours if all(p.get("resolved_by") == "cgroup" for p in ours) else None
+    entries = wait(by_cgroup, 60, "both workload pods resolved through their cgroup")
+    for name, entry in zip(PODS, entries):
         pid = container_pid(node, workload[name])
         assert entry["netns_inode"] == os.stat(f"/proc/{pid}/ns/net").st_ino
+        assert entry["netns"] == f"/host/run/netns/{pinned_netns(pid)}"     # the stable pin
+        assert all(a["found_in_netns"] for a in entry["attachments"])
 
 
 def test_counters_equal_the_kernel_after_traffic_between_pods(node, deployed, workload):
