@@ -100,7 +100,7 @@ class Node:
         ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kubelet",
                                           "kubelet-healthz", "controller-manager", "scheduler")}
         self.state.update(token=token, ports=ports, node_ip=net.node_ip, links=net.links(),
-                          cgroup=f"/{self.name}", sysctls=save_sysctls())
+                          cgroup=f"/{self.name}", sysctls=save_sysctls(BASE))
         self._save()
         self._host_network()
         for root in cgroup_roots():                      # kubelet's --cgroup-root must exist

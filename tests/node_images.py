@@ -4,6 +4,7 @@ image built from deploy/Containerfile with buildah on a local mmdebstrap base.
 All are loaded with `ctr images import`; pods use imagePullPolicy: Never."""
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -126,8 +127,18 @@ def planewatch_image() -> tuple[Path, dict[str, float]]:
     images.mkdir(parents=True, exist_ok=True)
     archive = images / f"planewatch-{inputs_digest()}.oci.tar"
     timings: dict[str, float] = {}
-    if archive.exists():
-        return archive, timings
+    with open(images / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # one build at a time; a waiter finds it done
+        if not archive.exists():
+            _build(images, archive, timings)
+            # The three newest trees' images stay (~120 MB each), older ones go.
+            built = sorted(images.glob("planewatch-*.oci.tar"), key=lambda p: p.stat().st_mtime)
+            for old in built[:-3]:
+                old.unlink()
+    return archive, timings
+
+
+def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
     storage = images / "buildah"
     b = ["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"),
          "--runroot", str(storage / "run")]
@@ -163,4 +174,6 @@ def planewatch_image() -> tuple[Path, dict[str, float]]:
     tmp = archive.with_suffix(".tmp")
     run(*b, "push", tag, f"oci-archive:{tmp}:{tag}")
     tmp.rename(archive)
-    return archive, timings
+    # vfs keeps a full copy per layer: drop the image (the base stays for the next build).
+    run(*b, "rmi", "--force", tag)
+    subprocess.run([*b, "rmi", "--prune"], stdout=log, stderr=subprocess.STDOUT)

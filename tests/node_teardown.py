@@ -3,6 +3,7 @@ processes by recorded PID, mounts under its directory, the cni-* namespaces its
 sandboxes used, its links and cgroups, the sysctls kubelet rewrote."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_sysctls() -> dict[str, str]:
+def save_sysctls(base: Path) -> dict[str, str]:
+    """The host's values before any node of ours ran: two nodes at once must not take
+    the first one's kubelet rewrites for the host's own (base/sysctls.json is kept
+    until the last node goes down)."""
+    shared = base / "sysctls.json"
+    if shared.exists():
+        return json.loads(shared.read_text())
+    out = _read_sysctls()
+    base.mkdir(parents=True, exist_ok=True)
+    shared.write_text(json.dumps(out))
+    return out
+
+
+def _read_sysctls() -> dict[str, str]:
     out = {}
     for key in SYSCTLS:
         try:
@@ -155,7 +169,10 @@ def teardown_host(node) -> None:
                 pass
     if state.get("made_netns_mount") and not os.listdir("/run/netns"):
         subprocess.run(["umount", "/run/netns"], capture_output=True)
-    restore_sysctls(state.get("sysctls", {}))
+    others = [p for p in node.dir.parent.glob("*/state.json") if p.parent != node.dir]
+    if not others:                      # the last node of this machine puts them back
+        restore_sysctls(state.get("sysctls", {}))
+        (node.dir.parent / "sysctls.json").unlink(missing_ok=True)
     _remove_pod_logs(state.get("pod_uids", []))
     for path, existed in state.get("preexisting", {}).items():
         if not existed and os.path.isdir(path):
