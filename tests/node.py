@@ -304,7 +304,8 @@ class Node:
     def _delete_workloads(self, timeout: float = 90) -> None:
         """Through the API, so kubelet stops every sandbox and CNI DEL runs."""
         status, body = self.request("GET", "/api/v1/pods")
-        self.state["pod_uids"] = [p["metadata"]["uid"] for p in body.get("items", [])] if status == 200 else []
+        body = body if status == 200 and isinstance(body, dict) else {}
+        self.state["pod_uids"] = [p["metadata"]["uid"] for p in body.get("items", [])]
         self._save()
         _, nss = self.request("GET", "/api/v1/namespaces")
         for ns in nss.get("items", []):
@@ -313,8 +314,12 @@ class Node:
                 self.request("DELETE", f"/api/v1/namespaces/{name}")
         for ns in SYSTEM_NAMESPACES:
             for kind in ("apis/apps/v1/namespaces/{}/daemonsets", "apis/apps/v1/namespaces/{}/deployments",
-                         "apis/apps/v1/namespaces/{}/replicasets", "api/v1/namespaces/{}/pods"):
+                         "apis/apps/v1/namespaces/{}/replicasets"):
                 self.request("DELETE", "/" + kind.format(ns))
+        # No grace: nothing is drained on a node being thrown away; kubelet still stops
+        # each sandbox (CNI DEL) before the pod leaves the API.
+        for ns in {p["metadata"]["namespace"] for p in body.get("items", [])} | SYSTEM_NAMESPACES:
+            self.request("DELETE", f"/api/v1/namespaces/{ns}/pods", {"gracePeriodSeconds": 0})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, body = self.request("GET", "/api/v1/pods")

@@ -308,8 +308,15 @@ def test_ebpf_counts_the_packets_sent(node, deployed, workload):
     netns = {p: pinned_netns(container_pid(node, workload[p])) for p in PODS}
     dest = json.loads(workload["pod-b"]["metadata"]["annotations"][
         "k8s.v1.cni.cncf.io/network-status"])[1]["ips"][0]            # pod-b's net1
-    wait(lambda: value(scrape(deployed), "planewatch_ebpf_up") == 1, 60, "planewatch_ebpf_up 1")
     labels = lambda p: dict(namespace=WORKLOAD_NS, pod=p, interface="net1")
+
+    def attached():
+        # Programs attach to a pod's interfaces once its namespace is resolved: a pod
+        # is counted from its first series on.
+        m = scrape(deployed)
+        return value(m, "planewatch_ebpf_up") == 1 and all(
+            series(m, "planewatch_ebpf_interface_receive_packets_total", **labels(p)) for p in PODS)
+    wait(attached, 60, "planewatch_ebpf_up 1 and eBPF series for both pods' net1")
     for _ in range(10):
         k0, m0 = quiet_scrape(deployed, netns)
         sh("ip", "netns", "exec", netns["pod-a"], "ping", "-c", str(PINGS), "-i", "0.2", "-W", "2", dest)
