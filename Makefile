@@ -8,8 +8,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9808
+# procps: sysctl, which the lab runs in every namespace; minimal Debian roots
+# (debootstrap, container images) lack it.
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
-                openssl prometheus prometheus-node-exporter \
+                openssl procps prometheus prometheus-node-exporter \
                 containerd runc containernetworking-plugins iptables conntrack socat \
                 buildah mmdebstrap busybox-static gcc libc6-dev git
 
