@@ -9,7 +9,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9808
 # procps: sysctl, which the lab runs in every namespace; minimal Debian roots
-# (debootstrap, container images) lack it.
+# (debootstrap, container images) lack it. containerd ... git: the real node of
+# tests/node.py (runtime, CNI plugins, the image built with buildah on an
+# mmdebstrap base, busybox-static for workload pods, gcc for the static pause).
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
                 openssl procps prometheus prometheus-node-exporter \
                 containerd runc containernetworking-plugins iptables conntrack socat \
