@@ -83,7 +83,7 @@ class Node:
             self._up(bins)
         except BaseException:
             print(self.log_tails(), file=sys.stderr)
-            self.down()
+            self.down(keep_logs=True)
             raise
         self.state["timings"]["up"] = round(time.monotonic() - t0, 1)
         self._save()
@@ -266,7 +266,9 @@ class Node:
 
     # ------------------------------------------------------------ down
 
-    def down(self) -> None:
+    def down(self, keep_logs: bool = False) -> None:
+        """Remove everything; keep_logs copies the daemons' logs to
+        /tmp/planewatch-node-NAME-logs first (the only thing then left)."""
         if not self.state:
             return
         phases, t = {}, time.monotonic()
@@ -290,7 +292,7 @@ class Node:
         phase("host")
         logs = Path(f"/tmp/planewatch-node-{self.name}-logs")
         shutil.rmtree(logs, ignore_errors=True)
-        if (self.dir / "logs").exists():
+        if keep_logs and (self.dir / "logs").exists():
             shutil.copytree(self.dir / "logs", logs)
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
@@ -373,8 +375,9 @@ def main(argv: list[str]) -> int:
         return 2
     node = Node(argv[1] if len(argv) > 1 else "pwnode")
     if argv[0] == "down":
-        node.down()
-        print(f"node {node.name}: down, nothing left ({node.down_timings} s)")
+        node.down(keep_logs=True)
+        print(f"node {node.name}: down, nothing left ({node.down_timings} s); "
+              f"logs kept in /tmp/planewatch-node-{node.name}-logs")
         return 0
     node.up()
     print(f"node {node.name} is up in {node.state['timings']['up']} s\n"

@@ -55,19 +55,23 @@ def wait(predicate, timeout: float, what: str):
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def node():
+def node(request):
     from tests.node import Node
     from tests.node_bins import node_unavailable
     if reason := node_unavailable():
         pytest.skip(reason)
     n = Node(unique_prefix("pwn"))
     n.up()
+    failed_before = request.session.testsfailed
     try:
         yield n
     finally:
         print(f"\nreal node timings (s): {n.state.get('timings')}")
         t = time.monotonic()
-        n.down()
+        failed = request.session.testsfailed > failed_before
+        if failed:
+            print(n.log_tails())
+        n.down(keep_logs=failed)
         print(f"real node tear-down: {time.monotonic() - t:.1f} s {n.down_timings}")
 
 
