@@ -25,11 +25,11 @@ import pytest
 import yaml
 
 from exporters.webconfig import parse_web_config
+from tests import kubeapi
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SECURE = DEPLOY / "overlays" / "secure"
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 SA_USER = "system:serviceaccount:planewatch:planewatch"
 
 sys.path.insert(0, str(DEPLOY))
@@ -37,7 +37,7 @@ import generate as dashboards_generate  # noqa: E402  deploy/generate.py
 
 
 def kustomize(directory: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(directory)], check=True,
+    out = subprocess.run([kubeapi.require_kubectl(), "kustomize", str(directory)], check=True,
                          capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -60,8 +60,7 @@ def secure_build(tmp_path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def docs() -> dict[str, list[dict]]:
-    if not os.access(KUBECTL, os.X_OK):
-        pytest.skip("kubectl missing")
+    kubeapi.require_kubectl()
     return by_kind(kustomize(DEPLOY))
 
 
@@ -415,7 +414,6 @@ def test_each_capability_is_needed(capability_lab, docs, dropped, breaks):
 def cluster(docs):
     """Our own kube-apiserver (not the session one: we create cluster-wide objects),
     with the CRDs the manifests use, and deploy/ really applied."""
-    from tests import kubeapi
     reason = kubeapi.kube_available()
     if reason:
         pytest.skip(reason)
@@ -426,7 +424,7 @@ def cluster(docs):
 
 
 def kubectl(kube, *args: str, kubeconfig: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([KUBECTL, "--kubeconfig", kubeconfig or kube.kubeconfig(), *args],
+    return subprocess.run([kubeapi.require_kubectl(), "--kubeconfig", kubeconfig or kube.kubeconfig(), *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -143,6 +143,19 @@ def hammer(url: str, scrapers: int, seconds: float) -> dict:
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "max": max(latencies)}
 
 
+def wait_bpf_settled(c: Collector, interfaces: int) -> None:
+    """Wait until BPF is attached to all `interfaces` pod interfaces, so the series set
+    is final: ebpf_up turns 1 at load, then each attach (in the background, slower on
+    a busy machine) adds that interface's eBPF series. Nothing to wait for when eBPF
+    is not up here: its series then never change."""
+    def settled() -> bool:
+        parsed = parse_metrics(c.metrics())
+        if list(series(parsed, "planewatch_ebpf_up").values()) != [1]:
+            return True
+        return list(series(parsed, "planewatch_ebpf_attached_interfaces").values()) == [interfaces]
+    wait_for(settled, timeout=60, what=f"BPF on {interfaces} interfaces")
+
+
 def check_hammer(c: Collector, seconds: float, p99_bound: float) -> dict:
     c.metrics()
     rss0 = rss_bytes(c.proc.pid)
@@ -246,6 +259,7 @@ def only_when_asked(request):
 def test_50_concurrent_scrapers_60s(only_when_asked, lab, pods_file, collector_factory):
     c = collector_factory("--pods-file", pods_file, "--node-name", NODE_NAME)
     c.wait_ready()
+    wait_bpf_settled(c, sum(len(ifaces) for ifaces in lab.addresses.values()))
     got = check_hammer(c, 60, p99_bound=2.0)
     assert got["scrapes"] > 50 * 60          # shared in-flight scrapes: far more than one a second each
 
