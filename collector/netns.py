@@ -478,18 +478,6 @@ class Resolver:
                 log.info("netns %d belongs to pod %s by cgroup, not to %s", inode, owners[inode], uid)
                 del self._resolved[uid]
         for uid, inode in self._by_cgroup(todo, by_cgroup, owners, pinned, now).items():
-            path = by_cgroup.get(pod.uid)
-            if not path:
-                continue
-            try:
-                inode = os.stat(path).st_ino
-                if len(owners.get(inode, ())) > 1:
-                    raise OSError(f"namespace shared by pods {sorted(owners[inode])}")
-                ns = self.pool.open(pinned.get(inode, path))
-                ns.refresh(now)
-            except OSError as err:
-                log.debug("pod %s: %s: %s", pod.key, path, err)
-                continue
             self._resolved[uid] = (inode, "cgroup")
             self._conflicts.pop(uid, None)
 

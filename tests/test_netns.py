@@ -179,7 +179,7 @@ def test_unconfirmable_netns_dir_match_is_checked_with_backoff(namespaces, tmp_p
     r = Resolver("/run/netns", str(procfs), clock=lambda: now[0])
     scans = []
     original = r._by_cgroup
-    r._by_cgroup = lambda pods, pinned, t: (scans.append(t), original(pods, pinned, t))[1]
+    r._by_cgroup = lambda pods, *rest: (scans.append(rest[-1]), original(pods, *rest))[1]
     try:
         assert r.resolve([pod(0)])[0].resolved_by == "netns-dir:mac"
         first = len(scans)                      # _find's own lookup
