@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -568,3 +569,187 @@ def test_rbac_cannot_confine_the_list_to_one_node(cluster, sa_kubeconfig, pods_o
 def test_can_i_agrees(cluster, applied, verb, resource, allowed):
     done = kubectl(cluster, "auth", "can-i", verb, resource, "--all-namespaces", f"--as={SA_USER}")
     assert done.stdout.strip() == ("yes" if allowed else "no"), done
+
+
+# ---------------------------------------------------------------- kube: prometheus-operator schemas
+#
+# tests/fixtures/crds/{servicemonitor,prometheusrule}.yaml are upstream's structural
+# schemas (transcribed, versions cited there). kube-apiserver 1.20 has no server-side
+# field validation: under a structural schema it REJECTS wrong types, missing required
+# fields, values outside an enum or pattern and duplicate list-map keys (422), and
+# silently PRUNES unknown fields (a typo'd `intervall` is stored without it, and
+# kubectl 1.32's --validate=strict against 1.20 lets it through too: seen). So the
+# shipped objects are sent through a dry-run create and must come back with nothing
+# pruned or changed; that comparison is what catches a typo in our own manifests.
+
+MONITORING_PLURALS = {"ServiceMonitor": "servicemonitors", "PrometheusRule": "prometheusrules"}
+
+
+def dry_run_create(kube, doc: dict) -> tuple[int, dict | str]:
+    """Create `doc` (renamed into `default`, so it never collides with `applied`) with dryRun=All."""
+    doc = {**doc, "metadata": {"name": "contract-" + doc["metadata"]["name"], "namespace": "default"}}
+    return kube.request("POST", f"/apis/monitoring.coreos.com/v1/namespaces/default/"
+                                f"{MONITORING_PLURALS[doc['kind']]}?dryRun=All", doc)
+
+
+def lost(sent, got, path: str = "spec") -> list[str]:
+    """Paths of `sent` that `got` lacks or holds differently (what the server pruned or
+    rewrote). Fields the server adds (schema defaults) are not losses."""
+    if isinstance(sent, dict):
+        if not isinstance(got, dict):
+            return [path]
+        return [p for k, v in sent.items()
+                for p in (lost(v, got[k], f"{path}.{k}") if k in got else [f"{path}.{k}"])]
+    if isinstance(sent, list):
+        if not isinstance(got, list) or len(got) != len(sent):
+            return [path]
+        return [p for i, (s, g) in enumerate(zip(sent, got)) for p in lost(s, g, f"{path}[{i}]")]
+    return [] if sent == got else [path]
+
+
+def test_lost_finds_pruned_and_rewritten_fields():
+    sent = {"a": [{"b": 1, "c": "x"}], "d": {"e": True}}
+    assert lost(sent, {"a": [{"b": 1, "c": "x", "added": 0}], "d": {"e": True}}) == []
+    assert lost(sent, {"a": [{"b": 1}], "d": {"e": True}}) == ["spec.a[0].c"]
+    assert lost(sent, {"a": [{"b": 2, "c": "x"}], "d": {}}) == ["spec.a[0].b", "spec.d.e"]
+    assert lost(sent, {"a": [], "d": {"e": True}}) == ["spec.a"]
+
+
+@pytest.fixture(scope="module")
+def shipped_monitoring(docs, tmp_path_factory) -> list[dict]:
+    """Every ServiceMonitor/PrometheusRule deploy/ ships: base, cluster, rules, and the
+    secure Component's HTTPS + basic-auth ServiceMonitor."""
+    secure = by_kind(secure_build(tmp_path_factory.mktemp("secure")))
+    found = [d for kind in MONITORING_PLURALS for d in docs.get(kind, [])]
+    found += [dict(d, metadata={**d["metadata"], "name": d["metadata"]["name"] + "-secure"})
+              for d in secure["ServiceMonitor"] if d["spec"]["endpoints"][0].get("scheme") == "https"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in found) == [
+        ("PrometheusRule", "planewatch"), ("ServiceMonitor", "planewatch"),
+        ("ServiceMonitor", "planewatch-cluster"), ("ServiceMonitor", "planewatch-secure")]
+    return found
+
+
+@pytest.mark.kube
+def test_shipped_monitoring_objects_pass_the_real_schemas_unpruned(cluster, shipped_monitoring):
+    for doc in shipped_monitoring:
+        status, got = dry_run_create(cluster, doc)
+        assert status == 201, (doc["metadata"]["name"], got)
+        assert lost(doc["spec"], got["spec"]) == [], (doc["metadata"]["name"], got["spec"])
+
+
+def _sm_endpoint(doc):
+    return doc["spec"]["endpoints"][0]
+
+
+def _first_rule(doc):
+    return doc["spec"]["groups"][0]["rules"][0]
+
+
+def _set(get, key, value):
+    def mutate(doc):
+        get(doc)[key] = value
+    return mutate
+
+
+def _delete(get, key):
+    def mutate(doc):
+        del get(doc)[key]
+    return mutate
+
+
+def _duplicate_group(doc):
+    doc["spec"]["groups"].insert(1, {"name": doc["spec"]["groups"][0]["name"], "rules": []})
+
+
+# (kind, what, mutation, the field the server names, its complaint)
+REJECTED = [
+    ("ServiceMonitor", "scheme upper-case", _set(_sm_endpoint, "scheme", "HTTPS"),
+     "spec.endpoints.scheme", "Unsupported value"),
+    ("ServiceMonitor", "interval in words", _set(_sm_endpoint, "interval", "15 seconds"),
+     "spec.endpoints.interval", "should match"),
+    ("ServiceMonitor", "scrapeTimeout as a number", _set(_sm_endpoint, "scrapeTimeout", 10),
+     "spec.endpoints.scrapeTimeout", "must be of type string"),
+    ("ServiceMonitor", "port number for the port name", _set(_sm_endpoint, "port", 9808),
+     "spec.endpoints.port", "must be of type string"),
+    ("ServiceMonitor", "no endpoints", _delete(lambda d: d["spec"], "endpoints"),
+     "spec.endpoints", "Required value"),
+    ("ServiceMonitor", "no selector", _delete(lambda d: d["spec"], "selector"),
+     "spec.selector", "Required value"),
+    ("ServiceMonitor", "basicAuth password without key",
+     _set(_sm_endpoint, "basicAuth", {"username": {"name": "s", "key": "u"}, "password": {"name": "s"}}),
+     "spec.endpoints.basicAuth.password.key", "Required value"),
+    ("ServiceMonitor", "bearerTokenSecret as a string", _set(_sm_endpoint, "bearerTokenSecret", "token"),
+     "spec.endpoints.bearerTokenSecret", "must be of type object"),
+    ("ServiceMonitor", "TLS version spelt TLS1.2", _set(_sm_endpoint, "tlsConfig", {"minVersion": "TLS1.2"}),
+     "spec.endpoints.tlsConfig.minVersion", "Unsupported value"),
+    ("ServiceMonitor", "authorization credentials without key",
+     _set(_sm_endpoint, "authorization", {"credentials": {"name": "s"}}),
+     "spec.endpoints.authorization.credentials.key", "Required value"),
+    ("ServiceMonitor", "relabel action unknown",
+     _set(lambda d: _sm_endpoint(d)["relabelings"][0], "action", "rename"),
+     "spec.endpoints.relabelings.action", "Unsupported value"),
+    ("ServiceMonitor", "relabel source label not a label name",
+     _set(lambda d: _sm_endpoint(d)["relabelings"][0], "sourceLabels", ["__meta-node"]),
+     "spec.endpoints.relabelings.sourceLabels", "should match"),
+    ("ServiceMonitor", "selector expression without operator",
+     _set(lambda d: d["spec"], "selector", {"matchExpressions": [{"key": "app"}]}),
+     "spec.selector.matchExpressions.operator", "Required value"),
+    ("ServiceMonitor", "namespaceSelector names as a string",
+     _set(lambda d: d["spec"], "namespaceSelector", {"matchNames": "planewatch"}),
+     "spec.namespaceSelector.matchNames", "must be of type array"),
+    ("PrometheusRule", "rule without expr", _delete(_first_rule, "expr"),
+     "spec.groups.rules.expr", "Required value"),
+    ("PrometheusRule", "expr as a list", _set(_first_rule, "expr", ["up"]),
+     "spec.groups.rules.expr", "must validate at least one schema"),
+    ("PrometheusRule", "for in words", _set(_first_rule, "for", "5 minutes"),
+     "spec.groups.rules.for", "should match"),
+    ("PrometheusRule", "label value a number", _set(_first_rule, "labels", {"severity": 1}),
+     "spec.groups.rules.labels.severity", "must be of type string"),
+    ("PrometheusRule", "annotations as a list", _set(_first_rule, "annotations", ["summary"]),
+     "spec.groups.rules.annotations", "must be of type object"),
+    ("PrometheusRule", "group without name", _delete(lambda d: d["spec"]["groups"][0], "name"),
+     "spec.groups.name", "Required value"),
+    ("PrometheusRule", "group with an empty name", _set(lambda d: d["spec"]["groups"][0], "name", ""),
+     "spec.groups.name", "should be at least 1 chars long"),
+    ("PrometheusRule", "two groups of one name", _duplicate_group,
+     "spec.groups[1]", "Duplicate value"),
+]
+
+
+def _mutated(shipped: list[dict], kind: str, mutate) -> dict:
+    doc = copy.deepcopy(next(d for d in shipped if d["kind"] == kind))
+    mutate(doc)
+    return doc
+
+
+@pytest.mark.kube
+@pytest.mark.parametrize("kind, what, mutate, field, complaint", REJECTED, ids=[r[1] for r in REJECTED])
+def test_a_broken_monitoring_object_is_rejected(cluster, shipped_monitoring, kind, what, mutate,
+                                                field, complaint):
+    status, body = dry_run_create(cluster, _mutated(shipped_monitoring, kind, mutate))
+    assert status == 422, body
+    assert f"{field}:" in body["message"] or f"{field} in body" in body["message"], body["message"]
+    assert complaint in body["message"], body["message"]
+
+
+# A typo'd field name is no schema violation in 1.20: the server drops it. What the
+# round-trip test above compares must show exactly that loss.
+PRUNED = [
+    ("ServiceMonitor", _set(_sm_endpoint, "intervall", "15s"), "spec.endpoints[0].intervall"),
+    ("ServiceMonitor", _set(_sm_endpoint, "honourLabels", True), "spec.endpoints[0].honourLabels"),
+    ("ServiceMonitor", _set(_sm_endpoint, "tlsConfig", {"server_name": "planewatch.planewatch.svc"}),
+     "spec.endpoints[0].tlsConfig.server_name"),
+    ("ServiceMonitor", _set(lambda d: d["spec"], "namespaceSelectors", {"any": True}),
+     "spec.namespaceSelectors"),
+    ("PrometheusRule", _set(_first_rule, "annotation", {"summary": "x"}), "spec.groups[0].rules[0].annotation"),
+    ("PrometheusRule", _set(_first_rule, "keep_firing", "5m"), "spec.groups[0].rules[0].keep_firing"),
+]
+
+
+@pytest.mark.kube
+@pytest.mark.parametrize("kind, mutate, path", PRUNED, ids=[p[2].rsplit(".", 1)[-1] for p in PRUNED])
+def test_a_typo_d_field_is_pruned_and_the_round_trip_sees_it(cluster, shipped_monitoring, kind, mutate, path):
+    doc = _mutated(shipped_monitoring, kind, mutate)
+    status, got = dry_run_create(cluster, doc)
+    assert status == 201, got
+    assert lost(doc["spec"], got["spec"]) == [path]
