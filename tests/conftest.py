@@ -188,7 +188,7 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.2, what: str 
 # A test that needs root is marked `root` here, from what it asks for, so the quick
 # tier deselects it instead of letting it skip.
 ROOT_MARKERS = frozenset({"lab", "kube", "ebpf"})
-ROOT_FIXTURES = frozenset({"root", "lab", "golden_lab", "kube", "capability_lab"})
+ROOT_FIXTURES = frozenset({"root", "lab", "golden_lab", "kube", "capability_lab", "node"})
 
 
 def pytest_collection_modifyitems(config, items):

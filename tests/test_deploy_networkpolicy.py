@@ -6,13 +6,11 @@ import os
 
 import pytest
 
-from tests.test_deploy import DEPLOY, KUBECTL, by_kind, kustomize
+from tests.test_deploy import DEPLOY, by_kind, kustomize
 
 
 @pytest.fixture(scope="module")
 def policies() -> dict[str, dict]:
-    if not os.access(KUBECTL, os.X_OK):
-        pytest.skip("kubectl missing")
     kinds = by_kind(kustomize(DEPLOY))
     return {p["metadata"]["name"]: (p, kinds) for p in kinds["NetworkPolicy"]}
 
@@ -41,8 +39,6 @@ def test_only_the_monitoring_namespace_reaches_metrics(policies):
 
 
 def test_the_scraping_namespace_is_a_kustomize_patch_away(tmp_path):
-    if not os.access(KUBECTL, os.X_OK):
-        pytest.skip("kubectl missing")
     rel = os.path.relpath(DEPLOY, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(f"""resources: [{rel}]
 patches:
