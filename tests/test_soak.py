@@ -156,10 +156,9 @@ def wait_bpf_settled(c: Collector, interfaces: int) -> None:
     wait_for(settled, timeout=60, what=f"BPF on {interfaces} interfaces")
 
 
-def check_hammer(c: Collector, seconds: float, p99_bound: float | None = None) -> dict:
+def check_hammer(c: Collector, seconds: float) -> dict:
     """Every scrape answered, the same series all along. Latency is printed: its
-    figures are bench/scrape.py's. (p99_bound: only tests/test_faults.py still passes
-    one, until that file moves its limit out too.)"""
+    figures are bench/scrape.py's."""
     c.metrics()
     rss0 = rss_bytes(c.proc.pid)
     got = hammer(c.url, 50, seconds)
@@ -168,8 +167,6 @@ def check_hammer(c: Collector, seconds: float, p99_bound: float | None = None) -
           f"RSS {rss0 / MIB:.1f} -> {rss_bytes(c.proc.pid) / MIB:.1f} MiB")
     assert not got["errors"], got["errors"][:5]
     assert len(got["series_counts"]) == 1, got["series_counts"]   # the same pods all along
-    if p99_bound is not None:
-        assert got["p99"] < p99_bound, got
     assert c.get("/healthz")[0] == 200
     return got
 
@@ -229,9 +226,9 @@ def churn(lab, pods_file: str, c: Collector, seconds: float) -> dict:
     return {"cycles": cycles, "worst_scrape": worst, "leftover_netns": leftovers, "prefix": prefix}
 
 
-def check_churn(lab, pods_file: str, c: Collector, seconds: float, rss_tolerance: int | None = None) -> dict:
+def check_churn(lab, pods_file: str, c: Collector, seconds: float) -> dict:
     """Series, fds, BPF links and thread namespaces back to baseline. RSS is printed
-    (bench/scrape.py measures it); rss_tolerance: only tests/test_faults.py still passes one."""
+    (bench/scrape.py measures it)."""
     churn(lab, pods_file, c, 8)                     # one warm-up round: caches, first allocations
     time.sleep(2)
     before = collector_state(c)
@@ -245,8 +242,6 @@ def check_churn(lab, pods_file: str, c: Collector, seconds: float, rss_tolerance
     assert after["stable_series"] == before["stable_series"] and after["duplicates"] == 0
     assert after["fds"] <= before["fds"] + 2, (before, after)      # +2: a keep-alive socket or two
     assert after["links"] == before["links"]
-    if rss_tolerance is not None:
-        assert after["rss"] <= before["rss"] + rss_tolerance, (before, after)
     assert not got["leftover_netns"], f"namespaces re-created: {got['leftover_netns']}"
     home = os.stat("/proc/self/ns/net").st_ino
     assert thread_netns_inodes(c.proc.pid) == {home}, "a thread stayed in a pod netns"
