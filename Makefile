@@ -12,10 +12,12 @@ LISTEN ?= 127.0.0.1:9808
 # (debootstrap, container images) lack it. containerd ... git: the real node of
 # tests/node.py (runtime, CNI plugins, the image built with buildah on an
 # mmdebstrap base, busybox-static for workload pods, gcc for the static pause).
+# netavark: buildah's network backend; trixie's buildah is built without CNI
+# support and refuses to start without it, even for --network host builds.
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
                 openssl procps python3-venv prometheus prometheus-node-exporter \
                 containerd runc containernetworking-plugins iptables conntrack socat \
-                buildah mmdebstrap busybox-static gcc libc6-dev git
+                buildah netavark mmdebstrap busybox-static gcc libc6-dev git
 
 .PHONY: deps apt venv ebpf run test test-quick bench lab-down node-up node-down kube-bins generate clean
 

@@ -19,6 +19,9 @@ SYSTEM = {"containerd": "containerd", "ctr": "containerd", "runc": "runc", "soca
           "iptables": "iptables", "conntrack": "conntrack", "buildah": "buildah",
           "mmdebstrap": "mmdebstrap", "busybox": "busybox-static"}
 CNI_PLUGINS = ("bridge", "macvlan", "host-local", "loopback")
+# Where containers-common looks for buildah's network helper (its helper_binaries_dir).
+NETAVARK_DIRS = ("/usr/local/libexec/podman", "/usr/local/lib/podman", "/usr/libexec/podman",
+                 "/usr/lib/podman")
 
 
 def is_static(path: Path) -> bool:
@@ -35,6 +38,9 @@ def missing_system_tools() -> list[str]:
     missing = {pkg for cmd, pkg in SYSTEM.items() if not shutil.which(cmd)}
     if not is_static(Path("/bin/busybox")):
         missing.add("busybox-static")
+    # trixie's buildah has no CNI backend: without netavark even `buildah from` fails.
+    if not any(os.access(Path(d) / "netavark", os.X_OK) for d in NETAVARK_DIRS):
+        missing.add("netavark")
     if any(not os.access(CNI_DIR / p, os.X_OK) for p in CNI_PLUGINS):
         missing.add("containernetworking-plugins")
     return sorted(missing)

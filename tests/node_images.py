@@ -152,8 +152,10 @@ def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
         base = images / "debian-bookworm-minbase.tar"
         # The base the Containerfile's FROM names, since no registry is reachable.
         run("mmdebstrap", "--variant=minbase", "--mode=root", "bookworm", str(base))
-        cid = subprocess.run([*b, "from", "scratch"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        got = subprocess.run([*b, "from", "scratch"], capture_output=True, text=True)
+        if got.returncode != 0:
+            raise RuntimeError(f"buildah from scratch: exit {got.returncode}: {got.stderr.strip()}")
+        cid = got.stdout.strip()
         run(*b, "add", cid, str(base), "/")
         run(*b, "config", "--cmd", "bash", "--env",
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", cid)
