@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import resource
 import subprocess
 import sys
 import tarfile
@@ -138,12 +139,32 @@ def planewatch_image() -> tuple[Path, dict[str, float]]:
     return archive, timings
 
 
+def _inherited_ulimits() -> list[str]:
+    """--ulimit for the limits buildah would otherwise set itself: buildah >= 1.3x (trixie)
+    sets nproc and nofile to 1048576 for root's RUN steps, which fails with EPERM
+    wherever the hard limit is lower and CAP_SYS_RESOURCE is withheld (as in this
+    project's VMs and many CI containers). The build needs no more than we have."""
+    out = []
+    for name, which in (("nproc", resource.RLIMIT_NPROC), ("nofile", resource.RLIMIT_NOFILE)):
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            soft = hard if soft == resource.RLIM_INFINITY else soft
+            out += ["--ulimit", f"{name}={soft}:{hard}"]
+    return out
+
+
 def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
     storage = images / "buildah"
     b = ["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"),
          "--runroot", str(storage / "run")]
     log = open(images / "build.log", "a")
-    run = lambda *a, **kw: subprocess.run(a, check=True, stdout=log, stderr=subprocess.STDOUT, **kw)
+
+    def run(*a, **kw):
+        start = (images / "build.log").stat().st_size
+        if subprocess.run(a, stdout=log, stderr=subprocess.STDOUT, **kw).returncode != 0:
+            out = (images / "build.log").read_bytes()[start:].decode(errors="replace")
+            raise RuntimeError(f"{' '.join(a)[:400]} failed; the end of its output:\n"
+                               + "\n".join(out.splitlines()[-15:]))
     print(f"planewatch: building the image from deploy/Containerfile with buildah (minutes, "
           f"once per source change; log {images}/build.log)", file=sys.stderr, flush=True)
     if subprocess.run([*b, "inspect", "--type", "image", DEBIAN_BASE],
@@ -170,7 +191,8 @@ def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
     for crt in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt")):
         extra += ["--volume", f"{crt}:/usr/local/share/ca-certificates/{crt.name}:ro"]
     run(*b, "bud", "--isolation", "chroot", "--network", "host", "--layers=false",
-        "--build-arg", f"DEBIAN={DEBIAN_BASE}", *extra, "-f", "deploy/Containerfile",
+        *_inherited_ulimits(), "--build-arg", f"DEBIAN={DEBIAN_BASE}", *extra,
+        "-f", "deploy/Containerfile",
         "-t", tag, ".", cwd=REPO)
     timings["buildah-bud"] = round(time.monotonic() - t, 1)
     tmp = archive.with_suffix(".tmp")
