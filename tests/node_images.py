@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -190,6 +191,12 @@ def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
     # (ca-certificates' postinst) adds it to the stage's bundle (docs/deploy.md).
     for crt in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt")):
         extra += ["--volume", f"{crt}:/usr/local/share/ca-certificates/{crt.name}:ro"]
+    # A bundle pip was told to trust (PIP_CERT) that is not the system's own (which the
+    # lines above already cover): the wheel stage's pip needs it as much as ours did.
+    pip_cert = os.environ.get("PIP_CERT", "")
+    if pip_cert and Path(pip_cert).is_file() and \
+            Path(pip_cert).resolve() != Path("/etc/ssl/certs/ca-certificates.crt").resolve():
+        extra += ["--volume", f"{pip_cert}:/usr/local/share/ca-certificates/pip-cert.crt:ro"]
     run(*b, "bud", "--isolation", "chroot", "--network", "host", "--layers=false",
         *_inherited_ulimits(), "--build-arg", f"DEBIAN={DEBIAN_BASE}", *extra,
         "-f", "deploy/Containerfile",
