@@ -29,9 +29,9 @@ from pathlib import Path
 
 from tests import node_config as cfg
 from tests import node_images
-from tests.node_bins import CNI_DIR, kube_binaries
-from tests.node_teardown import (cgroup_roots, free_port, kill_recorded, save_sysctls,
-                                 teardown_host)
+from tests.node_bins import CNI_DIR, kube_binaries, runtime_incompatibility
+from tests.node_teardown import (cgroup_roots, free_port, kill_recorded, residue,
+                                 save_sysctls, snapshot, teardown_host)
 
 BASE = Path(os.environ.get("PLANEWATCH_NODE_DIR", "/var/lib/planewatch-node"))
 STANDIN = Path(__file__).resolve().parent / "tools" / "cni" / "multus-standin"
@@ -90,6 +90,8 @@ class Node:
         return self
 
     def _up(self, bins: dict[str, str]) -> None:
+        if reason := runtime_incompatibility():
+            raise RuntimeError(f"node {self.name}: {reason}")
         d, net = self.dir, self.net
         for sub in ("pki", "logs", "cni/bin", "cni/net.d", "cni/ipam", "cni/standin",
                     "kubelet", "volume-plugins", "etcd"):
@@ -375,8 +377,13 @@ def main(argv: list[str]) -> int:
         return 2
     node = Node(argv[1] if len(argv) > 1 else "pwnode")
     if argv[0] == "down":
+        snap = snapshot(node) if node.state else None
         node.down(keep_logs=True)
-        print(f"node {node.name}: down, nothing left ({node.down_timings} s); "
+        others = any(BASE.glob("*/state.json"))
+        if snap and (left := residue(snap, other_nodes=others)):
+            print(f"node {node.name}: down, but left: {left}", file=sys.stderr)
+            return 1
+        print(f"node {node.name}: down, nothing left ({getattr(node, 'down_timings', {})} s); "
               f"logs kept in /tmp/planewatch-node-{node.name}-logs")
         return 0
     node.up()

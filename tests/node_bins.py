@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,27 @@ def missing_system_tools() -> list[str]:
     if any(not os.access(CNI_DIR / p, os.X_OK) for p in CNI_PLUGINS):
         missing.add("containernetworking-plugins")
     return sorted(missing)
+
+
+def runtime_incompatibility() -> str | None:
+    """Why this machine's containerd cannot serve kubelet v1.20, or None. Not a skip:
+    a node test that cannot run on a supported system must fail and say why."""
+    try:
+        words = subprocess.run(["containerd", "--version"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as err:
+        return f"containerd --version failed: {err}"
+    version = words[2] if len(words) > 2 else ""
+    major = re.match(r"v?(\d+)\.", version)
+    if not major:
+        return f"cannot read containerd's version from {' '.join(words)!r}"
+    if int(major.group(1)) >= 2:
+        # kubelet 1.20 only speaks CRI v1alpha2 (CRI v1 came with kubelet 1.23);
+        # containerd 2.0 removed v1alpha2.
+        return (f"containerd {version} serves only CRI v1, and kubelet v1.20 (the only "
+                f"kubelet buildable from Debian's sources here) speaks only CRI v1alpha2: "
+                f"the real node needs containerd 1.6 or 1.7 (Debian 12 and 13 ship them)")
+    return None
 
 
 def node_unavailable() -> str | None:

@@ -203,3 +203,52 @@ def _remove_empty_tree(top: Path) -> None:
         top.rmdir()
     except OSError:
         pass
+
+
+def snapshot(node) -> dict:
+    """What residue() needs of a node, taken before down() forgets its state."""
+    return {"name": node.name, "dir": str(node.dir), "links": list(node.state.get("links", [])),
+            "netns": node.used_netns() if (node.dir / "cni").exists() else [],
+            "pids": dict(node.state.get("pids", {})),
+            "sysctls": dict(node.state.get("sysctls", {})),
+            "preexisting": dict(node.state.get("preexisting", {}))}
+
+
+def residue(snap: dict, other_nodes: bool = False) -> list[str]:
+    """Everything of the node still on the host after down(): its processes (recorded
+    daemons, shims, anything in its cgroups or naming its directory), mounts under its
+    directory or on its netns pins, the pins, its links, cgroup directories, the
+    directory itself, and sysctls not back to the host's values (only checked when no
+    other node runs: they are put back by the last one)."""
+    left = []
+    for name, rec in snap["pids"].items():
+        if _starttime(rec["pid"]) == rec["start"]:
+            left.append(f"process {name} (pid {rec['pid']})")
+    cg = [Path(root) / snap["name"] for root in cgroup_roots()]
+    for pid in _pids_in_cgroups(cg) | _shims_of(snap["dir"] + "/containerd.sock"):
+        left.append(f"process {pid} in the node's cgroups or a shim of its containerd")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if snap["dir"].encode() + b"/" in argv:
+                cmd = argv.replace(b"\0", b" ").decode(errors="replace")[:120]
+                left.append(f"process {entry.name}: {cmd}")
+    left += [f"mount {m}" for m in _mounts_under([snap["dir"], *snap["netns"]])]
+    left += [f"netns pin {n}" for n in snap["netns"] if os.path.lexists(n)]
+    links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    names = {l["ifname"] for l in json.loads(links or "[]")}
+    left += [f"link {l}" for l in snap["links"] if l in names]
+    left += [f"cgroup {c}" for c in cg if c.exists()]
+    if os.path.exists(snap["dir"]):
+        left.append(f"directory {snap['dir']}")
+    for path, existed in snap["preexisting"].items():
+        if not existed and os.path.exists(path) and not any(Path(path).rglob("*")):
+            left.append(f"empty directory {path} (absent before the node)")
+    if not other_nodes:
+        now = _read_sysctls()
+        left += [f"sysctl {k} = {now.get(k)} (was {v})" for k, v in snap["sysctls"].items()
+                 if now.get(k) != v]
+    return left
