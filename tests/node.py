@@ -31,7 +31,7 @@ from tests import node_config as cfg
 from tests import node_images
 from tests.node_bins import CNI_DIR, kube_binaries, runtime_incompatibility
 from tests.node_teardown import (cgroup_roots, free_port, kill_recorded, residue,
-                                 save_sysctls, snapshot, teardown_host)
+                                 save_sysctls, snapshot, starttime, teardown_host)
 
 BASE = Path(os.environ.get("PLANEWATCH_NODE_DIR", "/var/lib/planewatch-node"))
 STANDIN = Path(__file__).resolve().parent / "tools" / "cni" / "multus-standin"
@@ -197,7 +197,7 @@ class Node:
         with open(self.dir / "logs" / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     cwd=self.dir, start_new_session=True)
-        self.state["pids"][name] = {"pid": proc.pid, "start": _starttime(proc.pid)}
+        self.state["pids"][name] = {"pid": proc.pid, "start": starttime(proc.pid)}
         self._save()
         self._procs = getattr(self, "_procs", {})
         self._procs[name] = proc
@@ -257,7 +257,7 @@ class Node:
 
     def alive(self, name: str) -> bool:
         rec = self.state.get("pids", {}).get(name)
-        return bool(rec) and _starttime(rec["pid"]) == rec["start"]
+        return bool(rec) and starttime(rec["pid"]) == rec["start"]
 
     def log_tails(self, lines: int = 15) -> str:
         out = []
@@ -289,6 +289,8 @@ class Node:
         if self.alive("containerd"):
             self._stop_sandboxes()
         kill_recorded(self.state.get("pids", {}), ["containerd"])
+        for proc in getattr(self, "_procs", {}).values():
+            proc.poll()                  # reap the daemons this process started
         phase("containerd")
         teardown_host(self)
         phase("host")
@@ -353,14 +355,6 @@ class Node:
 def _is_mountpoint(path: str) -> bool:
     return any(line.split()[4] == path
                for line in Path("/proc/self/mountinfo").read_text().splitlines())
-
-
-def _starttime(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _http_ok(url: str) -> bool:

@@ -63,9 +63,12 @@ def cgroup_roots() -> list[str]:
     return roots
 
 
-def _starttime(pid: int) -> int | None:
+def starttime(pid: int) -> int | None:
+    """The process's start time (against PID reuse); None once it has exited, including
+    as a zombie its parent has not reaped yet (the test process is the daemons' parent)."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -77,7 +80,7 @@ def kill_recorded(pids: dict, names: list[str], grace: float = 5.0) -> None:
     live = {}
     for name in names:
         rec = pids.get(name)
-        if rec and _starttime(rec["pid"]) == rec["start"]:
+        if rec and starttime(rec["pid"]) == rec["start"]:
             # kube-apiserver waits ~60 s on open watches after SIGTERM; etcd keeps nothing we need.
             sig = signal.SIGKILL if name == "kube-apiserver" else signal.SIGTERM
             try:
@@ -87,7 +90,7 @@ def kill_recorded(pids: dict, names: list[str], grace: float = 5.0) -> None:
             live[name] = rec
     deadline = time.monotonic() + grace
     while live and time.monotonic() < deadline:
-        live = {n: r for n, r in live.items() if _starttime(r["pid"]) == r["start"]}
+        live = {n: r for n, r in live.items() if starttime(r["pid"]) == r["start"]}
         time.sleep(0.1)
     for rec in live.values():
         try:
@@ -222,7 +225,7 @@ def residue(snap: dict, other_nodes: bool = False) -> list[str]:
     other node runs: they are put back by the last one)."""
     left = []
     for name, rec in snap["pids"].items():
-        if _starttime(rec["pid"]) == rec["start"]:
+        if starttime(rec["pid"]) == rec["start"]:
             left.append(f"process {name} (pid {rec['pid']})")
     cg = [Path(root) / snap["name"] for root in cgroup_roots()]
     for pid in _pids_in_cgroups(cg) | _shims_of(snap["dir"] + "/containerd.sock"):
