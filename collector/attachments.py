@@ -14,7 +14,7 @@ from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family
+from collector.family import COUNTER, GAUGE, Family
 
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
 

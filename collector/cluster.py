@@ -26,7 +26,8 @@ from aiohttp import web
 from collector import __version__
 from collector.whereabouts import (GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, ippool_families,
                                    nad_ranges, parse_pool, parse_reservation)
-from exporters.exposition import CONTENT_TYPE, Family, render
+from collector.family import Family
+from exporters.exposition import CONTENT_TYPE, render
 from exporters.metrics import health_families
 
 log = logging.getLogger("planewatch.cluster")

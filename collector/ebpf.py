@@ -21,7 +21,7 @@ from typing import Mapping
 
 from collector.model import ATTACHMENT_LABELS, InterfaceView
 from collector.registry import Config, NoData, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family
+from collector.family import COUNTER, GAUGE, Family
 
 log = logging.getLogger(__name__)
 

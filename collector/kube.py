@@ -32,7 +32,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from collector.discovery import Store
 from collector.nad import REFUSED_CONFIG
-from exporters.exposition import COUNTER, Family
+from collector.family import COUNTER, Family
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from collector.model import ATTACHMENT_LABELS, PodView
 from collector.nsenter import in_netns
 from collector.registry import Config, NoData, Snapshot, register
 from collector.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
-from exporters.exposition import COUNTER, GAUGE, HISTOGRAM, Family
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
+from collector.family import COUNTER, GAUGE, Family, render_labels
 
 log = logging.getLogger(__name__)
 

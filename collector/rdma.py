@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
 from collector.sysfs_safe import OUTSIDE, Sysfs, SysfsError, ib_device, pci_address
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
+from collector.family import COUNTER, GAUGE, Family, render_labels
 
 log = logging.getLogger(__name__)
 

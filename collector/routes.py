@@ -41,7 +41,7 @@ from collector.model import ATTACHMENT_LABELS, PodView
 from collector.nsenter import in_netns
 from collector.registry import Config, NoData, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
-from exporters.exposition import GAUGE, Family
+from collector.family import GAUGE, Family
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Set
 
 from collector.intervals import Interval, contains, count, merge, subtract  # noqa: F401 (re-exported)
-from exporters.exposition import GAUGE, Family
+from collector.family import GAUGE, Family
 
 GROUP, VERSION = "whereabouts.cni.cncf.io", "v1alpha1"
 IPPOOL_PLURAL = "ippools"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from exporters.exposition import COUNTER, GAUGE, Family
+from collector.family import COUNTER, GAUGE, Family
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Mapping
 from collector.discovery import Store
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from exporters.exposition import GAUGE, Family, render
+from collector.family import GAUGE, Family
+from exporters.exposition import render
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from collector.annotations import (
     ERROR_REASONS, MAX_ENTRIES, MAX_TEXT, parse_network_requests, parse_network_status,
     pod_from_object)
 from collector.model import ATTACHMENT_LABELS, Attachment, Pod, Request
-from exporters.exposition import GAUGE, Family, render
+from collector.family import GAUGE, Family
+from exporters.exposition import render
 
 NS, POD, UID = "ns", "pod", "uid"
 
