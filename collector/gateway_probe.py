@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
 Per pod netns per scrape, one neighbour dump on the socket kept open there
-(collector/netns.py), decoded by collector/rtnl.py (~60 us). The routes' next
+(collector/netns.py), decoded by kernel/rtnl.py (~60 us). The routes' next
 hops are dumped again only when the kernel announced a route change in that
 netns (`HopCache`), since the dump of every table costs twice as much (~120 us a
 pod measured, local routes included) and routes rarely change.
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from collector.registry import Config, NoData, Snapshot, register
-from collector.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
+from kernel.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
 
 log = logging.getLogger(__name__)

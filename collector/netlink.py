@@ -1,7 +1,7 @@
 """Interface counters, state and MTU of every attached pod interface.
 
 Counters: one RTM_GETSTATS dump per pod namespace per scrape, on a socket kept
-open in that namespace (collector/netns.py), decoded by collector/rtnl.py.
+open in that namespace (collector/netns.py), decoded by kernel/rtnl.py.
 State, MTU and names: the namespace's link table, which the resolver re-reads
 (RTM_GETLINK) in the same scrape whenever the kernel announced a link change.
 Only the interfaces named in the pod's network-status are exported; loopback and

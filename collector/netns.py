@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from collector.budgets import Budgets
 from collector.cgroups import scan_pod_processes
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
+from kernel.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from collector.registry import Config, NoData, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
 from collector.family import GAUGE, Family

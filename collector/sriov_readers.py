@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from collector import vfinfo
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from collector.sysfs_safe import SysfsError, as_sysfs
 
 INTEL, MELLANOX, NETLINK, NONE = "sysfs-intel", "sysfs-mellanox", "netlink", "none"

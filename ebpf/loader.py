@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from collector.nsenter import in_netns, netns_inode
+from kernel.nsenter import in_netns, netns_inode
 from ebpf import btf, libbpf, maps, tc
 
 log = logging.getLogger(__name__)

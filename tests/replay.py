@@ -6,7 +6,7 @@ then replaying (as anybody, with no namespace, socket or BPF map):
 
 - rtnetlink dumps on the sockets a kept pod netns holds (links, addresses,
   RTM_GETSTATS, neighbours, route next hops): `NetnsPool(sockets=...)`; the
-  replies are replayed into `collector.rtnl.RtnlSocket`, whose decoders run;
+  replies are replayed into `kernel.rtnl.RtnlSocket`, whose decoders run;
 - the routes source's pyroute2 dumps and route lookups and the rp_filter it
   reads inside the netns: `RoutesSource.read_pod`; pyroute2 decodes the
   recorded message bytes and `collector.routes.read_facts` runs on them;
@@ -40,7 +40,7 @@ import sys
 import threading
 
 from collector.netns import NetnsPool, Resolver, open_sockets
-from collector.rtnl import LinkEvents, RtnlSocket
+from kernel.rtnl import LinkEvents, RtnlSocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDED = os.path.join(HERE, "fixtures", "recorded")
@@ -221,7 +221,7 @@ class ReplayIPRoute:
 
 def recording_read_pod(calls_by_pod: dict):
     """`collector.routes.read_pod`, with the socket and rp_filter kept per pod."""
-    from collector.nsenter import in_netns
+    from kernel.nsenter import in_netns
     from collector.routes import read_facts, read_rp_filter
 
     async def read_pod(netns_fd, procfs, namespace, pod, atts, links):

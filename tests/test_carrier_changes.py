@@ -10,7 +10,7 @@ from pyroute2 import IPRoute
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.netlink import NetlinkSource
 from collector.netns import NetnsPool
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
 from tests.conftest import unique_prefix

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from collector.ebpf import flow_families, guard_families
-from collector.nsenter import in_netns, netns_inode
+from kernel.nsenter import in_netns, netns_inode
 from exporters.exposition import render
 from tests.test_ebpf import need_root_and_objects, sh
 from tests.test_ebpf_lifecycle import kernel_ids, tc_show, wait_until_gone

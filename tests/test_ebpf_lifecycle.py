@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 from collector.ebpf import EbpfSource
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
 from tests.test_ebpf import need_root_and_objects, sh

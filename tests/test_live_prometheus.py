@@ -123,7 +123,7 @@ def pin_neighbour(lab, pod: str, dev: str, peer: str, peer_dev: str, via_address
 
 
 def udp_socket(lab, pod: str, bind: tuple[str, int]) -> socket.socket:
-    from collector.nsenter import in_netns
+    from kernel.nsenter import in_netns
     with in_netns(f"/run/netns/{lab.pod_ns[f'telco/{pod}']}"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(bind)

@@ -14,8 +14,8 @@ from collector import gateway_probe as gp
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.neighbours import (STATE_NAMES, Gateway, canonical, gateways_of, neighbour_families,
                                   on_link_source, probe_families, probe_targets, state_name)
-from collector.nsenter import in_netns
-from collector.rtnl import Neighbour, NextHop, RtnlSocket, neighbours, next_hops
+from kernel.nsenter import in_netns
+from kernel.rtnl import Neighbour, NextHop, RtnlSocket, neighbours, next_hops
 from exporters.exposition import render
 from tests.conftest import parse_metrics, unique_prefix, wait_for
 

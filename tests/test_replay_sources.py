@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Snapshot
-from collector.rtnl import LinkStats, RtnlSocket
+from kernel.rtnl import LinkStats, RtnlSocket
 from tests.conftest import parse_metrics, series
 from tests.replay import Replay, ReplaySocket
 

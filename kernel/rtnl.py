@@ -20,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
