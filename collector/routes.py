@@ -38,10 +38,11 @@ import time
 from dataclasses import dataclass
 
 from collector.model import ATTACHMENT_LABELS, PodView
-from kernel.nsenter import in_netns
+from collector.family import GAUGE, Family
 from collector.registry import Config, NoData, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
-from collector.family import GAUGE, Family
+from kernel.nsenter import in_netns
+from kernel.rtnl import drain, new_socket
 
 log = logging.getLogger(__name__)
 
@@ -180,22 +181,10 @@ class ChangeWatch:
         sock = self._socks.get(inode)
         if sock is None:
             with in_netns(netns_fd):
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, 0)
-            sock.bind((0, sum(1 << (g - 1) for g in WATCHED_GROUPS)))
+                sock = new_socket(sum(1 << (g - 1) for g in WATCHED_GROUPS), nonblocking=True, rcvbuf=None)
             self._socks[inode] = sock
             return True
-        seen = False
-        while True:
-            try:
-                sock.recv(1 << 16)
-                seen = True
-            except BlockingIOError:
-                return seen
-            except OSError as err:          # ENOBUFS: events were lost, so something changed
-                if err.errno != errno.ENOBUFS:
-                    raise
-                seen = True
+        return drain(sock)
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._socks if i not in inodes]:
