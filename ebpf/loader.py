@@ -112,13 +112,14 @@ class Loader:
         self._preflight(Path(objects_dir), btf_path)
         try:
             self._load(Path(objects_dir), flow_entries, bench)
-            self.reasons = btf.drop_reasons(btf_path)
-        except btf.BTFError as err:
-            self.close()
-            raise LoadError(KERNEL_UNSUPPORTED, f"{btf_path}: {err}") from None
         except BaseException:
             self.close()
             raise
+        try:
+            self.reasons = btf.drop_reasons(btf_path)
+        except btf.BTFError as err:         # costs the reason names only: drops stay counted
+            self.reasons = {}
+            log.warning("drop reasons by number (UNKNOWN_<n>): %s: %s", btf_path, err)
         self.load_seconds = time.monotonic() - started
 
     # --- loading ------------------------------------------------------------------

@@ -251,3 +251,18 @@ def test_verifier_refusal(tmp_path):
     source = EbpfSource(Config(options={"ebpf": {"objects_dir": str(tmp_path)}}))
     assert status(source) == ("0", "verifier_rejected")
     source.close()
+
+
+def test_unreadable_drop_reasons_cost_only_their_names(tmp_path, caplog):
+    """A BTF whose drop-reason enum cannot be read leaves the programs loaded;
+    drops are then labelled by number (UNKNOWN_<n>)."""
+    need_root_and_objects()
+    broken = tmp_path / "vmlinux"
+    broken.write_bytes(b"\0" * 64)
+    source = EbpfSource(Config(options={"ebpf": {"btf_path": str(broken)}}))
+    try:
+        assert status(source) == ("1", "ok")
+        assert source.loader.reasons == {}
+        assert any("drop reasons by number" in r.getMessage() for r in caplog.records)
+    finally:
+        source.close()
