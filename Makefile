@@ -33,7 +33,7 @@ ebpf:
 	@$(MAKE) -s -C ebpf
 
 run: deps
-	$(BIN)/planewatch lab run --web.listen-address $(LISTEN)
+	$(BIN)/python -m lab run --web.listen-address $(LISTEN)
 
 test: deps
 	$(BIN)/python -m pytest -q tests
@@ -55,7 +55,7 @@ generate: venv
 	$(BIN)/python deploy/generate.py
 
 lab-down: venv
-	$(BIN)/planewatch lab down
+	$(BIN)/python -m lab down
 
 clean:
 	rm -rf $(VENV) ebpf/build

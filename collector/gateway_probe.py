@@ -6,7 +6,7 @@ ARP/NDP to forward anything, and the answer is what the pod's kernel needs to
 send at all. One request is one packet; there are no retries (a lost request is
 a lost probe).
 
-Off by default: collector/neighbours.py starts the `Prober` only for the planes
+Off by default: collector/sources/neighbours.py starts the `Prober` only for the planes
 named in --collector.neighbours.probe-planes. Every probe takes a token from
 one per-node bucket (`TokenBucket`, packets per second), so the node's probe
 rate is bounded whatever the number of pods. Probing runs on its own thread,

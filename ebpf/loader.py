@@ -28,7 +28,7 @@ BENCH_PROGRAMS = ("bench_noop", "bench_counters")
 MAX_TOP_FLOWS = 1000
 ATTACH_MODES = ("auto", "tcx", "clsact")
 
-# Why loading failed, as a bounded label value (collector/ebpf.py exports it).
+# Why loading failed, as a bounded label value (collector/sources/ebpf.py exports it).
 OK = "ok"
 OBJECTS_MISSING = "objects_missing"
 LIBBPF_MISSING = "libbpf_missing"

@@ -55,8 +55,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVE = ("collector.cli", "serve")
-CLUSTER = ("collector.cluster",)
+SERVE = ("planewatch", "serve")
+CLUSTER = ("planewatch.cluster",)
 
 
 class Collector:

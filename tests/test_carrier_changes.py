@@ -8,7 +8,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.netlink import NetlinkSource
+from collector.sources.netlink import NetlinkSource
 from collector.netns import NetnsPool
 from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot

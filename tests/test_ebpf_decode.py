@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from collector.ebpf import (asymmetric_family, drop_family, ebpf_options, label_flow, status_families,
+from collector.sources.ebpf import (asymmetric_family, drop_family, label_flow, status_families,
                             traffic_families, wanted_attachments)
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.registry import Snapshot
@@ -277,13 +277,3 @@ def test_label_flow():
     assert (got["pod"], got["network"], got["ingress_interface"], got["egress_interface"]) == \
         ("p", "ns1/sig", "net1", "eth0")
     assert "pod" not in label_flow({**flow, "netns": 77}, INDEX)
-
-
-@pytest.mark.parametrize("options,expected", [
-    ({}, {}),
-    ({"sriov_all_vfs": True, "ebpf": {"attach_mode": "clsact"}}, {"attach_mode": "clsact"}),
-    ({"ebpf_attach_mode": "tcx", "ebpf_flow_entries": 4096, "ebpf": {"attach_mode": "clsact"}},
-     {"attach_mode": "tcx", "flow_entries": 4096}),
-])
-def test_ebpf_options(options, expected):
-    assert ebpf_options(options) == expected

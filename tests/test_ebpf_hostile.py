@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from collector.ebpf import flow_families, guard_families
+from collector.sources.ebpf import flow_families, guard_families
 from kernel.nsenter import in_netns, netns_inode
 from exporters.exposition import render
 from tests.test_ebpf import need_root_and_objects, sh

@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from collector.ebpf import EbpfSource
+from collector.sources.ebpf import EbpfSource
 from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
@@ -210,7 +210,7 @@ def status(source) -> tuple[str, str]:
 
 def test_missing_objects(tmp_path, caplog):
     source = EbpfSource(Config(options={"ebpf": {"objects_dir": str(tmp_path)}}))
-    with caplog.at_level(logging.WARNING, logger="collector.ebpf"):
+    with caplog.at_level(logging.WARNING, logger="collector.sources.ebpf"):
         assert status(source) == ("0", "objects_missing")
         assert status(source) == ("0", "objects_missing")
     assert len([r for r in caplog.records if "disabled" in r.getMessage()]) == 1
@@ -230,7 +230,7 @@ def test_without_capabilities():
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) not installed")
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_ebpf_lifecycle import status;"
-              "from collector.ebpf import EbpfSource; from collector.registry import Config;"
+              "from collector.sources.ebpf import EbpfSource; from collector.registry import Config;"
               "print(*status(EbpfSource(Config())))")
     with open("/proc/sys/kernel/unprivileged_bpf_disabled") as f:
         if f.read().strip() == "0":

@@ -37,18 +37,9 @@ from tests.test_soak import (MIB, bpf_ids_held, bpftool_ids, check_churn, check_
 LAUNCHER = r"""
 import ctypes, os, platform, struct, sys
 objects = os.environ.get("PW_FAULT_EBPF_OBJECTS")
-if objects:                      # collector/ebpf.py reads ebpf.loader.OBJECTS_DIR at load time
+if objects:                      # collector/sources/ebpf.py reads ebpf.loader.OBJECTS_DIR at load time
     import ebpf.loader
     ebpf.loader.OBJECTS_DIR = objects
-mode = os.environ.get("PW_FAULT_ATTACH_MODE")
-if mode:
-    import collector.cli as cli
-    _config = cli.config_from_args
-    def config_from_args(args):
-        config = _config(args)
-        config.options["ebpf"] = {"attach_mode": mode}
-        return config
-    cli.config_from_args = config_from_args
 if os.environ.get("PW_FAULT_DENY_BPF"):
     # seccomp: bpf(2) fails with EPERM, as under a container runtime's default profile
     nr = {"x86_64": 321, "aarch64": 280}[platform.machine()]
@@ -61,7 +52,7 @@ if os.environ.get("PW_FAULT_DENY_BPF"):
     libc.prctl(38, 1, 0, 0, 0)
     if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "seccomp")
-from collector.cli import main
+from planewatch.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -283,8 +274,8 @@ def test_pod_churn_60s_returns_to_baseline(lab, pods_file, collector_factory, tm
 # --- signals ------------------------------------------------------------------------------
 
 def attached_collector(lab, pods_file: str, mode: str = "") -> Collector:
-    env = {"PW_FAULT_ATTACH_MODE": mode} if mode else {}
-    c = TamperedCollector("--pods-file", pods_file, "--node-name", NODE_NAME, env=env)
+    mode_flag = ("--collector.ebpf.attach-mode", mode) if mode else ()
+    c = TamperedCollector("--pods-file", pods_file, "--node-name", NODE_NAME, *mode_flag, env={})
     c.wait_ready()
     wanted = lab_interface_count(lab)
     wait_for(lambda: list(series(parse_metrics(c.metrics()), "planewatch_ebpf_attached_interfaces").values())

@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 
 from collector import gateway_probe as gp
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.neighbours import (STATE_NAMES, Gateway, canonical, gateways_of, neighbour_families,
+from collector.sources.neighbours import (STATE_NAMES, Gateway, canonical, gateways_of, neighbour_families,
                                   on_link_source, probe_families, probe_targets, state_name)
 from kernel.nsenter import in_netns
 from kernel.rtnl import Neighbour, NextHop, RtnlSocket, neighbours, next_hops
@@ -333,7 +333,7 @@ def test_probe_refuses_a_reused_netns_path(two_ns):
 def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
     from types import SimpleNamespace
 
-    import collector.neighbours as nb
+    import collector.sources.neighbours as nb
     a, _ = two_ns
     path = f"/run/netns/{a}"
     fd = os.open(path, os.O_RDONLY)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from collector.attachments import AttachmentsSource
+from collector.sources.attachments import AttachmentsSource
 from collector.discovery import Store
 from collector.model import InterfaceView, PodView
 from collector.registry import Config, Snapshot

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from collector.model import Attachment, DeviceInfo, Pod
-from collector.netlink import NetlinkSource
+from collector.sources.netlink import NetlinkSource
 from collector.netns import Resolver
 from collector.registry import Config, Snapshot
 from exporters.exposition import render

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from collector import rdma
+from collector.sources import rdma
 from collector.model import DeviceInfo
 from collector.registry import Config, Paths, Snapshot
 from collector.sysfs_safe import Sysfs

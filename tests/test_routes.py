@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from collector.routes import families
+from collector.sources.routes import families
 from collector.routes_analysis import (
     NO_ROUTE, RTN_LOCAL, Attached, PodFacts, analyse, effective_rp_filter, findings, policy_rules,
     probe_plan, representative, responsible_route, rule_tables, subnets)

@@ -23,7 +23,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector import sriov, sriov_readers as readers
+from collector import sriov_readers as readers
+from collector.sources import sriov
 from collector.registry import Config, Paths, Snapshot
 from collector.sysfs_safe import Sysfs, pci_address
 from exporters.exposition import render

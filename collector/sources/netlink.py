@@ -44,9 +44,8 @@ class NetlinkSource:
         # from the link table, which is re-read on every RTM_NEWLINK the kernel sends (a carrier change is one)
         carrier = Family("planewatch_interface_carrier_changes_total", COUNTER,
                          "Carrier up/down transitions of the pod interface (IFLA_CARRIER_CHANGES).", ATTACHMENT_LABELS)
-        pool = snapshot.netns
         for view in snapshot.pods:
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            ns = snapshot.netns_of(view)
             if ns is None:
                 continue
             try:

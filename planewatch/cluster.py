@@ -24,11 +24,13 @@ from typing import Callable, Mapping
 from aiohttp import web
 
 from collector import __version__
-from collector.whereabouts import (GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, ippool_families,
-                                   nad_ranges, parse_pool, parse_reservation)
 from collector.family import Family
+from collector.whereabouts import GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, parse_pool, parse_reservation
+from collector.whereabouts_metrics import ippool_families
+from collector.whereabouts_ranges import nad_ranges
 from exporters.exposition import CONTENT_TYPE, render
 from exporters.metrics import health_families
+from planewatch.serve import serve_forever, setup_logging, web_security
 
 log = logging.getLogger("planewatch.cluster")
 
@@ -69,7 +71,7 @@ class Keyed:
 
 class ClusterState:
     def __init__(self, small_ranges: bool = False):
-        self.small_ranges = small_ranges        # a fork's /31 and /32 reading (collector/whereabouts.py)
+        self.small_ranges = small_ranges        # a fork's /31 and /32 reading (collector/whereabouts_ranges.py)
         self.lock = threading.Lock()
         self.pods = Keyed(self.lock, lambda obj: None)      # existence is all we need
         self.nads = Keyed(self.lock, nad_ranges)
@@ -153,7 +155,7 @@ class ClusterFile:
 
 
 class ClusterServer:
-    """/metrics, /healthz, /readyz; `.app` is what collector.cli.serve_forever runs."""
+    """/metrics, /healthz, /readyz; `.app` is what planewatch.serve.serve_forever runs."""
 
     def __init__(self, state: ClusterState, middlewares=()):
         self.state = state
@@ -194,7 +196,6 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from collector.cli import serve_forever, setup_logging, web_security
     from collector.kube import api_client
     setup_logging(args.log_level)
     try:
@@ -212,7 +213,7 @@ def cmd_cluster(args) -> int:
 
 
 def add_cluster_command(sub) -> None:
-    """Add `cluster` to the `planewatch` subcommands (collector/cli.py main())."""
+    """Add `cluster` to the `planewatch` subcommands (planewatch/cli.py main())."""
     p = sub.add_parser("cluster", help="cluster-wide metrics (Whereabouts IP pools); run one replica")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_cluster)

@@ -23,8 +23,7 @@ less than keeping 4 fds and an event loop per pod. `netns=None, flags=0` so
 pyroute2 never creates or enters a namespace itself; `groups=0` so the socket
 subscribes to no event stream.
 
-Options (Config.options["routes"]): interval (s, 300), min_gap (s, 1),
-budget (s of analysis per scrape, 0.2), budget_new (s, 2).
+Options: the `--collector.routes.*` flags registered below.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.family import GAUGE, Family
-from collector.registry import Config, NoData, Snapshot, register
+from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
 from kernel.nsenter import in_netns
 from kernel.rtnl import drain, new_socket
@@ -203,16 +202,26 @@ class Cached:
     cpu_seconds: float      # and this thread's CPU time
 
 
-@register("routes", help="Asymmetric-routing analysis (route lookups, overlaps, rp_filter) in each pod netns.")
+@register("routes", help="Asymmetric-routing analysis (route lookups, overlaps, rp_filter) in each pod netns.",
+          options=(
+              Option("interval", DEFAULT_INTERVAL, "seconds after which a pod's routing is analysed again "
+                     "even without a kernel change event", float),
+              Option("min_gap", DEFAULT_MIN_GAP, "least seconds between two analyses of one pod "
+                     "whose routing keeps changing", float),
+              Option("budget", DEFAULT_BUDGET, "seconds of analysis per scrape for pods analysed before "
+                     "(the rest waits for the next scrape)", float),
+              Option("budget_new", DEFAULT_BUDGET_NEW, "seconds of analysis per scrape for pods never "
+                     "analysed", float),
+          ))
 class RoutesSource:
     def __init__(self, config: Config, clock=time.monotonic):
         import pyroute2  # noqa: F401  -- imported now (~0.2 s), not during the first scrape
-        opts = dict(config.options.get("routes") or {})
+        opts = config.settings("routes")
         self.procfs = config.paths.procfs
-        self.interval = float(opts.get("interval", DEFAULT_INTERVAL))
-        self.min_gap = float(opts.get("min_gap", DEFAULT_MIN_GAP))
-        self.budget = float(opts.get("budget", DEFAULT_BUDGET))
-        self.budget_new = float(opts.get("budget_new", DEFAULT_BUDGET_NEW))
+        self.interval = opts["interval"]
+        self.min_gap = opts["min_gap"]
+        self.budget = opts["budget"]
+        self.budget_new = opts["budget_new"]
         self._clock = clock
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
@@ -250,10 +259,9 @@ class RoutesSource:
 
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
         """uid -> (view, namespace, attachments, fingerprint) of every pod to analyse."""
-        pool = snapshot.netns
         live = {}
         for view in snapshot.pods:
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network:
                 continue
             atts = attached_interfaces(view)
