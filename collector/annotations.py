@@ -1,6 +1,6 @@
 """Pods' Multus annotations → Pod / Attachment / Request records (pure, never raises).
 
-Three annotations matter (ANCHORS.md):
+Three annotations matter (Multus, NPWG multi-net spec v1.2):
 - `k8s.v1.cni.cncf.io/network-status` (older Multus: `networks-status`): what
   was attached, a JSON list of NetworkStatus objects;
 - `k8s.v1.cni.cncf.io/networks`: what was asked for, a comma list or a JSON list.

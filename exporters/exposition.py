@@ -2,9 +2,10 @@
 (collector/family.py).
 
 Why not prometheus_client's `generate_latest`: on a busy node (1000 pod
-interfaces, ~11 000 series) formatting dominated the scrape (~57 ms of ~65 ms,
-recipes/netlink-performance.md). Here a label set is rendered once per distinct
-tuple of values (an LRU keyed by the tuple) and a sample is one f-string.
+interfaces, ~11 000 series) formatting dominated the scrape. Here a label set is
+rendered once per distinct tuple of values (an LRU keyed by the tuple) and a
+sample is one f-string; bench/codecs.py renders the same 11 000 series both ways
+(65 ms against 289 ms, on a loaded 2-core machine).
 The output is checked against prometheus_client's parser and `promtool check
 metrics` in tests/test_exposition.py, including hostile label values.
 """
