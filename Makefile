@@ -1,16 +1,23 @@
 # planewatch — the two commands a new user runs:
 #   make run    bring up the lab and serve /metrics on it (Ctrl-C tears it down)
 #   make test   run every test
+#   make node-up / make node-down   a real single-node Kubernetes (tests/node.py)
 # Both install what they need first (Debian packages, a venv, the BPF objects).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 LISTEN ?= 127.0.0.1:9808
+# procps: sysctl, which the lab runs in every namespace; minimal Debian roots
+# (debootstrap, container images) lack it. containerd ... git: the real node of
+# tests/node.py (runtime, CNI plugins, the image built with buildah on an
+# mmdebstrap base, busybox-static for workload pods, gcc for the static pause).
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
-                openssl prometheus prometheus-node-exporter
+                openssl procps prometheus prometheus-node-exporter \
+                containerd runc containernetworking-plugins iptables conntrack socat \
+                buildah mmdebstrap busybox-static gcc libc6-dev git
 
-.PHONY: deps apt venv ebpf run test test-quick bench lab-down generate clean
+.PHONY: deps apt venv ebpf run test test-quick bench lab-down node-up node-down kube-bins generate clean
 
 deps: apt venv ebpf
 
@@ -35,7 +42,7 @@ ebpf:
 run: deps
 	$(BIN)/python -m lab run --web.listen-address $(LISTEN)
 
-test: deps
+test: deps kube-bins
 	$(BIN)/python -m pytest -q tests
 
 # The root-free tier (tests not marked `root`): under a minute, no kernel objects.
@@ -46,6 +53,11 @@ QUICK_USER := $(if $(filter 0,$(shell id -u)),setpriv --reuid=65534 --regid=6553
 test-quick: venv
 	$(QUICK_USER) env PLANEWATCH_QUICK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not root" tests
 
+# Kubernetes v1.20.2 binaries for tests/kubeapi.py and the real node (tests/node.py),
+# built once into ~/.cache/planewatch from Debian's source (minutes the first time).
+kube-bins: venv
+	$(BIN)/python -m tests.node_bins
+
 bench: deps
 	$(BIN)/python bench/scrape.py
 
@@ -53,6 +65,13 @@ generate: venv
 	$(BIN)/python deploy/rules/generate.py
 	$(BIN)/python dashboards/generate.py
 	$(BIN)/python deploy/generate.py
+
+NODE ?= pwnode
+node-up: deps
+	$(BIN)/python -m tests.node up $(NODE)
+
+node-down: venv
+	$(BIN)/python -m tests.node down $(NODE)
 
 lab-down: venv
 	$(BIN)/python -m lab down

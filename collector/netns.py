@@ -21,6 +21,10 @@ itself visibly instead of reading its victim's counters.
 
 A resolution is kept until its namespace disappears; lookups of unresolved pods
 are rate-limited so a pod we can never see does not cost a scan per scrape.
+A pod resolved through the netns dir is checked again through its cgroup (with
+backoff) and takes that answer: containerd runs the CNI ADD that writes
+network-status before any process of the pod exists, so the first lookup of a
+new pod often cannot use the exact path yet.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ LINKS_TTL = 300.0          # link events keep the interface table fresh; this is
 RETRY_UNRESOLVED = 5.0     # seconds between attempts for a pod not found yet
 MIN_REFRESH = 1.0          # an annotated interface absent: re-read at most this often
 NO_MAC = "00:00:00:00:00:00"
+CONFIRM_BACKOFF_MAX = 320.0    # seconds between cgroup checks of a netns-dir resolution
 
 
 # Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
@@ -327,6 +332,7 @@ class Resolver:
         self._clock = clock
         self._resolved: dict[str, tuple[int, str]] = {}     # uid -> (inode, how)
         self._tried: dict[str, float] = {}                  # uid -> last failed attempt
+        self._confirm_at: dict[str, tuple[float, float]] = {}  # uid -> (next check, backoff)
         # uid -> (pod, (netns inode, refresh time, links), interfaces): matching is redone
         # only when the pod object or its namespace's link table changed
         self._matched: dict[str, tuple[Pod, tuple[int, float, int], tuple[InterfaceView, ...]]] = {}
@@ -354,6 +360,7 @@ class Resolver:
                 and now - self._tried.get(p.uid, -RETRY_UNRESOLVED) >= RETRY_UNRESOLVED]
         if todo:
             self._find(todo, pinned, now)
+        self._confirm_due(pods, pinned, now)
 
         views = []
         used: set[int] = set()
@@ -415,14 +422,12 @@ class Resolver:
         except OSError:
             return False
 
-    def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
-        by_cgroup, owners = scan_pod_processes(self.procfs)
-        # Kernel facts first: a namespace held by a pod's processes is that pod's.
-        for uid, (inode, how) in list(self._resolved.items()):
-            if how != "cgroup" and owners.get(inode) and uid not in owners[inode]:
-                log.info("netns %d belongs to pod %s by cgroup, not to %s", inode, owners[inode], uid)
-                del self._resolved[uid]
-        for pod in todo:
+    def _by_cgroup(self, pods: list[Pod], by_cgroup: dict[str, str], owners: dict[int, set[str]],
+                   pinned: dict[int, str], now: float) -> dict[str, int]:
+        """uid -> netns inode (opened in the pool) for the pods a process was found
+        for; a namespace the processes of several pods share is nobody's."""
+        found = {}
+        for pod in pods:
             path = by_cgroup.get(pod.uid)
             if not path:
                 continue
@@ -435,8 +440,46 @@ class Resolver:
             except OSError as err:
                 log.debug("pod %s: %s: %s", pod.key, path, err)
                 continue
-            self._resolved[pod.uid] = (ns.inode, "cgroup")
-            self._conflicts.pop(pod.uid, None)
+            found[pod.uid] = ns.inode
+        return found
+
+    def _confirm_due(self, pods: list[Pod], pinned: dict[int, str], now: float) -> None:
+        """A netns-dir match is only as good as the annotation it came from. On
+        containerd the CNI writes network-status before the pod has a process, so
+        a new pod is first found by MAC: once a process exists its cgroup's
+        namespace replaces the match (checked after RETRY_UNRESOLVED, then at
+        doubling intervals up to CONFIRM_BACKOFF_MAX)."""
+        soft = {uid for uid, (_, how) in self._resolved.items() if how != "cgroup"}
+        self._confirm_at = {u: v for u, v in self._confirm_at.items() if u in soft}
+        for uid in soft:
+            self._confirm_at.setdefault(uid, (now + RETRY_UNRESOLVED, RETRY_UNRESOLVED))
+        due = [p for p in pods if p.uid in self._confirm_at and now >= self._confirm_at[p.uid][0]]
+        if not due:
+            return
+        for pod in due:
+            backoff = min(self._confirm_at[pod.uid][1] * 2, CONFIRM_BACKOFF_MAX)
+            self._confirm_at[pod.uid] = (now + backoff, backoff)
+        by_cgroup, owners = scan_pod_processes(self.procfs)
+        for uid, inode in self._by_cgroup(due, by_cgroup, owners, pinned, now).items():
+            if inode != self._resolved[uid][0]:
+                log.warning("pod %s: its cgroup's namespace is not the one its %s matched; "
+                            "taking the cgroup's", uid, self._resolved[uid][1])
+            for other, (held, how) in list(self._resolved.items()):
+                if other != uid and held == inode and how != "cgroup":
+                    del self._resolved[other]          # an annotation claim yields to the kernel's fact
+            self._resolved[uid] = (inode, "cgroup")
+            self._confirm_at.pop(uid, None)
+
+    def _find(self, todo: list[Pod], pinned: dict[int, str], now: float) -> None:
+        by_cgroup, owners = scan_pod_processes(self.procfs)
+        # Kernel facts first: a namespace held by a pod's processes is that pod's.
+        for uid, (inode, how) in list(self._resolved.items()):
+            if how != "cgroup" and owners.get(inode) and uid not in owners[inode]:
+                log.info("netns %d belongs to pod %s by cgroup, not to %s", inode, owners[inode], uid)
+                del self._resolved[uid]
+        for uid, inode in self._by_cgroup(todo, by_cgroup, owners, pinned, now).items():
+            self._resolved[uid] = (inode, "cgroup")
+            self._conflicts.pop(uid, None)
 
         left = [p for p in todo if p.uid not in self._resolved and p.attachments]
         if left:

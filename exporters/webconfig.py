@@ -309,6 +309,14 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
         why = "key does not match certificate" if "KEY_VALUES_MISMATCH" in str(e) else str(e)
         raise WebConfigError(f"tls_server_config: {tls.cert_file} / {tls.key_file}: {why}") from e
     context.verify_mode = CLIENT_AUTH_MODES[tls.client_auth_type]
+    # Client certificates are judged as exporter-toolkit (Go crypto/x509) judges them,
+    # so the CAs operators already use with Prometheus keep working: every certificate
+    # in client_ca_file is a trust anchor, an intermediate included (PARTIAL_CHAIN),
+    # and RFC 5280 profile checks Go does not make (a CA without keyUsage, a leaf
+    # without AKI) refuse nobody. Set explicitly: Python >= 3.13's default contexts
+    # turn VERIFY_X509_STRICT on, and this must not change with the interpreter.
+    context.verify_flags = (context.verify_flags | ssl.VERIFY_X509_PARTIAL_CHAIN) \
+        & ~ssl.VERIFY_X509_STRICT
     if tls.client_ca_file:
         try:
             context.load_verify_locations(cafile=tls.client_ca_file)

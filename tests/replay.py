@@ -349,6 +349,11 @@ def build(args: list[str]):
     parser = _argparse.ArgumentParser()
     add_serve_flags(parser)
     server, feeds, _ = build_server(parser.parse_args(args))
+    # The HTTP refusal counters are the process's (one server a process); other
+    # tests in this process may have moved them: this server counts from zero.
+    from exporters.httpstats import REFUSALS, Refusals
+    extra = server.scraper.extra
+    extra[extra.index(REFUSALS.families)] = Refusals().families
     for feed in feeds:
         feed.load_once()        # the pods file read now, not on a thread
     return server, feeds

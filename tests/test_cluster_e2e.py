@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from kubernetes import client
 
 from collector.whereabouts import GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION
+from tests import kubeapi
 from tests.conftest import CLUSTER, REPO, Collector, parse_metrics, series, wait_for
 
 pytestmark = pytest.mark.kube
@@ -25,7 +25,6 @@ NS = f"{TAG}-telco"                 # pods and NADs
 IPAM_NS = f"{TAG}-ipam"             # where whereabouts keeps its pools (kube-system in real life)
 NODE = f"{TAG}-node"
 ORIP_CRD = Path(REPO) / "tests" / "fixtures" / "crds" / "whereabouts-overlappingrangeipreservation.yaml"
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 
 SIGNALING = {"pool": f"{IPAM_NS}/10.201.0.0-24", "range": "10.201.0.0/24", "network": f"{NS}/signaling"}
 STORAGE = {"pool": f"{IPAM_NS}/stor-fd00-201---120", "range": "fd00:201::/120", "network": f"{NS}/storage"}
@@ -86,7 +85,7 @@ def pod(name: str) -> dict:
 
 
 def kubectl(kube, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([KUBECTL, "--kubeconfig", kube.kubeconfig(), *args],
+    return subprocess.run([kubeapi.require_kubectl(), "--kubeconfig", kube.kubeconfig(), *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -100,8 +99,7 @@ def ensure_namespace(core: client.CoreV1Api, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def whereabouts_world(kube):
-    if not os.access(KUBECTL, os.X_OK):
-        pytest.skip("kubectl missing")
+    kubeapi.require_kubectl()
     api = kube.api_client()
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     kube.create_ippool_crd()

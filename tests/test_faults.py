@@ -29,7 +29,7 @@ from lab import topology
 from lab.objects import NODE_NAME
 from tests.conftest import REPO, Collector, free_port, parse_metrics, series, unique_prefix, wait_for
 from tests.test_soak import (MIB, bpf_ids_held, bpftool_ids, check_churn, check_hammer, pods_file,  # noqa: F401
-                             pods_with, sample_keys)
+                             pods_with, sample_keys, wait_bpf_settled)
 
 
 # --- a collector with the BPF side tampered with, from outside the collector ----------
@@ -259,6 +259,8 @@ def test_bpf_refused_scrape_still_serves_the_rest(how, reason, lab, pods_file, t
 def test_50_concurrent_scrapers_10s(lab, pods_file, collector_factory):
     c = collector_factory("--pods-file", pods_file, "--node-name", NODE_NAME)
     c.wait_ready()
+    # every scrape must show the same series: not while BPF is still attaching
+    wait_bpf_settled(c, lab_interface_count(lab))
     check_hammer(c, 10, p99_bound=2.0)
 
 

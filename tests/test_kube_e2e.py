@@ -91,8 +91,8 @@ def test_pod_added_changed_deleted(watching):
     create(api, smf_d)
     t0 = time.monotonic()
     wait_for(lambda: "smf-d" in pods_of(c), what="added pod in /metrics")
-    added_after = time.monotonic() - t0
-    assert added_after < 5, added_after
+    # how fast: bench/discovery_latency.py; here only that it came
+    print(f"\npod in /metrics {time.monotonic() - t0:.2f} s after its creation")
 
     # changed: the NAD's plane annotation moves every pod's net1 to another plane
     custom = client.CustomObjectsApi(api)
@@ -140,8 +140,7 @@ def test_survives_api_server_restart(watching):
     delete_pod(api, "default", "plain-c")
     t0 = time.monotonic()
     wait_for(lambda: "plain-c" not in pods_of(c), timeout=40, what="a deletion made after the restart")
-    recovered_after = time.monotonic() - t0
-    assert recovered_after < 35, recovered_after
+    print(f"\ndeletion after the restart seen in {time.monotonic() - t0:.1f} s")
     plain_c = next(o for o in lab_objects(lab) if o["metadata"]["name"] == "plain-c")
     create(api, plain_c)
     wait_for(lambda: "plain-c" in pods_of(c), what="pod re-created after the restart")

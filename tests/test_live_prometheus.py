@@ -237,8 +237,10 @@ def surface():
         (workdir / "prometheus").mkdir()
         prometheus = prom.Prometheus(workdir / "prometheus",
                                      prom.config([f"127.0.0.1:{collector.port}"], [rules], node=NODE))
-        # BPF programs attach at the collector's first scrape: traffic only after it
-        prometheus.wait_for("planewatch_ebpf_up == 1", timeout=30)
+        # BPF attaches in the background after the collector's first scrape (ebpf_up is
+        # 1 at load already): traffic only once every pod interface is hooked
+        hookable = sum(len(ifaces) for ifaces in lab.addresses.values())
+        prometheus.wait_for(f"planewatch_ebpf_attached_interfaces == {hookable}", timeout=30)
         pin_neighbour(lab, "upf-a", "net1", "upf-b", "net1")
         pin_neighbour(lab, "upf-a", "net1", "smf-d", "net1")
         pin_neighbour(lab, "upf-b", "eth0", "upf-a", "eth0")

@@ -142,3 +142,52 @@ def test_mac_wins_over_an_ip_seen_elsewhere_and_ambiguity_resolves_nothing(names
         assert r.resolve([ip_only])[0].netns_inode == 0
     finally:
         r.close()
+
+
+def test_netns_dir_match_is_confirmed_by_cgroup_once_the_pod_has_a_process(namespaces, tmp_path):
+    """containerd writes network-status (CNI ADD) before the pod's first process
+    starts: found by MAC first, the exact cgroup path takes over once it can."""
+    now = [1000.0]
+    procfs = tmp_path / "proc"
+    (procfs / "1").mkdir(parents=True)
+    (procfs / "1" / "cgroup").write_text("0::/init.scope\n")
+    r = Resolver("/run/netns", str(procfs), clock=lambda: now[0])
+    p = pod(2)
+    try:
+        view = r.resolve([p])[0]
+        assert view.resolved_by == "netns-dir:mac"
+        # the pause process starts; the next check is after RETRY_UNRESOLVED, not per scrape
+        (procfs / "4343" / "ns").mkdir(parents=True)
+        (procfs / "4343" / "cgroup").write_text(
+            f"4:memory:/kubepods/besteffort/pod{p.uid}/0123abcd\n0::/kubepods/besteffort/pod{p.uid}/0123abcd\n")
+        os.symlink(f"/run/netns/{namespaces[2]}", procfs / "4343" / "ns" / "net")
+        assert r.resolve([p])[0].resolved_by == "netns-dir:mac"
+        now[0] += RETRY_UNRESOLVED + 0.1
+        view = r.resolve([p])[0]
+        assert view.resolved_by == "cgroup"
+        assert view.netns_inode == os.stat(f"/run/netns/{namespaces[2]}").st_ino
+        assert view.netns_path == f"/run/netns/{namespaces[2]}"      # the pinned path is kept
+        assert [iv.link.name for iv in view.interfaces] == ["eth0", "net1"]
+    finally:
+        r.close()
+
+
+def test_unconfirmable_netns_dir_match_is_checked_with_backoff(namespaces, tmp_path):
+    now = [1000.0]
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    r = Resolver("/run/netns", str(procfs), clock=lambda: now[0])
+    scans = []
+    original = r._by_cgroup
+    r._by_cgroup = lambda pods, *rest: (scans.append(rest[-1]), original(pods, *rest))[1]
+    try:
+        assert r.resolve([pod(0)])[0].resolved_by == "netns-dir:mac"
+        first = len(scans)                      # _find's own lookup
+        for _ in range(200):                    # one scrape a second for 200 s
+            now[0] += 1.0
+            assert r.resolve([pod(0)])[0].resolved_by == "netns-dir:mac"
+        checks = [t - 1000.0 for t in scans[first:]]
+        gaps = [b - a for a, b in zip(checks, checks[1:])]
+        assert len(checks) <= 6 and gaps == sorted(gaps), checks   # 5, 10, 20, 40, 80 ... s apart
+    finally:
+        r.close()

@@ -40,6 +40,7 @@ def served(lab, netns_dir, tmp_path_factory):
     c = Collector("--pods-file", path, "--node-name", NODE_NAME, "--path.netns", netns_dir)
     try:
         c.wait_ready()
+        ebpf_usable(c, lab)      # BPF on every interface before any test sends traffic
         yield lab, c
     finally:
         c.stop()
@@ -71,12 +72,16 @@ def finding_texts(c: Collector, pod: str) -> list[dict]:
     return [f for f in body["findings"] if f"{f['namespace']}/{f['pod']}" == pod]
 
 
-def ebpf_usable(c: Collector) -> str:
-    """"" when the eBPF source is loaded and attached, else why not."""
+def ebpf_usable(c: Collector, lab) -> str:
+    """"" when the eBPF source is loaded and attached to every lab interface, else why
+    not. ebpf_up is 1 at load; attaching follows in the background: wait for it."""
     parsed = scrape(c)
     if total(parsed, "planewatch_ebpf_up") != 1:
         info = series(parsed, "planewatch_ebpf_info")
         return f"eBPF source not usable here: {[dict(k) for k in info] or 'no ebpf source'}"
+    hookable = sum(len(ifaces) for ifaces in lab.addresses.values())
+    wait_for(lambda: total(scrape(c), "planewatch_ebpf_attached_interfaces") == hookable,
+             what=f"BPF on all {hookable} lab interfaces")
     return ""
 
 
@@ -111,7 +116,7 @@ def test_1_symmetric_replies_give_no_finding_and_no_count(served):
         assert findings(c, UPF_A, UPF_B) == set()
         assert series(after, "planewatch_route_mismatch") == {}
         assert series(after, "planewatch_subnet_overlap") == {}
-        reason = ebpf_usable(c)
+        reason = ebpf_usable(c, lab)
         if reason:
             pytest.skip(reason)
         # the programs saw the exchange, and none of it was asymmetric
@@ -157,7 +162,7 @@ def test_3_off_subnet_peer_counts_asymmetric_packets_and_rpfilter_drops(served):
                  <= findings(c, SMF_D), what="strict rp_filter finding on smf-d")
         assert total(scrape(c), "planewatch_interface_rp_filter", **pod_labels(SMF_D), interface="eth0") == 1
         assert mismatch(scrape(c)) == {}
-        reason = ebpf_usable(c)
+        reason = ebpf_usable(c, lab)
         if reason:
             pytest.skip(reason)
         before = scrape(c)
@@ -186,7 +191,7 @@ def test_3_off_subnet_peer_counts_asymmetric_packets_and_rpfilter_drops(served):
 
 def test_3b_strict_rp_filter_on_the_server_drops_off_subnet_requests(served):
     lab, c = served
-    reason = ebpf_usable(c)
+    reason = ebpf_usable(c, lab)
     if reason:
         pytest.skip(reason)
     with scenarios.applied(scenarios.off_subnet_peer(lab, client_rp_filter=2, server_rp_filter=1)) as ch:
@@ -229,7 +234,7 @@ def test_4_overlapping_subnets_are_a_finding(served):
 
 def test_5_policy_routing_table_per_interface_fixes_it(served):
     lab, c = served
-    ebpf_reason = ebpf_usable(c)
+    ebpf_reason = ebpf_usable(c, lab)
     with scenarios.applied(scenarios.more_specific_route(lab)), \
             scenarios.applied(scenarios.off_subnet_peer(lab, client_rp_filter=1)) as peer:
         wait_for(lambda: (UPF_A, "net1", "route_mismatch") in findings(c, UPF_A), what="mismatch before fix")

@@ -143,7 +143,23 @@ def hammer(url: str, scrapers: int, seconds: float) -> dict:
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "max": max(latencies)}
 
 
-def check_hammer(c: Collector, seconds: float, p99_bound: float) -> dict:
+def wait_bpf_settled(c: Collector, interfaces: int) -> None:
+    """Wait until BPF is attached to all `interfaces` pod interfaces, so the series set
+    is final: ebpf_up turns 1 at load, then each attach (in the background, slower on
+    a busy machine) adds that interface's eBPF series. Nothing to wait for when eBPF
+    is not up here: its series then never change."""
+    def settled() -> bool:
+        parsed = parse_metrics(c.metrics())
+        if list(series(parsed, "planewatch_ebpf_up").values()) != [1]:
+            return True
+        return list(series(parsed, "planewatch_ebpf_attached_interfaces").values()) == [interfaces]
+    wait_for(settled, timeout=60, what=f"BPF on {interfaces} interfaces")
+
+
+def check_hammer(c: Collector, seconds: float, p99_bound: float | None = None) -> dict:
+    """Every scrape answered, the same series all along. Latency is printed: its
+    figures are bench/scrape.py's. (p99_bound: only tests/test_faults.py still passes
+    one, until that file moves its limit out too.)"""
     c.metrics()
     rss0 = rss_bytes(c.proc.pid)
     got = hammer(c.url, 50, seconds)
@@ -152,7 +168,8 @@ def check_hammer(c: Collector, seconds: float, p99_bound: float) -> dict:
           f"RSS {rss0 / MIB:.1f} -> {rss_bytes(c.proc.pid) / MIB:.1f} MiB")
     assert not got["errors"], got["errors"][:5]
     assert len(got["series_counts"]) == 1, got["series_counts"]   # the same pods all along
-    assert got["p99"] < p99_bound, got
+    if p99_bound is not None:
+        assert got["p99"] < p99_bound, got
     assert c.get("/healthz")[0] == 200
     return got
 
@@ -212,7 +229,9 @@ def churn(lab, pods_file: str, c: Collector, seconds: float) -> dict:
     return {"cycles": cycles, "worst_scrape": worst, "leftover_netns": leftovers, "prefix": prefix}
 
 
-def check_churn(lab, pods_file: str, c: Collector, seconds: float, rss_tolerance: int) -> dict:
+def check_churn(lab, pods_file: str, c: Collector, seconds: float, rss_tolerance: int | None = None) -> dict:
+    """Series, fds, BPF links and thread namespaces back to baseline. RSS is printed
+    (bench/scrape.py measures it); rss_tolerance: only tests/test_faults.py still passes one."""
     churn(lab, pods_file, c, 8)                     # one warm-up round: caches, first allocations
     time.sleep(2)
     before = collector_state(c)
@@ -226,7 +245,8 @@ def check_churn(lab, pods_file: str, c: Collector, seconds: float, rss_tolerance
     assert after["stable_series"] == before["stable_series"] and after["duplicates"] == 0
     assert after["fds"] <= before["fds"] + 2, (before, after)      # +2: a keep-alive socket or two
     assert after["links"] == before["links"]
-    assert after["rss"] <= before["rss"] + rss_tolerance, (before, after)
+    if rss_tolerance is not None:
+        assert after["rss"] <= before["rss"] + rss_tolerance, (before, after)
     assert not got["leftover_netns"], f"namespaces re-created: {got['leftover_netns']}"
     home = os.stat("/proc/self/ns/net").st_ino
     assert thread_netns_inodes(c.proc.pid) == {home}, "a thread stayed in a pod netns"
@@ -246,7 +266,8 @@ def only_when_asked(request):
 def test_50_concurrent_scrapers_60s(only_when_asked, lab, pods_file, collector_factory):
     c = collector_factory("--pods-file", pods_file, "--node-name", NODE_NAME)
     c.wait_ready()
-    got = check_hammer(c, 60, p99_bound=2.0)
+    wait_bpf_settled(c, sum(len(ifaces) for ifaces in lab.addresses.values()))
+    got = check_hammer(c, 60)
     assert got["scrapes"] > 50 * 60          # shared in-flight scrapes: far more than one a second each
 
 
@@ -257,5 +278,5 @@ def test_pod_churn_5min_returns_to_baseline(only_when_asked, lab, pods_file, col
     shutil.copy(pods_file, path)
     c = collector_factory("--pods-file", path, "--node-name", NODE_NAME)
     c.wait_ready()
-    got = check_churn(lab, path, c, 300, rss_tolerance=10 * MIB)
+    got = check_churn(lab, path, c, 300)
     assert got["cycles"] >= 30

@@ -1,0 +1,205 @@
+"""Stopping the real node (tests/node.py) and removing what it left on the host:
+processes by recorded PID, mounts under its directory, the cni-* namespaces its
+sandboxes used, its links and cgroups, the sysctls kubelet rewrote."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+# kubelet's setupKernelTunables (pkg/kubelet/cm) rewrites these (recipe trap 2).
+SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
+           "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_sysctls(base: Path) -> dict[str, str]:
+    """The host's values before any node of ours ran: two nodes at once must not take
+    the first one's kubelet rewrites for the host's own (base/sysctls.json is kept
+    until the last node goes down)."""
+    shared = base / "sysctls.json"
+    if shared.exists():
+        return json.loads(shared.read_text())
+    out = _read_sysctls()
+    base.mkdir(parents=True, exist_ok=True)
+    shared.write_text(json.dumps(out))
+    return out
+
+
+def _read_sysctls() -> dict[str, str]:
+    out = {}
+    for key in SYSCTLS:
+        try:
+            out[key] = Path("/proc/sys", key).read_text().strip()
+        except OSError:
+            pass
+    return out
+
+
+def restore_sysctls(saved: dict[str, str]) -> None:
+    for key, value in saved.items():
+        path = Path("/proc/sys", key)
+        if path.read_text().strip() != value:
+            path.write_text(value + "\n")
+
+
+def cgroup_roots() -> list[str]:
+    """Mount points of every cgroup hierarchy (v1 controllers, named, unified)."""
+    roots = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[0] in ("cgroup", "cgroup2"):
+            roots.append(left.split()[4])
+    return roots
+
+
+def _starttime(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_recorded(pids: dict, names: list[str], grace: float = 5.0) -> None:
+    """SIGTERM each recorded daemon that is still the process we started (same start
+    time), then SIGKILL what outlives the grace period (the node's state is thrown
+    away: nothing to flush); its process group too (socat forks per connection)."""
+    live = {}
+    for name in names:
+        rec = pids.get(name)
+        if rec and _starttime(rec["pid"]) == rec["start"]:
+            # kube-apiserver waits ~60 s on open watches after SIGTERM; etcd keeps nothing we need.
+            sig = signal.SIGKILL if name == "kube-apiserver" else signal.SIGTERM
+            try:
+                os.killpg(rec["pid"], sig)
+            except ProcessLookupError:
+                pass
+            live[name] = rec
+    deadline = time.monotonic() + grace
+    while live and time.monotonic() < deadline:
+        live = {n: r for n, r in live.items() if _starttime(r["pid"]) == r["start"]}
+        time.sleep(0.1)
+    for rec in live.values():
+        try:
+            os.killpg(rec["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pids_in_cgroups(paths: list[Path]) -> set[int]:
+    pids = set()
+    for top in paths:
+        for procs in top.rglob("cgroup.procs") if top.exists() else ():
+            try:
+                pids.update(int(p) for p in procs.read_text().split())
+            except OSError:
+                pass
+    return pids
+
+
+def _shims_of(sock: str) -> set[int]:
+    """containerd-shim processes serving our containerd (their argv names its socket)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"containerd-shim" in argv[0] and sock.encode() in argv:
+                out.add(int(entry.name))
+    return out
+
+
+def _mounts_under(prefixes: list[str]) -> list[str]:
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if any(point == p or point.startswith(p.rstrip("/") + "/") for p in prefixes):
+            found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def teardown_host(node) -> None:
+    state, d = node.state, str(node.dir)
+    cg = [Path(root) / node.name for root in cgroup_roots()]
+    # Whatever a container left running, and shims of our containerd.
+    for _ in range(3):
+        pids = _pids_in_cgroups(cg) | _shims_of(str(node.dir / "containerd.sock"))
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    # kubelet's volume tmpfs, containerd's rootfs overlays, our netns pins.
+    netns = node.used_netns() if (node.dir / "cni").exists() else []
+    for point in _mounts_under([d, *netns]):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    for ns in netns:
+        try:
+            os.unlink(ns)
+        except OSError:
+            pass
+    for link in state.get("links", []):
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
+    for top in cg:
+        if top.exists():
+            for sub in sorted((p for p in top.rglob("*") if p.is_dir()),
+                              key=lambda p: len(p.parts), reverse=True):
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+            try:
+                top.rmdir()
+            except OSError:
+                pass
+    if state.get("made_netns_mount") and not os.listdir("/run/netns"):
+        subprocess.run(["umount", "/run/netns"], capture_output=True)
+    others = [p for p in node.dir.parent.glob("*/state.json") if p.parent != node.dir]
+    if not others:                      # the last node of this machine puts them back
+        restore_sysctls(state.get("sysctls", {}))
+        (node.dir.parent / "sysctls.json").unlink(missing_ok=True)
+    _remove_pod_logs(state.get("pod_uids", []))
+    for path, existed in state.get("preexisting", {}).items():
+        if not existed and os.path.isdir(path):
+            _remove_empty_tree(Path(path))
+
+
+def _remove_pod_logs(uids: list[str]) -> None:
+    pods = Path("/var/log/pods")
+    removed = []
+    for uid in uids:
+        for p in pods.glob(f"*_{uid}") if pods.exists() else ():
+            removed.append(str(p))
+            shutil.rmtree(p, ignore_errors=True)
+    containers = Path("/var/log/containers")
+    for link in containers.iterdir() if containers.exists() else ():
+        if link.is_symlink() and any(os.readlink(link).startswith(r + "/") for r in removed):
+            link.unlink()
+
+
+def _remove_empty_tree(top: Path) -> None:
+    for sub in sorted((p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()),
+                      key=lambda p: len(p.parts), reverse=True):
+        try:
+            sub.rmdir()
+        except OSError:
+            pass
+    try:
+        top.rmdir()
+    except OSError:
+        pass
