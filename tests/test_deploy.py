@@ -266,7 +266,7 @@ def runtime():
                     _link_or_copy(Path(dist.locate_file(rel)), site / rel)
         shutil.rmtree(src)
         done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                               "import collector.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
+                               "import planewatch.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
                               capture_output=True, text=True, cwd="/")
         assert done.returncode == 0 and done.stdout.strip().startswith(str(site)), done
         yield {"root": root, "venv": venv, "system_python": system_python}
@@ -475,7 +475,7 @@ CLSACT_DRIVER = """
 import socket, sys
 from collector.caps import raise_effective
 raise_effective()
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from ebpf.loader import Loader
 netns = sys.argv[1]
 with in_netns(netns):
