@@ -41,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from kernel.nsenter import in_netns  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
@@ -169,13 +170,6 @@ def wait_http(target: Target, timeout: float = 120.0) -> float:
             last = err
             time.sleep(0.1)
     raise RuntimeError(f"{target.name} not answering after {timeout}s: {last}")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_planewatch(pods_file: str, port: int, log_path: str, *extra: str) -> subprocess.Popen:

@@ -246,7 +246,7 @@ class Prober:
         with self._lock:
             if not self._due:
                 return None, 1.0
-            key = min(self._due, key=self._due.get)
+            key = min(self._due, key=lambda k: self._due[k])
             wait = self._due[key] - self._clock()
             if wait > 0:
                 return None, wait

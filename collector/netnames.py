@@ -82,7 +82,8 @@ def _primary_udn(atts: Sequence[Attachment], namespace: str, nads: Mapping[str, 
 
 
 def resolve_attachments(atts: Sequence[Attachment], requests: Sequence[Request], namespace: str,
-                        nads: Mapping[str, NetworkDefinition]) -> tuple[tuple[Attachment, ...], dict[int, tuple[str, ...]]]:
+                        nads: Mapping[str, NetworkDefinition],
+                        ) -> tuple[tuple[Attachment, ...], dict[int, tuple[str, ...]]]:
     """(attachments with bare NAD names mapped back, {index: candidates} of the ambiguous)."""
     ambiguous: dict[int, tuple[str, ...]] = {}
     # Start from the names as written: a NAD known now may map what could not be before.

@@ -92,7 +92,7 @@ class Config:
 
 class PodNetns(Protocol):
     """What a source may use of a pod namespace kept open by the resolver
-    (collector/netns.py `Namespace`): its identity, a netlink socket bound in it,
+    (collector/netns_pool.py `Namespace`): its identity, a netlink socket bound in it,
     the link table of the last refresh, and the counters of some links."""
 
     path: str

@@ -111,13 +111,14 @@ class Analysis:
 def subnets(att: Attached, addresses: tuple[Mapping, ...]) -> tuple[Subnet, ...]:
     """The attachment's subnets: the annotation's /len, else the kernel's prefix
     for that address on that interface. An address known to neither has none."""
-    kernel = {}
+    kernel: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Subnet] = {}
     for a in addresses:
         if a["ifindex"] == att.ifindex:
             iface = ipaddress.ip_interface(a["address"])
             kernel[iface.ip] = iface.network
     out = []
     for ip in att.ips:
+        net: Subnet | None
         try:
             if "/" in ip:
                 net = ipaddress.ip_interface(ip).network
@@ -205,7 +206,7 @@ def probe_plan(facts: PodFacts) -> list[Probe]:
                 continue
             via_att = att.ifindex in route.get("oifs", ()) and route["table"] in tables[dst.version]
             carves = route["table"] == MAIN_TABLE and any(
-                n.version == dst.version and dst.prefixlen > n.prefixlen and dst.subnet_of(n) for n in nets)
+                n.version == dst.version and dst.prefixlen > n.prefixlen and dst.subnet_of(n) for n in nets)  # type: ignore[arg-type]  # same version
             if via_att or carves:
                 reason = "route" if via_att else "carve-out"
                 add(att, srcs[dst.version], str(dst), representative(dst, own), reason)

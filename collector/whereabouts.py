@@ -95,13 +95,19 @@ def _podref(value: object) -> str:
     return f"{ns}/{name}" if sep and ns and name and "/" not in name else ""
 
 
+def _mapping(obj: Mapping, key: str) -> Mapping:
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def parse_pool(obj: Mapping) -> Pool:
     """An IPPool object (JSON dict) → Pool. Malformed parts are counted, never raised."""
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    meta, spec = _mapping(obj, "metadata"), _mapping(obj, "spec")
     name = str(meta.get("name", ""))
     key = f"{meta.get('namespace', '')}/{name}"
-    range_text = spec.get("range") if isinstance(spec.get("range"), str) else ""
+    range_text = spec.get("range")
+    if not isinstance(range_text, str):
+        range_text = ""
     try:
         iface = ipaddress.ip_interface(range_text.strip())
     except ValueError:
@@ -150,6 +156,8 @@ def index_ranges(configs: Iterable[RangeConfig]) -> dict[tuple[Subnet, str], lis
 
 
 def matching_ranges(pool: Pool, index: Mapping[tuple[Subnet, str], list[RangeConfig]]) -> list[RangeConfig]:
+    if pool.network is None:
+        return []
     if pool.network_name is not None:
         found = list(index.get((pool.network, pool.network_name), ()))
         return found or slice_ranges(pool, index)
@@ -158,10 +166,13 @@ def matching_ranges(pool: Pool, index: Mapping[tuple[Subnet, str], list[RangeCon
 
 def slice_ranges(pool: Pool, index: Mapping[tuple[Subnet, str], list[RangeConfig]]) -> list[RangeConfig]:
     """Node-slice configs a `<network_name>-<node>-<slice>` (or `<node>-<slice>`) pool belongs to."""
-    prefix = pool.network_name or ""
+    prefix, own = pool.network_name or "", pool.network
+    if own is None:
+        return []
     return [rc for (net, name), rcs in index.items() for rc in rcs
-            if rc.slice_prefix == pool.network.prefixlen and net.version == pool.network.version
-            and pool.network.subnet_of(net) and prefix and (not name or prefix.startswith(name + "-"))]
+            if rc.slice_prefix == own.prefixlen and net.version == own.version
+            and own.subnet_of(net)  # type: ignore[arg-type]  # same version, checked first
+            and prefix and (not name or prefix.startswith(name + "-"))]
 
 
 def pool_stats(pool: Pool, index: Mapping[tuple[Subnet, str], list[RangeConfig]],
@@ -193,7 +204,6 @@ class Reservation:
 
 
 def parse_reservation(obj: Mapping) -> Reservation:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    meta, spec = _mapping(obj, "metadata"), _mapping(obj, "spec")
     return Reservation(f"{meta.get('namespace', '')}/{meta.get('name', '')}",
                        _podref(spec.get("podref")), bool(spec.get("ipamclaimref")))

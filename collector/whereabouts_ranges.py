@@ -109,8 +109,9 @@ def parse_range(ipam: Mapping, network_name: str = "", nad: str = "") -> RangeCo
     excludes_raw = ipam.get("exclude") or []
     if start is False or end is False or not isinstance(excludes_raw, list):
         return None
-    excludes = tuple(_exclude(e) for e in excludes_raw)
-    if any(e is None for e in excludes):
+    found = [_exclude(e) for e in excludes_raw]
+    excludes = tuple(e for e in found if e is not None)
+    if len(excludes) != len(found):
         return None
     return RangeConfig(net, start, end, excludes, network_name, nad, _slice_prefix(ipam, net))
 
@@ -148,7 +149,9 @@ def nad_ranges(obj: Mapping) -> list[RangeConfig]:
         ipam = plugin.get("ipam")
         if not isinstance(ipam, dict) or ipam.get("type") != "whereabouts":
             continue
-        network_name = ipam.get("network_name") if isinstance(ipam.get("network_name"), str) else ""
+        network_name = ipam.get("network_name")
+        if not isinstance(network_name, str):
+            network_name = ""
         entries = [ipam] if ipam.get("range") else []
         extra = ipam.get("ipRanges")
         entries += [e for e in extra if isinstance(e, dict)] if isinstance(extra, list) else []

@@ -2,8 +2,9 @@
 
 Why ctypes and not bcc: bcc needs kernel headers and an in-process LLVM
 at run time; CO-RE objects built once (ebpf/Makefile) and loaded through libbpf
-need neither (the load time is logged: "BPF programs loaded in N ms"). libbpf 1.x returns NULL/-errno and sets errno; every
-wrapper here turns that into OSError so callers see one kind of failure.
+need neither (the load time is logged: "BPF programs loaded in N ms").
+libbpf 1.x returns NULL/-errno and sets errno; every wrapper here turns that
+into OSError so callers see one kind of failure.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernel.nsenter import in_netns, netns_inode
 from ebpf import btf, libbpf, maps, tc
+from kernel.nsenter import in_netns, netns_inode
 
 log = logging.getLogger(__name__)
 

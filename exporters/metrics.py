@@ -13,9 +13,9 @@ import time
 from typing import Callable, Iterable, Mapping
 
 from collector.discovery import Store
+from collector.family import GAUGE, Family
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from collector.family import GAUGE, Family
 from exporters.exposition import render
 
 log = logging.getLogger(__name__)

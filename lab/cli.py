@@ -16,7 +16,8 @@ from planewatch.serve import build_server, serve_forever, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
-    lab = argparse.ArgumentParser(prog="python -m lab", description="a lab of network namespaces shaped like Multus pods")
+    lab = argparse.ArgumentParser(prog="python -m lab",
+                                  description="a lab of network namespaces shaped like Multus pods")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
 
     def common(p):

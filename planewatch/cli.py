@@ -37,7 +37,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_budget_flags(p)
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warn", "error"])
-    for name, spec in sorted(load_sources().items()):
+    for _name, spec in sorted(load_sources().items()):
         add_source_flags(p, spec)
 
 
@@ -65,7 +65,7 @@ def add_source_flags(p: argparse.ArgumentParser, spec: SourceSpec) -> None:
 
 def add_web_limit_flags(p: argparse.ArgumentParser) -> None:
     """Caps on what an HTTP client can hold (exporters/listener.py)."""
-    from exporters.httpstats import Limits      # not listener: no aiohttp import for --help
+    from exporters.httpstats import Limits  # not listener: no aiohttp import for --help
     d = Limits()
     p.add_argument("--web.max-connections", dest="web_max_connections", type=int,
                    default=d.max_connections, help=f"open connections at most (default {d.max_connections})")

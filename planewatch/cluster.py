@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from aiohttp import web
 
@@ -43,12 +43,15 @@ def object_key(obj: Mapping) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
-class Keyed:
+T = TypeVar("T")
+
+
+class Keyed(Generic[T]):
     """One watched resource: parsed objects by "namespace/name", behind a shared lock."""
 
-    def __init__(self, lock: threading.Lock, parse: Callable[[Mapping], object]):
+    def __init__(self, lock: threading.Lock, parse: Callable[[Mapping], T]):
         self.lock, self.parse = lock, parse
-        self.items: dict[str, object] = {}
+        self.items: dict[str, T] = {}
         self.listed = False
 
     def replace(self, objects: list) -> None:
@@ -104,13 +107,14 @@ class ClusterFeed:
 
     def __init__(self, state: ClusterState, api):
         from kubernetes import client
+
         from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
         self.stop_event = threading.Event()
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         cluster_objects = custom.list_cluster_custom_object
         # NADs as on every node: small pages, an oversized spec.config dropped on arrival
-        nad_options = {"page": NAD_PAGE, "trim": trim_nad_config}
-        feeds = [
+        nad_options: dict[str, Any] = {"page": NAD_PAGE, "trim": trim_nad_config}
+        feeds: list[tuple[str, Callable, Keyed[Any], dict[str, Any]]] = [
             ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
             ("network-attachment-definitions",
              functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
@@ -143,7 +147,7 @@ class ClusterFile:
         self.start, self.stop = self._file.start, self._file.stop
 
     def _apply(self, objects: list) -> None:
-        by_kind = {attr: [] for attr in self.KINDS.values()}
+        by_kind: dict[str, list] = {attr: [] for attr in self.KINDS.values()}
         for obj in objects:
             attr = self.KINDS.get(obj.get("kind", "Pod"))
             if attr:
@@ -201,6 +205,7 @@ def cmd_cluster(args) -> int:
     try:
         middlewares, ssl_context = web_security(args.web_config)
         state = ClusterState(small_ranges=args.small_ranges)
+        feed: ClusterFile | ClusterFeed
         if args.pods_file:
             feed = ClusterFile(state, args.pods_file)
         else:

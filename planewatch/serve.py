@@ -106,6 +106,7 @@ async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.E
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     host, port = parse_listen(listen)
+    assert runner.server is not None        # set by setup()
     listener = GuardedListener(runner.server, host, port, ssl_context, limits or Limits())
     await listener.start()
     log.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, listener.port)

@@ -39,7 +39,8 @@ import struct
 import sys
 import threading
 
-from collector.netns import NetnsPool, Resolver, open_sockets
+from collector.netns import Resolver
+from collector.netns_pool import NetnsPool, open_sockets
 from kernel.rtnl import LinkEvents, RtnlSocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -163,6 +164,7 @@ class RecordingIPRoute:
 
     async def _call(self, method: str, cmd: str, **kwargs):
         from pyroute2.netlink.exceptions import NetlinkError
+
         from collector.sources.routes import _all
         key = _call_key(method, cmd, kwargs)
         try:
@@ -221,8 +223,8 @@ class ReplayIPRoute:
 
 def recording_read_pod(calls_by_pod: dict):
     """`collector.sources.routes.read_pod`, with the socket and rp_filter kept per pod."""
-    from kernel.nsenter import in_netns
     from collector.sources.routes import read_facts, read_rp_filter
+    from kernel.nsenter import in_netns
 
     async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
         from pyroute2 import AsyncIPRoute
@@ -344,6 +346,7 @@ def serve_args(pods_file: str, sysfs: str, netns_dir: str, procfs: str) -> list[
 def build(args: list[str]):
     """The Server `planewatch serve <args>` builds (feeds not started)."""
     import argparse as _argparse
+
     from planewatch.cli import add_serve_flags
     from planewatch.serve import build_server
     parser = _argparse.ArgumentParser()
@@ -423,7 +426,9 @@ def record(prefix: str, out_dir: str = RECORDED) -> None:
     """Bring up the golden lab under `prefix`, serve it for real with every kernel
     answer kept, scrape once, and write the recording."""
     import tempfile
+
     import yaml
+
     from lab import topology
     from lab.objects import lab_objects
     from lab.sriov_fixture import write_sriov_fixture

@@ -395,7 +395,7 @@ def serve_metrics(runtime, lab, caps: set[str]) -> dict:
             return wait_for(settled, timeout=60, interval=0.5, what="serve ready with BPF settled")
         except AssertionError:
             proc.terminate()
-            raise AssertionError(f"last answer: {last}; log: {proc.communicate(timeout=15)[0][-3000:]}")
+            raise AssertionError(f"last answer: {last}; log: {proc.communicate(timeout=15)[0][-3000:]}") from None
     finally:
         proc.terminate()
         try:

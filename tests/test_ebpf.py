@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
+from kernel.nsenter import in_netns
 
 pytestmark = pytest.mark.ebpf
 

@@ -9,13 +9,18 @@ import struct
 
 import pytest
 
-from collector.sources.ebpf import (asymmetric_family, drop_family, label_flow, status_families,
-                            traffic_families, wanted_attachments)
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.registry import Snapshot
+from collector.sources.ebpf import (
+    asymmetric_family,
+    drop_family,
+    label_flow,
+    status_families,
+    traffic_families,
+    wanted_attachments,
+)
 from ebpf import btf, maps, tc
-from ebpf.loader import (KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED,
-                         load_failure_reason)
+from ebpf.loader import KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED, load_failure_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,10 +21,10 @@ import uuid
 
 import pytest
 
-from collector.sources.ebpf import EbpfSource
-from kernel.nsenter import in_netns
 from collector.registry import Config, Snapshot
+from collector.sources.ebpf import EbpfSource
 from exporters.exposition import render
+from kernel.nsenter import in_netns
 from tests.test_ebpf import need_root_and_objects, sh
 
 pytestmark = pytest.mark.ebpf

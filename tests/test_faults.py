@@ -28,9 +28,17 @@ from collector.kube import ListWatch
 from lab import topology
 from lab.objects import NODE_NAME
 from tests.conftest import REPO, Collector, free_port, parse_metrics, series, unique_prefix, wait_for
-from tests.test_soak import (MIB, bpf_ids_held, bpftool_ids, check_churn, check_hammer, pods_file,  # noqa: F401
-                             pods_with, sample_keys, wait_bpf_settled)
-
+from tests.test_soak import (  # noqa: F401
+    MIB,
+    bpf_ids_held,
+    bpftool_ids,
+    check_churn,
+    check_hammer,
+    pods_file,
+    pods_with,
+    sample_keys,
+    wait_bpf_settled,
+)
 
 # --- a collector with the BPF side tampered with, from outside the collector ----------
 

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("discovery", ("collector.annotations", "collector.nad", "collector.netnames", "collector.planes",
                    "collector.budgets", "collector.discovery", "collector.kube", "collector.podsfile",
                    "collector.whereabouts", "collector.whereabouts_ranges")),
-    ("resolution", ("collector.netns", "collector.cgroups", "collector.claims")),
+    ("resolution", ("collector.netns", "collector.netns_pool", "collector.cgroups", "collector.claims")),
     ("sources", ("collector.registry", "collector.sources", "collector.sriov_readers", "collector.sriov_sysfs",
                  "collector.sriov_metrics", "collector.vfinfo", "collector.routes_analysis",
                  "collector.gateway_probe", "collector.whereabouts_metrics")),

@@ -184,7 +184,7 @@ def advance_vf_counters(sysfs: str, vfs: list[dict], packets: int) -> None:
         elif os.path.isfile(stats):                    # Mellanox: `key : value` lines
             text = Path(stats).read_text()
             for key, add in step.items():
-                text = re.sub(rf"^({key}\s*:\s*)(\d+)$", lambda m: f"{m[1]}{int(m[2]) + add}", text, flags=re.M)
+                text = re.sub(rf"^({key}\s*:\s*)(\d+)$", lambda m, add=add: f"{m[1]}{int(m[2]) + add}", text, flags=re.M)
             Path(stats).write_text(text)
 
 

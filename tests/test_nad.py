@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from collector.nad import CONFIG_ERRORS, network_from_object
 from collector.model import NetworkDefinition
+from collector.nad import CONFIG_ERRORS, network_from_object
 
 # Each NAD as `kubectl get net-attach-def -o yaml` would show it; expected fields after it.
 CASES = {
@@ -197,7 +197,7 @@ def test_nad(name):
 
 
 def test_config_errors_are_from_the_fixed_set():
-    for text, expected in CASES.values():
+    for text, _expected in CASES.values():
         assert network_from_object(yaml.safe_load(text)).config_error in CONFIG_ERRORS + ("",)
 
 

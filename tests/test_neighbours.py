@@ -12,11 +12,21 @@ from pyroute2 import IPRoute
 
 from collector import gateway_probe as gp
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.sources.neighbours import (STATE_NAMES, Gateway, canonical, gateways_of, neighbour_families,
-                                  on_link_source, probe_families, probe_targets, state_name)
-from kernel.nsenter import in_netns
-from kernel.rtnl import Neighbour, NextHop, RtnlSocket, neighbours, next_hops
+from collector.sources.neighbours import (
+    STATE_NAMES,
+    Gateway,
+    canonical,
+    gateways_of,
+    neighbour_families,
+    on_link_source,
+    probe_families,
+    probe_targets,
+    state_name,
+)
 from exporters.exposition import render
+from kernel.nsenter import in_netns
+from kernel.rtnl import RtnlSocket
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
 from tests.conftest import parse_metrics, unique_prefix, wait_for
 
 A_MAC = "02:52:00:00:00:01"

@@ -46,7 +46,7 @@ class Namespace:
         self.rtnl = RtnlSocket(ReplaySocket({str(RTM_GETSTATS): [base64.b64encode(reply).decode()]}, "table"))
 
     def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
-        """A small namespace: one RTM_GETSTATS dump (collector/netns.py Namespace.stats64)."""
+        """A small namespace: one RTM_GETSTATS dump (collector/netns_pool.py Namespace.stats64)."""
         return self.rtnl.stats64()
 
 

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from collector import sriov_readers as readers
-from collector.sources import sriov
 from collector.model import Attachment, DeviceInfo, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Paths, Snapshot
+from collector.sources import sriov
 from collector.sysfs_safe import Sysfs
 from exporters.exposition import render
 from lab import sriov_fixture

@@ -12,9 +12,9 @@ from functools import lru_cache
 from collector.annotations import ERROR_REASONS
 from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
+from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from collector.family import COUNTER, GAUGE, Family
 
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
+from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, InterfaceView
 from collector.registry import Config, NoData, Option, Snapshot, register
-from collector.family import COUNTER, GAUGE, Family
+
+if TYPE_CHECKING:
+    from ebpf.loader import Loader
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ class EbpfSource:
 
     def __init__(self, config: Config):
         self.options = config.settings("ebpf")
-        self.loader = None
+        self.loader: Loader | None = None
         self.reason = ""                     # "" = not tried yet
         self.index: dict[Key, InterfaceView] = {}
         self._lock = threading.Lock()

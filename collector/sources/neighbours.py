@@ -15,7 +15,7 @@ active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
 Per pod netns per scrape, one neighbour dump on the socket kept open there
-(collector/netns.py), decoded by kernel/rtnl.py (~60 us). The routes' next
+(collector/netns_pool.py), decoded by kernel/rtnl.py (~60 us). The routes' next
 hops are dumped again only when the kernel announced a route change in that
 netns (`HopCache`), since the dump of every table costs twice as much (~120 us a
 pod measured, local routes included) and routes rarely change.
@@ -30,12 +30,13 @@ import socket
 import time
 from dataclasses import dataclass
 
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, PodView
-from kernel.nsenter import in_netns
 from collector.registry import Config, NoData, Option, Snapshot, register
-from kernel.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
-from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
+from kernel.nsenter import in_netns
+from kernel.rtnl import NETLINK_ROUTE, LinkEvents
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ def neighbour_families(gateways: list[Gateway]) -> list[Family]:
         n = gw.neighbour
         if n is not None and n.confirmed_age is not None:
             for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
-                fam.add(labels, value)
+                if value is not None:       # NDA_CACHEINFO gives all three or none
+                    fam.add(labels, value)
     return [state, *ages]
 
 

@@ -36,8 +36,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from collector.model import ATTACHMENT_LABELS, PodView
 from collector.family import GAUGE, Family
+from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
 from kernel.nsenter import in_netns
@@ -254,7 +254,8 @@ class RoutesSource:
             limit = self.budget_new if uid not in self._cache else self.budget
             if n and time.perf_counter() - started > limit:
                 break       # the rest waits for the next scrape; at least one pod progresses
-            self._analyse(uid, *live[uid], now)
+            view, ns, atts, fp = live[uid]
+            self._analyse(uid, view, ns, atts, fp, now)
         return [self._cache[u] for u in live if u in self._cache]
 
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:

@@ -68,11 +68,21 @@ from functools import lru_cache
 
 from collector import sriov_readers as readers
 from collector.claims import contested_vfs
-from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Option, Snapshot, register
 from collector.sriov_metrics import INFO_LABELS, VfRow, build_families  # noqa: F401  (INFO_LABELS re-exported)
-from collector.sriov_sysfs import (bound_driver, choose_reader, list_sriov_vfs, locate_vf,  # noqa: F401
-                                   numa_node, pci_dir, pf_netdev, physfn, stats_path, vf_host_netdev, virtfn_map)
+from collector.sriov_sysfs import (  # noqa: F401
+    bound_driver,
+    choose_reader,
+    list_sriov_vfs,
+    locate_vf,
+    numa_node,
+    pci_dir,
+    pf_netdev,
+    physfn,
+    stats_path,
+    vf_host_netdev,
+    virtfn_map,
+)
 from collector.sysfs_safe import OUTSIDE, Sysfs, SysfsError, errno_name, pci_address
 
 log = logging.getLogger(__name__)
