@@ -531,10 +531,18 @@ def test_a_client_that_never_reads_its_response_is_cut_off():
                 s.connect(("127.0.0.1", listener.port))
                 s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
                 readers.append(s)
-            await asyncio.sleep(0.5)
+            # every slot taken (the ten are accepted and answering) before the honest reader
+            for _ in range(100):
+                if listener.active == 10:
+                    break
+                await asyncio.sleep(0.05)
             during = listener.active
             honest = await loop.run_in_executor(None, lambda: len(get_from(listener.port, "/metrics")[2]))
-            await asyncio.sleep(1.5)
+            # the write timeout is 1 s; the deadline only keeps a broken cut-off from hanging
+            for _ in range(200):
+                if listener.active == 0:
+                    break
+                await asyncio.sleep(0.05)
             after = listener.active
             cut = sum(closed_by_peer(s) for s in readers)
             for s in readers:
