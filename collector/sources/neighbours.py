@@ -15,10 +15,10 @@ active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
 Per pod netns per scrape, one neighbour dump on the socket kept open there
-(collector/netns_pool.py), decoded by kernel/rtnl.py (~60 us). The routes' next
+(collector/netns_pool.py), decoded by kernel/rtnl_neighbours.py. The routes' next
 hops are dumped again only when the kernel announced a route change in that
-netns (`HopCache`), since the dump of every table costs twice as much (~120 us a
-pod measured, local routes included) and routes rarely change.
+netns (`HopCache`): the dump of every table (local routes included) is larger
+than the neighbour table, and routes rarely change.
 
 Options: the `--collector.neighbours.*` flags registered below (no probes by default).
 """

@@ -18,8 +18,9 @@ scrape shows a normal node whole; then changed, then the stalest, under
 `budget`): a scrape of 250 pods serves cached results.
 
 pyroute2: one AsyncIPRoute per analysis, created (socket included) while the
-thread is inside the netns, closed right after. Opening one costs ~0.25 ms,
-less than keeping 4 fds and an event loop per pod. `netns=None, flags=0` so
+thread is inside the netns, closed right after: an analysis is rare (events,
+`interval`), so opening one then costs less than keeping 4 fds and an event
+loop per pod. `netns=None, flags=0` so
 pyroute2 never creates or enters a namespace itself; `groups=0` so the socket
 subscribes to no event stream.
 

@@ -25,8 +25,7 @@ pod-resources join is needed. For each such attachment:
 3. The resolution (PF, index, netdev, reader, driver, NUMA node, and for
    sysfs-intel which counter files exist) is cached per VF PCI address and
    dropped when the address leaves the snapshot, its stats vanish or its PF
-   leaves the host netns; a scrape re-reads only the counters (64 VFs on the
-   fixture tree: ~1 ms warm, ~3 ms cold).
+   leaves the host netns; a scrape re-reads only the counters.
 
 A counter the reader does not give has no series (netlink has no tx_errors /
 tx_spoofed; Intel has no broadcast/multicast): never a made-up 0. Caveat:
