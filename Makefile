@@ -19,7 +19,7 @@ APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-
                 containerd runc containernetworking-plugins iptables conntrack socat \
                 buildah netavark mmdebstrap busybox-static gcc libc6-dev git
 
-.PHONY: deps apt venv ebpf run test test-quick bench lab-down node-up node-down kube-bins generate clean
+.PHONY: deps apt venv ebpf run lint test test-quick bench lab-down node-up node-down kube-bins generate clean
 
 deps: apt venv ebpf
 
@@ -42,9 +42,15 @@ ebpf:
 	@$(MAKE) -s -C ebpf
 
 run: deps
-	$(BIN)/planewatch lab run --web.listen-address $(LISTEN)
+	$(BIN)/python -m lab run --web.listen-address $(LISTEN)
+
+# ruff and mypy, pinned in the test extras, configured in pyproject.toml
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: deps kube-bins
+	$(MAKE) -s lint
 	$(BIN)/python -m pytest -q tests
 
 # The root-free tier (tests not marked `root`): under a minute, no kernel objects;
@@ -73,7 +79,7 @@ node-down: venv
 	$(BIN)/python -m tests.node down $(NODE)
 
 lab-down: venv
-	$(BIN)/planewatch lab down
+	$(BIN)/python -m lab down
 
 clean:
 	rm -rf $(VENV) ebpf/build

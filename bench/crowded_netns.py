@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from collector.budgets import Budgets
-from collector.netns import NetnsPool
+from collector.netns_pool import NetnsPool
 
 
 def build(name: str, pairs: int, addresses: int) -> None:

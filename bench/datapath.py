@@ -63,7 +63,7 @@ def summarise(report: dict, udp: bool) -> dict:
 
 
 def pod_interfaces(netns: str) -> list[int]:
-    from collector.rtnl import RtnlSocket
+    from kernel.rtnl import RtnlSocket
     sock = RtnlSocket.open(f"/run/netns/{netns}")
     try:
         return [l.ifindex for l in sock.links() if l.name != "lo"]

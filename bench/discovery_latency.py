@@ -88,8 +88,8 @@ def measure(kube, state, url: str, core) -> dict[str, list[float]]:
         name = obj["metadata"]["name"]
         t0 = time.perf_counter()
         post(kube, obj)
-        info_at = seen_at(url, lambda b: present(b, "planewatch_pod_interface_info", name))
-        up_at = seen_at(url, lambda b: present(b, "planewatch_interface_up", name, "eth0"))
+        info_at = seen_at(url, lambda b, name=name: present(b, "planewatch_pod_interface_info", name))
+        up_at = seen_at(url, lambda b, name=name: present(b, "planewatch_interface_up", name, "eth0"))
         times["info"].append(info_at - t0)
         times["interface_up"].append(up_at - t0)
     for obj in pods:
@@ -97,7 +97,7 @@ def measure(kube, state, url: str, core) -> dict[str, list[float]]:
         status = [e for e in json.loads(obj["metadata"]["annotations"][STATUS_KEY]) if e.get("interface") != "net3"]
         t0 = time.perf_counter()
         core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {STATUS_KEY: json.dumps(status)}}})
-        gone_at = seen_at(url, lambda b: not present(b, "planewatch_interface_up", name, "net3"))
+        gone_at = seen_at(url, lambda b, name=name: not present(b, "planewatch_interface_up", name, "net3"))
         times["patch"].append(gone_at - t0)
     return times
 
@@ -111,6 +111,7 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 2
     from kubernetes import client
+
     from lab import topology
     from lab.objects import NODE_NAME
     from tests.kubeapi import KubeAPIServer, kube_available
@@ -129,7 +130,7 @@ def main() -> int:
             kube.create_nad_crd()
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "collector.cli", "serve", "--web.listen-address", f"127.0.0.1:{port}",
+            cmd = [sys.executable, "-m", "planewatch", "serve", "--web.listen-address", f"127.0.0.1:{port}",
                    "--kubeconfig", kube.kubeconfig(), "--node-name", NODE_NAME, "--log.level", "warn"]
             collector = subprocess.Popen(cmd + (["--no-collector.ebpf"] if args.no_ebpf else []), cwd=REPO)
             wait_ready(url)

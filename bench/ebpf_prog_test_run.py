@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ebpf.loader import Loader  # noqa: E402
 from ebpf import libbpf  # noqa: E402
+from ebpf.loader import Loader  # noqa: E402
 
 # (label, program, prime): `prime` first runs tcx_ingress once on the reversed
 # frame, so the egress run finds its request in the flow table.

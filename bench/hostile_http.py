@@ -21,15 +21,13 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.ports import free_port  # noqa: E402
+
 MIB = 1 << 20
 NO_KERNEL = ("--no-collector.netlink", "--no-collector.ebpf", "--no-collector.routes",
              "--no-collector.sriov")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss(pid: int) -> int:
@@ -73,7 +71,7 @@ def main() -> None:
     with open(pods, "w") as f:
         f.write("[]")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "serve", "--web.listen-address",
+    proc = subprocess.Popen([sys.executable, "-m", "planewatch", "serve", "--web.listen-address",
                              f"127.0.0.1:{port}", "--pods-file", pods, "--node-name", "bench", *NO_KERNEL,
                              "--web.read-timeout", "30", "--web.max-connections", "1100",
                              "--web.max-connections-per-client", "1100"],

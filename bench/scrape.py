@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from collector.nsenter import in_netns  # noqa: E402
+from kernel.nsenter import in_netns  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
@@ -171,15 +172,8 @@ def wait_http(target: Target, timeout: float = 120.0) -> float:
     raise RuntimeError(f"{target.name} not answering after {timeout}s: {last}")
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_planewatch(pods_file: str, port: int, log_path: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "collector.cli", "serve", "--web.listen-address", f"127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "planewatch", "serve", "--web.listen-address", f"127.0.0.1:{port}",
            "--pods-file", pods_file, "--node-name", "lab-node", "--log.level", "warn", *extra]
     with open(log_path, "wb") as log:       # a file, not a pipe: a full pipe would block the collector
         return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -1,6 +1,6 @@
 """Pods' Multus annotations → Pod / Attachment / Request records (pure, never raises).
 
-Three annotations matter (ANCHORS.md):
+Three annotations matter (Multus, NPWG multi-net spec v1.2):
 - `k8s.v1.cni.cncf.io/network-status` (older Multus: `networks-status`): what
   was attached, a JSON list of NetworkStatus objects;
 - `k8s.v1.cni.cncf.io/networks`: what was asked for, a comma list or a JSON list.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 from collector.model import Attachment, DeviceInfo, Pod, Request
 from collector.netnames import missing_networks, qualified, resolve_attachments
@@ -61,7 +61,7 @@ class FrozenMap(dict):
     """A dict that hashes, so an Attachment (a frozen dataclass) holding one stays
     hashable; still a dict for json.dumps. Built once here; treat as read-only."""
 
-    def __hash__(self):
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable on purpose; this one is read-only
         return hash(frozenset(self.items()))
 
 
@@ -147,7 +147,7 @@ def _dns(entry: Mapping, errors: list) -> Mapping | None:
     dns = _object(entry, "dns", errors)
     if not dns:
         return None
-    kept = {}
+    kept: dict[str, object] = {}
     for key in ("nameservers", "search", "options"):
         if dns.get(key) is not None:
             kept[key] = _texts(dns, key, errors)
@@ -382,7 +382,7 @@ def pod_from_object(obj: Mapping) -> Pod:
         status_value = annotations.get(LEGACY_STATUS_KEY)
     has_status = status_value is not None
     attachments, status_errors = (parse_network_status(status_value, namespace, name, uid)
-                                  if has_status else ((), ()))
+                                  if status_value is not None else ((), ()))
     request_value = annotations.get(REQUEST_KEY)
     requests, request_errors = (parse_network_requests(request_value, namespace)
                                 if request_value is not None else ((), ()))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from collector.model import Attachment, Pod
 
@@ -63,15 +63,19 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
     d = Budgets()
     add = p.add_argument
     add("--budget.pod-attachments", dest="budget_pod_attachments", type=int, default=d.pod_attachments,
-        help=f"attachments exported per pod; the rest counted in planewatch_pod_budget_cut (default {d.pod_attachments})")
+        help="attachments exported per pod; the rest counted in planewatch_pod_budget_cut "
+             f"(default {d.pod_attachments})")
     add("--budget.attachment-ips", dest="budget_attachment_ips", type=int, default=d.attachment_ips,
         help=f"IPs exported per attachment (default {d.attachment_ips})")
     add("--budget.label-length", dest="budget_label_length", type=int, default=d.label_length,
-        help=f"longest label value taken from an annotation; longer ones drop their attachment (default {d.label_length})")
+        help="longest label value taken from an annotation; longer ones drop their attachment "
+             f"(default {d.label_length})")
     add("--budget.node-series", dest="budget_node_series", type=int, default=d.node_series,
-        help=f"estimated per-pod series on this node; above it the biggest pods are trimmed first (default {d.node_series})")
+        help="estimated per-pod series on this node; above it the biggest pods are trimmed first "
+             f"(default {d.node_series})")
     add("--budget.namespace-networks", dest="budget_namespace_networks", type=int, default=d.namespace_networks,
-        help=f"NADs of one namespace exported in planewatch_network_info besides those in use (default {d.namespace_networks})")
+        help="NADs of one namespace exported in planewatch_network_info besides those in use "
+             f"(default {d.namespace_networks})")
     add("--budget.networks", dest="budget_networks", type=int, default=d.networks,
         help=f"NADs exported in planewatch_network_info in all, besides those in use (default {d.networks})")
     add("--budget.netns-links", dest="budget_netns_links", type=int, default=d.netns_links,
@@ -83,7 +87,8 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
         help=f"seconds one pod netns refresh may take (default {d.netns_refresh_seconds})")
     add("--budget.netns-refresh-share", dest="budget_netns_refresh_share", type=float,
         default=d.netns_refresh_share,
-        help=f"share of time one netns' link-event refreshes may take; more are deferred (default {d.netns_refresh_share})")
+        help="share of time one netns' link-event refreshes may take; more are deferred "
+             f"(default {d.netns_refresh_share})")
 
 
 def budgets_from_args(args) -> Budgets:

@@ -5,8 +5,10 @@ pod's cgroup after its UID, with dashes in the cgroupfs driver and underscores
 in the systemd driver:
 
   v1 cgroupfs: 11:memory:/kubepods/burstable/pod0b9e...-...-.../<container>
-  v1 systemd:  4:pids:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b9e..._..._....slice/cri-containerd-<id>.scope
-  v2 systemd:  0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/crio-<id>.scope
+  v1 systemd:  4:pids:/kubepods.slice/kubepods-besteffort.slice/
+                 kubepods-besteffort-pod0b9e..._..._....slice/cri-containerd-<id>.scope
+  v2 systemd:  0::/kubepods.slice/kubepods-burstable.slice/
+                 kubepods-burstable-pod<uid_with_underscores>.slice/crio-<id>.scope
   v2 cgroupfs: 0::/kubepods/pod<uid>/<container>
 
 Inside a private cgroup namespace (the collector's own container, cgroupfs

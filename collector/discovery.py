@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 from collector.annotations import pod_from_object
 from collector.budgets import CUT_NODE_SERIES, Budgets, fit_node, trim_pod
-from collector.model import Network, Pod
+from collector.model import NetworkDefinition, Pod
 from collector.nad import network_from_object
 from collector.netnames import resolve_pod
 from collector.planes import PlaneMap
@@ -29,7 +29,7 @@ _FINISHED = {"Succeeded", "Failed"}
 @dataclass(frozen=True)
 class StoreView:
     pods: tuple[Pod, ...]                       # planes assigned, hostNetwork/finished dropped
-    networks: Mapping[str, Network]
+    networks: Mapping[str, NetworkDefinition]
     annotation_errors: Mapping[str, int]
     version: int
     budget_cuts: Mapping[str, Mapping[str, int]] | None = None   # pod uid -> reason -> items left out
@@ -44,14 +44,13 @@ class Store:
         self._pods: dict[str, Pod] = {}
         self._cuts: dict[str, dict[str, int]] = {}      # uid -> per-pod budget cuts
         self._pod_fingerprint: dict[str, tuple] = {}
-        self._networks: dict[str, Network] = {}
+        self._networks: dict[str, NetworkDefinition] = {}
         self._errors: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._version = 0
         self._view: StoreView | None = None
         self._ready: set[str] = set()
         self._expected: set[str] = set()
-        self.changed = threading.Condition(self._lock)
 
     # --- readiness: every registered feed has delivered its first full list
     def expect(self, feed: str) -> None:
@@ -140,15 +139,9 @@ class Store:
             self._networks.pop(net.key, None)
             self._bump()
 
-    def set_plane_map(self, plane_map: PlaneMap) -> None:
-        with self._lock:
-            self.plane_map = plane_map
-            self._bump()
-
     def _bump(self) -> None:
         self._version += 1
         self._view = None
-        self.changed.notify_all()
 
     # --- readers
     def view(self) -> StoreView:

@@ -6,7 +6,7 @@ ARP/NDP to forward anything, and the answer is what the pod's kernel needs to
 send at all. One request is one packet; there are no retries (a lost request is
 a lost probe).
 
-Off by default: collector/neighbours.py starts the `Prober` only for the planes
+Off by default: collector/sources/neighbours.py starts the `Prober` only for the planes
 named in --collector.neighbours.probe-planes. Every probe takes a token from
 one per-node bucket (`TokenBucket`, packets per second), so the node's probe
 rate is bounded whatever the number of pods. Probing runs on its own thread,
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Prober:
         with self._lock:
             if not self._due:
                 return None, 1.0
-            key = min(self._due, key=self._due.get)
+            key = min(self._due, key=lambda k: self._due[k])
             wait = self._due[key] - self._clock()
             if wait > 0:
                 return None, wait

@@ -1,6 +1,6 @@
 """Sets of integer addresses as sorted inclusive intervals (pure): what an IP
 pool can hand out once ranges, start/end and exclusions are applied
-(collector/whereabouts.py)."""
+(collector/whereabouts_ranges.py, collector/whereabouts.py)."""
 from __future__ import annotations
 
 import bisect

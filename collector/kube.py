@@ -26,13 +26,14 @@ import time
 from collections import Counter
 from typing import Callable, Mapping
 
-from kubernetes import client, config as kube_config
+from kubernetes import client
+from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from collector.discovery import Store
+from collector.family import COUNTER, Family
 from collector.nad import REFUSED_CONFIG
-from exporters.exposition import COUNTER, Family
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ class ListWatch:
             self.stop_event.wait(delay)
 
     def list(self) -> None:
-        items, token = [], None
+        items: list[dict] = []
+        token = None
         while True:
             self.requests["list"] += 1
             kwargs = {"limit": self.page, "_preload_content": False, "_request_timeout": 60}

@@ -101,7 +101,7 @@ class Pod:
 
 
 @dataclass(frozen=True)
-class Network:
+class NetworkDefinition:
     """A NetworkAttachmentDefinition, reduced."""
 
     namespace: str

@@ -1,4 +1,4 @@
-"""NetworkAttachmentDefinition objects → Network records (pure, never raises).
+"""NetworkAttachmentDefinition objects → NetworkDefinition records (pure, never raises).
 
 `spec.config` is a CNI configuration as a JSON string: one plugin (`type` at
 the top) or a plugin list (`plugins: [...]`, where the first plugin is the one
@@ -6,7 +6,7 @@ that makes the interface and the rest are chained: tuning, portmap, ...).
 
 An empty or absent `spec.config` is valid Multus usage: Multus then reads the
 configuration from a file named after the NAD on the node
-(`/etc/cni/multus/net.d/<name>.conf`). The Network then has no type, master or
+(`/etc/cni/multus/net.d/<name>.conf`). The NetworkDefinition then has no type, master or
 ipam and no config_error: nothing is wrong, the facts are just not in the API.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from collector.annotations import INVALID_JSON, TOO_LARGE, clean_text, decode_json, sub_mapping
-from collector.model import Network
+from collector.model import NetworkDefinition
 
 PLANE_KEY = "planewatch.io/plane"
 RESOURCE_KEY = "k8s.v1.cni.cncf.io/resourceName"
@@ -82,8 +82,8 @@ def _ipam(plugins: list[Mapping]) -> str:
     return ""
 
 
-def network_from_object(obj: Mapping) -> Network:
-    """A NetworkAttachmentDefinition (JSON dict) → Network. Never raises."""
+def network_from_object(obj: Mapping) -> NetworkDefinition:
+    """A NetworkAttachmentDefinition (JSON dict) → NetworkDefinition. Never raises."""
     meta = sub_mapping(obj, "metadata")
     annotations = sub_mapping(meta, "annotations")
     base = dict(namespace=_text(meta, "namespace"), name=_text(meta, "name"),
@@ -91,15 +91,15 @@ def network_from_object(obj: Mapping) -> Network:
                 resource_name=_text(annotations, RESOURCE_KEY))
     config = sub_mapping(obj, "spec").get("config")
     if config is None or (isinstance(config, str) and not config.strip()):
-        return Network(**base)          # configuration from a file on the node (see above)
+        return NetworkDefinition(**base)          # configuration from a file on the node (see above)
     decoded, error = _decode_config(config)
     if decoded is None:
-        return Network(**base, config_error=error)
+        return NetworkDefinition(**base, config_error=error)
     plugins, error = _plugins(decoded)
     if error:
-        return Network(**base, config_error=error)
+        return NetworkDefinition(**base, config_error=error)
     cni_type = _text(plugins[0], "type")
     # A conflist's name is at its top; a single plugin's is its own.
-    return Network(**base, cni_type=cni_type, master=_master(plugins), ipam=_ipam(plugins),
+    return NetworkDefinition(**base, cni_type=cni_type, master=_master(plugins), ipam=_ipam(plugins),
                    config_error="" if cni_type else NO_TYPE,
                    config_name=_text(decoded, "name"), role=_text(plugins[0], "role"))

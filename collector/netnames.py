@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Iterable, Mapping, Sequence
 
-from collector.model import Attachment, Network, Pod, Request
+from collector.model import Attachment, NetworkDefinition, Pod, Request
 
 
 def qualified(namespace: str, name: str) -> str:
@@ -50,7 +50,7 @@ def _nad_name(network: str) -> str:
 
 
 def candidates(att: Attachment, requests: Sequence[Request], namespace: str,
-               nads: Mapping[str, Network]) -> tuple[str, ...]:
+               nads: Mapping[str, NetworkDefinition]) -> tuple[str, ...]:
     """The NADs ("ns/name") a bare, non-default entry may stand for, best evidence first."""
     name = att.network
     fits = [r for r in requests if _nad_name(r.network) == name]                 # Multus <= 3.5
@@ -65,7 +65,7 @@ def candidates(att: Attachment, requests: Sequence[Request], namespace: str,
     return found
 
 
-def _primary_udn(atts: Sequence[Attachment], namespace: str, nads: Mapping[str, Network]) -> dict[int, str]:
+def _primary_udn(atts: Sequence[Attachment], namespace: str, nads: Mapping[str, NetworkDefinition]) -> dict[int, str]:
     """OVN-Kubernetes primary user-defined network: the default delegate returns
     two interfaces, so Multus writes two entries with the delegate's bare name,
     `eth0` (cluster default network, kept for probes) without `default` and the
@@ -82,7 +82,8 @@ def _primary_udn(atts: Sequence[Attachment], namespace: str, nads: Mapping[str, 
 
 
 def resolve_attachments(atts: Sequence[Attachment], requests: Sequence[Request], namespace: str,
-                        nads: Mapping[str, Network]) -> tuple[tuple[Attachment, ...], dict[int, tuple[str, ...]]]:
+                        nads: Mapping[str, NetworkDefinition],
+                        ) -> tuple[tuple[Attachment, ...], dict[int, tuple[str, ...]]]:
     """(attachments with bare NAD names mapped back, {index: candidates} of the ambiguous)."""
     ambiguous: dict[int, tuple[str, ...]] = {}
     # Start from the names as written: a NAD known now may map what could not be before.
@@ -140,7 +141,7 @@ def missing_networks(requests: Iterable[Request], attachments: Sequence[Attachme
     return tuple(missing)
 
 
-def resolve_pod(pod: Pod, nads: Mapping[str, Network]) -> Pod:
+def resolve_pod(pod: Pod, nads: Mapping[str, NetworkDefinition]) -> Pod:
     """The pod with its entries' networks resolved against the known NADs and its
     missing networks recomputed; the same object when nothing changes."""
     atts, ambiguous = resolve_attachments(pod.attachments, pod.requests, pod.namespace, nads)

@@ -1,6 +1,6 @@
 """Asymmetric routing in one pod, worked out on plain data.
 
-collector/routes.py gathers, inside the pod's netns, the addresses, routes
+collector/sources/routes.py gathers, inside the pod's netns, the addresses, routes
 (every table), rules, rp_filter sysctls and the kernel's answers to route
 lookups (RTM_GETROUTE, like `ip route get DST from SRC`). Everything here is
 pure: which lookups to ask for (`probe_plan`), what the answers mean
@@ -28,7 +28,7 @@ FR_ACT_TO_TBL = 1
 NO_ROUTE = "none"                  # egress_interface when the kernel has no route at all
 FIRST_SUGGESTED_TABLE = 100        # policy tables suggested in fixes: 100 + attachment position
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Attached:
 
 @dataclass(frozen=True)
 class PodFacts:
-    """What the kernel said in the pod's netns (see collector/routes.py for the shapes)."""
+    """What the kernel said in the pod's netns (see collector/sources/routes.py for the shapes)."""
 
     namespace: str
     pod: str
@@ -108,16 +108,17 @@ class Analysis:
 
 # --- subnets and the lookups to ask for ------------------------------------------
 
-def subnets(att: Attached, addresses: tuple[Mapping, ...]) -> tuple[Network, ...]:
+def subnets(att: Attached, addresses: tuple[Mapping, ...]) -> tuple[Subnet, ...]:
     """The attachment's subnets: the annotation's /len, else the kernel's prefix
     for that address on that interface. An address known to neither has none."""
-    kernel = {}
+    kernel: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Subnet] = {}
     for a in addresses:
         if a["ifindex"] == att.ifindex:
             iface = ipaddress.ip_interface(a["address"])
             kernel[iface.ip] = iface.network
     out = []
     for ip in att.ips:
+        net: Subnet | None
         try:
             if "/" in ip:
                 net = ipaddress.ip_interface(ip).network
@@ -142,7 +143,7 @@ def sources(att: Attached, present: set | None = None) -> dict[int, str]:
     return out
 
 
-def representative(net: Network, avoid: set) -> str | None:
+def representative(net: Subnet, avoid: set) -> str | None:
     """An address inside `net` to look up: the first host that is none of the pod's own."""
     if net.num_addresses == 1:
         return None if net.network_address in avoid else str(net.network_address)
@@ -205,7 +206,7 @@ def probe_plan(facts: PodFacts) -> list[Probe]:
                 continue
             via_att = att.ifindex in route.get("oifs", ()) and route["table"] in tables[dst.version]
             carves = route["table"] == MAIN_TABLE and any(
-                n.version == dst.version and dst.prefixlen > n.prefixlen and dst.subnet_of(n) for n in nets)
+                n.version == dst.version and dst.prefixlen > n.prefixlen and dst.subnet_of(n) for n in nets)  # type: ignore[arg-type]  # same version
             if via_att or carves:
                 reason = "route" if via_att else "carve-out"
                 add(att, srcs[dst.version], str(dst), representative(dst, own), reason)
@@ -375,7 +376,7 @@ def rp_filter_finding(interfaces: int, rp: RpFilter) -> dict:
                    f"(pod securityContext.sysctls)"}
 
 
-def _route_network(route: Mapping, default_too: bool = False) -> Network | None:
+def _route_network(route: Mapping, default_too: bool = False) -> Subnet | None:
     if route["dst"] == "default":
         if not default_too:
             return None

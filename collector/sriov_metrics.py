@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from collector import sriov_readers as readers
+from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS
 from collector.vfinfo import VfConfig
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
 
 INFO_LABELS = ATTACHMENT_LABELS + ("pf", "vf", "pci_address", "driver", "numa_node", "reader")
 CONFIG_LABELS = ATTACHMENT_LABELS + ("mac", "vlan", "qos", "vlan_protocol", "spoof_check", "trust", "link_state")

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from collector import vfinfo
-from collector.nsenter import in_netns
 from collector.sysfs_safe import SysfsError, as_sysfs
+from kernel.nsenter import in_netns
+from kernel.rtnl import new_socket, pack_attr, pack_message
 
 INTEL, MELLANOX, NETLINK, NONE = "sysfs-intel", "sysfs-mellanox", "netlink", "none"
 DEFAULT_READERS = (INTEL, MELLANOX, NETLINK)
@@ -166,7 +167,6 @@ VF_STATS_ATTRS = vfinfo.VF_STATS_ATTRS
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _ERRNO = struct.Struct("=i")
 
@@ -180,14 +180,9 @@ class PfNotFound(LookupError):
 def build_getlink_request(pf: str, seq: int) -> bytes:
     """RTM_GETLINK for one link by name, asking for its VF info."""
     name = pf.encode() + b"\0"
-    attrs = (_rtattr(IFLA_IFNAME, name) + _rtattr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_VF)))
+    attrs = (pack_attr(IFLA_IFNAME, name) + pack_attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_VF)))
     body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
-
-
-def _rtattr(kind: int, payload: bytes) -> bytes:
-    raw = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
+    return pack_message(RTM_GETLINK, NLM_F_REQUEST, seq, body)
 
 
 def parse_getlink_vfs(buf: bytes) -> dict[int, vfinfo.VfInfo]:
@@ -252,22 +247,15 @@ class RtnlGetlink:
         if self._sock is None:
             if self.netns:
                 with in_netns(self.netns):
-                    self._sock = _new_socket()
+                    self._sock = new_socket()
             else:
-                self._sock = _new_socket()
+                self._sock = new_socket()
         return self._sock
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _new_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUF)
-    sock.bind((0, 0))
-    return sock
 
 
 class NetlinkVfStats:

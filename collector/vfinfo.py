@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+
+from kernel.rtnl import attrs
 
 IFLA_ADDRESS, IFLA_VFINFO_LIST = 1, 22
 IFLA_VF_INFO = 1
@@ -37,7 +38,6 @@ UNKNOWN = 0xFFFFFFFF
 VF_STATS_ATTRS = {0: "rx_packets", 1: "tx_packets", 2: "rx_bytes", 3: "tx_bytes",
                   4: "rx_broadcast", 5: "rx_multicast", 7: "rx_dropped", 8: "tx_dropped"}
 
-_RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U32x2 = struct.Struct("=II")
 _U32x3 = struct.Struct("=III")
@@ -62,16 +62,6 @@ class VfInfo:
     index: int
     config: VfConfig = field(default_factory=VfConfig)
     stats: dict[str, int] | None = None
-
-
-def attrs(buf, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type without NLA_F_* flags, value_start, value_end) of each rtattr in buf[start:end]."""
-    while start + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(buf, start)
-        if length < _RTATTR.size or start + length > end:
-            return
-        yield kind & 0x3FFF, start + _RTATTR.size, start + length
-        start += (length + 3) & ~3
 
 
 def _setting(value: int) -> bool | None:

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import attr
-from grafanalib.core import (Dashboard, GridPos, Table, Target, Template,
-                             Templating, Time, TimeSeries)
 from grafanalib._gen import DashboardEncoder
+from grafanalib.core import Dashboard, GridPos, Table, Target, Template, Templating, Time, TimeSeries
 
 HERE = Path(__file__).resolve().parent
 JSON_DIR = HERE / "json"

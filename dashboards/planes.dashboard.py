@@ -35,7 +35,7 @@ def top_pods_by_loss():
 
 def loss_per_node():
     return graph("Interface loss per node and plane", [
-        target(f'node_plane:planewatch_interface_loss:ratio_rate5m{{node=~"$node", plane=~"$plane"}}',
+        target('node_plane:planewatch_interface_loss:ratio_rate5m{node=~"$node", plane=~"$plane"}',
                "{{node}} {{instance}} {{plane}}"),
     ], unit="percentunit")
 

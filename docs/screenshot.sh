@@ -18,13 +18,13 @@ PIDS=""
 cleanup() {
     for pid in $PIDS; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    python3 -m collector.cli lab down --prefix $PREFIX >/dev/null
+    python3 -m lab down --prefix $PREFIX >/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 
-python3 -m collector.cli lab up --prefix $PREFIX --sriov-fixture
-python3 -m collector.cli serve --web.listen-address $PW --node-name lab-node \
+python3 -m lab up --prefix $PREFIX --sriov-fixture
+python3 -m planewatch serve --web.listen-address $PW --node-name lab-node \
     --pods-file /run/planewatch-lab/$PREFIX-pods.json \
     --path.sysfs /run/planewatch-lab/$PREFIX-sysfs >"$WORK/planewatch.log" 2>&1 &
 PIDS="$PIDS $!"

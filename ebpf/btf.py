@@ -1,93 +1,71 @@
-"""Read enum values from a kernel BTF blob (/sys/kernel/btf/vmlinux).
+"""Enum values from the kernel's BTF (/sys/kernel/btf/vmlinux), through libbpf.
 
 The `skb_drop_reason` enum changes with every kernel release (values are
 renumbered, reasons added), so drop reason names come from the running
-kernel's BTF rather than a table. Parsing is a pure function over bytes;
-reading the file is apart (`drop_reasons`). Format: Documentation/bpf/btf.rst.
+kernel's BTF rather than a table. libbpf parses and validates the BTF (it does
+so anyway to relocate the CO-RE programs), so new BTF kinds need nothing here.
+A failure costs only the names: the loader keeps the programs and reports drops
+as UNKNOWN_<value> (ebpf/maps.py `drops_by_reason`).
 """
 from __future__ import annotations
 
-import struct
+import ctypes
+
+from ebpf import libbpf
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
-BTF_MAGIC = 0xEB9F
 DROP_REASON_ENUM = "skb_drop_reason"
 DROP_REASON_PREFIX = "SKB_DROP_REASON_"
 
-KIND_INT, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 3, 4, 5, 6
-KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
-
-# bytes that follow the 12-byte type header: fixed, and per member (vlen)
-_TRAILER = {KIND_INT: (4, 0), KIND_ARRAY: (12, 0), KIND_STRUCT: (0, 12), KIND_UNION: (0, 12),
-            KIND_ENUM: (0, 8), KIND_FUNC_PROTO: (0, 8), KIND_VAR: (4, 0), KIND_DATASEC: (0, 12),
-            KIND_DECL_TAG: (4, 0), KIND_ENUM64: (0, 12)}
-MAX_KIND = 19
+KIND_ENUM, KIND_ENUM64 = 6, 19
+_KIND_FLAG = 1 << 31            # kind_flag: the enum's values are signed
 
 
 class BTFError(ValueError):
     pass
 
 
-def _header(blob: bytes) -> tuple[str, int, int, int, int]:
-    """(byte order, types start, types end, strings start, strings end)."""
-    for order in ("<", ">"):
-        magic, = struct.unpack_from(order + "H", blob, 0)
-        if magic == BTF_MAGIC:
-            break
-    else:
-        raise BTFError("not a BTF blob (bad magic)")
-    _, _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(order + "HBBIIIII", blob, 0)
-    types = hdr_len + type_off
-    strings = hdr_len + str_off
-    if types + type_len > len(blob) or strings + str_len > len(blob):
-        raise BTFError("truncated BTF blob")
-    return order, types, types + type_len, strings, strings + str_len
+class _Enum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_uint32)]
 
 
-def _string(blob: bytes, strings: int, offset: int) -> str:
-    end = blob.index(b"\0", strings + offset)
-    return blob[strings + offset:end].decode()
+class _Enum64(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("lo32", ctypes.c_uint32), ("hi32", ctypes.c_uint32)]
 
 
-def _string_offsets(blob: bytes, strings: int, end: int, name: str) -> set[int]:
-    """Offsets of `name` in the string section, so the type walk compares ints
-    (decoding every type's name made the walk 4x slower)."""
-    needle, found, at = b"\0" + name.encode() + b"\0", set(), strings - 1
-    if blob[strings:strings + len(needle) - 1] == needle[1:]:
-        found.add(0)
-    while (at := blob.find(needle, at + 1, end)) >= 0:
-        found.add(at + 1 - strings)
-    return found
-
-
-def enum_values(blob: bytes, name: str) -> dict[int, str]:
-    """value -> enumerator name of the first enum (or enum64) called `name`."""
-    order, pos, end, strings, strings_end = _header(blob)
-    wanted = _string_offsets(blob, strings, strings_end, name)
-    while pos < end:
-        name_off, info, size_or_type = struct.unpack_from(order + "III", blob, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind > MAX_KIND:
-            raise BTFError(f"unknown BTF kind {kind}")
-        fixed, per_member = _TRAILER.get(kind, (0, 0))
-        members = pos + 12 + fixed
-        if kind in (KIND_ENUM, KIND_ENUM64) and name_off in wanted:
-            signed = bool(info >> 31)   # kind_flag: the enum's values are signed
-            return _enumerators(blob, order, strings, members, vlen, kind, signed)
-        pos = members + vlen * per_member
+def _enumerators(btf: int, name: str) -> dict[int, str]:
+    for kind, member in ((KIND_ENUM, _Enum), (KIND_ENUM64, _Enum64)):
+        type_id = libbpf.btf_find(btf, name, kind)
+        if type_id is None:
+            continue
+        head = libbpf.btf_type(btf, type_id).contents
+        vlen, signed = head.info & 0xFFFF, bool(head.info & _KIND_FLAG)
+        members = (member * vlen).from_address(ctypes.addressof(head) + ctypes.sizeof(head))
+        values: dict[int, str] = {}
+        for m in members:
+            if kind == KIND_ENUM:
+                value = m.val - (1 << 32) if signed and m.val >> 31 else m.val
+            else:
+                value = (m.hi32 << 32) | m.lo32
+            values.setdefault(value, libbpf.btf_name(btf, m.name_off))
+        return values
     raise BTFError(f"enum {name} not in BTF")
 
 
-def _enumerators(blob, order, strings, pos, vlen, kind, signed) -> dict[int, str]:
-    values: dict[int, str] = {}
-    for i in range(vlen):
-        if kind == KIND_ENUM:
-            name_off, value = struct.unpack_from(order + ("Ii" if signed else "II"), blob, pos + 8 * i)
-        else:
-            name_off, lo, hi = struct.unpack_from(order + "III", blob, pos + 12 * i)
-            value = (hi << 32) | lo
-        values.setdefault(value, _string(blob, strings, name_off))
-    return values
+def _read(btf_of, source, name: str) -> dict[int, str]:
+    try:
+        btf = btf_of(source)
+    except OSError as err:
+        raise BTFError(str(err)) from None
+    try:
+        return _enumerators(btf, name)
+    finally:
+        libbpf.btf_free(btf)
+
+
+def enum_values(blob: bytes, name: str) -> dict[int, str]:
+    """value -> enumerator name of the enum (or enum64) called `name` in a raw BTF blob."""
+    return _read(libbpf.btf_new, blob, name)
 
 
 def strip_prefix(names: dict[int, str], prefix: str = DROP_REASON_PREFIX) -> dict[int, str]:
@@ -96,6 +74,4 @@ def strip_prefix(names: dict[int, str], prefix: str = DROP_REASON_PREFIX) -> dic
 
 def drop_reasons(path: str = VMLINUX_BTF) -> dict[int, str]:
     """skb_drop_reason value -> name without SKB_DROP_REASON_ (e.g. NO_SOCKET)."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    return strip_prefix(enum_values(blob, DROP_REASON_ENUM))
+    return strip_prefix(_read(libbpf.btf_parse, path, DROP_REASON_ENUM))

@@ -1,10 +1,10 @@
 """A minimal ctypes binding over libbpf.so.1: only what the loader and bench use.
 
 Why ctypes and not bcc: bcc needs kernel headers and an in-process LLVM
-(1 s, 200 MB RSS), and read wrong struct offsets on this kernel; CO-RE objects
-built once and loaded through libbpf take ~30 ms and ~15 MB
-(recipes/ebpf.md). libbpf 1.x returns NULL/-errno and sets errno; every
-wrapper here turns that into OSError so callers see one kind of failure.
+at run time; CO-RE objects built once (ebpf/Makefile) and loaded through libbpf
+need neither (the load time is logged: "BPF programs loaded in N ms").
+libbpf 1.x returns NULL/-errno and sets errno; every wrapper here turns that
+into OSError so callers see one kind of failure.
 """
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ class LinkCreateOpts(ctypes.Structure):
     A short `sz` is valid for every libbpf 1.x (fields past it read as 0)."""
 
     _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class BtfType(ctypes.Structure):
+    """`struct btf_type` (uapi linux/btf.h); its members follow it in memory."""
+
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
 
 class TestRunOpts(ctypes.Structure):
@@ -74,6 +80,12 @@ def _signatures(lib: ctypes.CDLL) -> None:
         "bpf_prog_test_run_opts": (ctypes.c_int, [ctypes.c_int, ctypes.POINTER(TestRunOpts)]),
         "libbpf_num_possible_cpus": (ctypes.c_int, []),
         "libbpf_set_print": (ctypes.c_void_p, [_PRINT_FN]),
+        "btf__new": (_obj_p, [ctypes.c_void_p, ctypes.c_uint32]),
+        "btf__parse": (_obj_p, [ctypes.c_char_p, ctypes.c_void_p]),
+        "btf__free": (None, [_obj_p]),
+        "btf__find_by_name_kind": (ctypes.c_int, [_obj_p, ctypes.c_char_p, ctypes.c_uint32]),
+        "btf__type_by_id": (ctypes.POINTER(BtfType), [_obj_p, ctypes.c_uint32]),
+        "btf__name_by_offset": (ctypes.c_char_p, [_obj_p, ctypes.c_uint32]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(lib, name)
@@ -154,6 +166,35 @@ def _check_ptr(ptr: int | None, what: str) -> int:
         err = ctypes.get_errno() or 22
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ptr
+
+
+def btf_parse(path: str) -> int:
+    """A `struct btf *` of a raw or ELF BTF file; free it with btf_free."""
+    return _check_ptr(lib().btf__parse(path.encode(), None), f"parse BTF {path}")
+
+
+def btf_new(blob: bytes) -> int:
+    """A `struct btf *` over a copy of a raw BTF blob; free it with btf_free."""
+    return _check_ptr(lib().btf__new(blob, len(blob)), "parse BTF blob")
+
+
+def btf_free(btf: int) -> None:
+    lib().btf__free(btf)
+
+
+def btf_find(btf: int, name: str, kind: int) -> int | None:
+    """Type id of the type of that name and kind; None when there is none."""
+    found = lib().btf__find_by_name_kind(btf, name.encode(), kind)
+    return found if found > 0 else None
+
+
+def btf_type(btf: int, type_id: int) -> ctypes._Pointer:
+    return lib().btf__type_by_id(btf, type_id)
+
+
+def btf_name(btf: int, offset: int) -> str:
+    raw = lib().btf__name_by_offset(btf, offset)
+    return raw.decode() if raw is not None else ""
 
 
 def open_object(path: str) -> int:

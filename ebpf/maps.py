@@ -3,7 +3,7 @@
 Decoding is pure (bytes in, tuples out) and tested without a kernel; only
 `read_entries`, `delete_where` and `put` touch a map fd. Per-CPU values are
 summed from a fresh bytes copy of each lookup, never from a reused ctypes
-buffer: list()-ing a ctypes array aliases it (recipes/ebpf.md).
+buffer: list()-ing a ctypes array aliases it.
 """
 from __future__ import annotations
 

@@ -4,19 +4,19 @@ Unlike TCX links these filters outlive the process (even SIGKILL), so the
 loader removes them explicitly on detach and close. Every call expects the
 calling thread to be inside the target netns already (the socket binds to the
 netns it is created in). Messages are built here rather than through
-pyroute2 because only five fixed requests are needed.
+pyroute2 because only five fixed requests are needed; framing, attributes and
+the socket are kernel/rtnl.py's, the one netlink codec.
 """
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 
-NETLINK_ROUTE = 0
+from kernel.rtnl import RtnlSocket, attrs, new_socket, pack_attr
+
 RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
 NLA_F_NESTED = 0x8000
 
@@ -34,14 +34,10 @@ ETH_P_ALL = 0x0003
 FILTER_PRIO = 0xC0DE
 FILTER_NAME = "planewatch"
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _TCMSG = struct.Struct("=BBHiIII")
-_RTATTR = struct.Struct("=HH")
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
+_attr = pack_attr
 
 
 def _tcmsg(ifindex: int, handle: int, parent: int, info: int) -> bytes:
@@ -64,45 +60,11 @@ def bpf_filter_message(ifindex: int, parent: int, prog_fd: int) -> bytes:
             + _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS | NLA_F_NESTED, options))
 
 
-class TcSocket:
+class TcSocket(RtnlSocket):
     """One rtnetlink socket, opened in the calling thread's netns."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self.sock.bind((0, 0))
-        self.seq = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sock.close()
-
-    def request(self, msg_type: int, flags: int, body: bytes) -> list[bytes]:
-        """Send one request; return the payloads of the replies (dumps), raise on error."""
-        self.seq += 1
-        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type,
-                                      flags | NLM_F_REQUEST, self.seq, 0) + body)
-        replies = []
-        while True:
-            data = self.sock.recv(1 << 16)
-            off = 0
-            while off + _NLMSGHDR.size <= len(data):
-                length, kind, _, seq, _ = _NLMSGHDR.unpack_from(data, off)
-                payload = data[off + _NLMSGHDR.size:off + length]
-                off += (length + 3) & ~3
-                if seq != self.seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return replies
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload, 0)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    return replies
-                replies.append(payload)
-                if not flags & NLM_F_DUMP:
-                    return replies
+        super().__init__(new_socket(rcvbuf=None))
 
 
 def add_clsact(tc: TcSocket, ifindex: int) -> bool:
@@ -133,14 +95,7 @@ def count_filters(tc: TcSocket, ifindex: int, parent: int) -> int:
 
 
 def _attrs(buf: bytes, start: int) -> dict[int, bytes]:
-    out, pos = {}, start
-    while pos + 4 <= len(buf):
-        length, kind = _RTATTR.unpack_from(buf, pos)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = buf[pos + 4:pos + length]
-        pos += (length + 3) & ~3
-    return out
+    return {kind: buf[vs:ve] for kind, vs, ve in attrs(buf, start, len(buf))}
 
 
 def is_ours(payload: bytes) -> bool:

@@ -109,7 +109,7 @@ class Server:
         if fut is None:
             fut = asyncio.ensure_future(self._in_worker(fn))
             self._debug[kind] = fut
-            fut.add_done_callback(lambda f, kind=kind: self._debug.pop(kind, None))
+            fut.add_done_callback(lambda _done: self._debug.pop(kind, None))
         return await asyncio.shield(fut)
 
     async def _scrape(self) -> bytes:
@@ -182,7 +182,7 @@ class Server:
         try:
             limit = max(1, min(int(request.query.get("limit", "50")), MAX_FLOWS))
         except ValueError:
-            raise web.HTTPBadRequest(text="limit must be a number\n")
+            raise web.HTTPBadRequest(text="limit must be a number\n") from None
         if self.asymmetric_flows is None:
             return web.json_response({"available": False, "flows": []})
         # One shared job for every limit: the largest, sliced per request.

@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from exporters.exposition import COUNTER, GAUGE, Family
+from collector.family import COUNTER, GAUGE, Family
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one client may hold; exporters/listener.py enforces them (the
-    defaults are the flags' defaults in collector/cli.py)."""
+    defaults are the flags' defaults in planewatch/cli.py)."""
 
     max_connections: int = 128
     max_per_client: int = 64

@@ -100,7 +100,7 @@ class GuardedHandler(web_protocol.RequestHandler):
             self._refusals.refuse("request_too_large" if too_large else "malformed_request")
             # A client's garbage is not our error: no traceback per bad request.
             log.debug("refused request from %s: %s", request.remote, exc)
-            resp = web.Response(status=status, text=f"{status} Bad Request\n")
+            resp: web.StreamResponse = web.Response(status=status, text=f"{status} Bad Request\n")
             resp.force_close()
         else:
             resp = super().handle_error(request, status, exc, message)
@@ -141,12 +141,12 @@ class GuardedListener:
     (the aiohttp low-level server of an AppRunner)."""
 
     def __init__(self, server: web_server.Server, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None, limits: Limits = Limits(),
+                 ssl_context: ssl.SSLContext | None = None, limits: Limits | None = None,
                  refusals: Refusals = REFUSALS):
         self.server = server
         self.host, self.requested_port = host, port
         self.ssl_context = ssl_context
-        self.limits = limits
+        self.limits = limits or Limits()
         self.refusals = refusals
         self.active = 0
         self.per_client: Counter[str] = Counter()
@@ -178,6 +178,7 @@ class GuardedListener:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                assert self._sock is not None       # set by start()
                 conn, address = await loop.sock_accept(self._sock)
             except OSError as err:          # EMFILE and friends: do not spin
                 log.warning("accept failed: %s", err)
@@ -243,7 +244,7 @@ class GuardedListener:
             return GuardedHandler(self.server, loop=loop, refusals=self.refusals, on_lost=release,
                                   write_timeout=self.limits.write_timeout,
                                   **self.limits.handler_kwargs())
-        kwargs = {}
+        kwargs: dict = {}
         if self.ssl_context is not None:
             kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.handshake_timeout}
         try:

@@ -13,9 +13,10 @@ import time
 from typing import Callable, Iterable, Mapping
 
 from collector.discovery import Store
+from collector.family import GAUGE, Family
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from exporters.exposition import GAUGE, Family, render
+from exporters.exposition import render
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def cert_sans(peercert: dict | None) -> set[str]:
     return {value for _kind, value in (peercert or {}).get("subjectAltName", ())}
 
 
-def parse_authorization(header: str) -> tuple[str, str | bytes] | None:
+def parse_authorization(header: str) -> tuple[str, bytes | tuple[str, str]] | None:
     """("basic", (user, password)) / ("bearer", token) / None for anything else.
 
     aiohttp hands over header bytes that are not UTF-8 as surrogate escapes:
@@ -257,7 +257,7 @@ async def _authorized(header: str, users: Mapping[str, bytes], tokens: TokenFile
     if parsed is None:
         return False
     scheme, credentials = parsed
-    if scheme == "bearer":
+    if isinstance(credentials, bytes):          # bearer
         current = tokens.current()
         return bool(current) and token_matches(credentials, current)
     if not users:

@@ -52,10 +52,17 @@ from typing import Mapping
 import yaml
 
 from exporters.httpstats import REFUSALS
+
 # Re-exported: the request checks live in webauth, the file format here.
 from exporters.webauth import (  # noqa: F401
-    UNAUTHENTICATED_PATHS, BasicAuthChecker, TokenFile, cert_sans, make_middleware,
-    parse_authorization, parse_tokens, token_matches,
+    UNAUTHENTICATED_PATHS,
+    BasicAuthChecker,
+    TokenFile,
+    cert_sans,
+    make_middleware,
+    parse_authorization,
+    parse_tokens,
+    token_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -222,8 +229,8 @@ def _parse_tls(section: object, base_dir: str) -> dict:
         if key in tls and tls[key] not in TLS_VERSIONS:
             raise WebConfigError(f"tls_server_config.{key} {tls[key]!r} is invalid "
                                  f"(one of {', '.join(TLS_VERSIONS)})")
-    if ("max_version" in tls and TLS_VERSIONS[tls.get("min_version", "TLS12")]
-            > TLS_VERSIONS[tls["max_version"]]):
+    if ("max_version" in tls and TLS_VERSIONS[str(tls.get("min_version", "TLS12"))]
+            > TLS_VERSIONS[str(tls["max_version"])]):
         raise WebConfigError(f"tls_server_config.min_version {tls.get('min_version', 'TLS12')} "
                              f"is above max_version {tls['max_version']}: no version is left")
     return {
@@ -278,7 +285,7 @@ def load_web_config(path: str) -> WebConfig:
         raise WebConfigError(f"{path}: {e}") from e
     if (users or tokens) and context is None:
         log.warning("%s: credentials are configured without TLS; they travel in clear", path)
-    if context is not None:
+    if context is not None and tls_config is not None:
         CertificateReloader(tls_config, context).install()
     return WebConfig(tls_config, users, tokens, context, token_file)
 
@@ -348,7 +355,7 @@ class CertificateReloader:
         self.first.sni_callback = self._on_hello
 
     def _files_signature(self) -> tuple:
-        out = []
+        out: list[tuple[int, int, int, int] | None] = []
         for path in (self.tls.cert_file, self.tls.key_file):
             try:
                 st = os.stat(path)

@@ -1,4 +1,7 @@
-"""`planewatch lab up|down|run`: the lab on this machine, no cluster needed."""
+"""`python -m lab up|down|run`: the lab on this machine, no cluster needed.
+
+A development tool: it stands on the planewatch package (its `run` serves the
+node collector on the lab) and is not part of the installed package or image."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +11,13 @@ import sys
 
 from lab import topology
 from lab.objects import NODE_NAME, write_pods_file
+from planewatch.cli import add_serve_flags
+from planewatch.serve import build_server, serve_forever, setup_logging
 
 
-def add_lab_commands(sub) -> None:
-    lab = sub.add_parser("lab", help="a lab of network namespaces shaped like Multus pods")
+def parser() -> argparse.ArgumentParser:
+    lab = argparse.ArgumentParser(prog="python -m lab",
+                                  description="a lab of network namespaces shaped like Multus pods")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
 
     def common(p):
@@ -34,9 +40,14 @@ def add_lab_commands(sub) -> None:
 
     p_run = lab_sub.add_parser("run", help="lab up, serve /metrics on it, lab down on Ctrl-C")
     common(p_run)
-    from collector.cli import add_serve_flags
     add_serve_flags(p_run)
     p_run.set_defaults(func=cmd_run)
+    return lab
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
 
 
 def _pods(args):
@@ -75,8 +86,6 @@ def cmd_down(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from collector.cli import build_server, serve_forever, setup_logging
-
     setup_logging(args.log_level)
     if os.geteuid() != 0:
         print("the lab needs root (network namespaces)", file=sys.stderr)

@@ -2,8 +2,12 @@
 and the NetworkAttachmentDefinitions, as a pods file for `planewatch serve`."""
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
+from typing import Mapping
 
+from collector.whereabouts import GROUP, VERSION, normalize_range
 from lab.topology import DEFAULT_NETWORK_NAME, NETWORKS, SRIOV_NAD, LabState, gateway, pod_uid
 
 NODE_NAME = "lab-node"
@@ -70,7 +74,6 @@ def whereabouts_range(state: LabState) -> str:
 def ippool_object(state: LabState) -> dict:
     """The Whereabouts IPPool of the signaling network, as whereabouts writes it: one
     allocation per lab pod on it, plus one whose pod was deleted long ago (a leak)."""
-    from collector.whereabouts import example_ippool
     allocations = {}
     for spec in state.specs:
         key = f"{spec['namespace']}/{spec['name']}"
@@ -122,3 +125,22 @@ def write_pods_file(state: LabState, path: str) -> None:
         json.dump({"apiVersion": "v1", "kind": "List", "items": lab_objects(state)}, f, indent=1)
     state.pods_file = path
     state.save()
+
+
+def example_ippool(range_cidr: str, allocations: Mapping[str, str], namespace: str = "kube-system",
+                   network_name: str = "") -> dict:
+    """An IPPool as whereabouts would write it: `allocations` maps an IP of the range to
+    the podref ("ns/name") holding it. Container IDs are made up (stable per IP+pod)."""
+    net = ipaddress.ip_network(range_cidr, strict=False)
+    spec_allocations = {}
+    for ip, podref in allocations.items():
+        address = ipaddress.ip_address(ip)
+        if address not in net:
+            raise ValueError(f"{ip} is not in {net}")
+        container_id = hashlib.sha256(f"{podref}@{address}".encode()).hexdigest()
+        spec_allocations[str(int(address) - int(net.network_address))] = {
+            "id": container_id, "podref": podref, "ifname": "net1"}
+    name = normalize_range(str(net))
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IPPool",
+            "metadata": {"name": f"{network_name}-{name}" if network_name else name, "namespace": namespace},
+            "spec": {"range": str(net), "allocations": spec_allocations}}

@@ -30,7 +30,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from lab.topology import NETWORKS, LabState, gateway, ip, nsexec
 
 SIGNALING_GATEWAY = gateway(NETWORKS["signaling"])       # the signaling peer (router)

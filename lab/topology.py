@@ -153,7 +153,7 @@ def up(prefix: str = "pwlab", pods: list[PodSpec] | None = None) -> LabState:
     if len(prefix) > 8 or not prefix.replace("-", "").isalnum():
         raise ValueError("lab prefix: up to 8 letters/digits (interface names are short)")
     if LabState.load(prefix):
-        raise RuntimeError(f"a lab named {prefix} is up already: `planewatch lab down --prefix {prefix}`")
+        raise RuntimeError(f"a lab named {prefix} is up already: `python -m lab down --prefix {prefix}`")
     pods = demo_pods() if pods is None else pods
     state = LabState(prefix, f"{prefix}-node", f"{prefix}-sigpeer", specs=[asdict(p) for p in pods])
     state.save()                       # saved first so `down` can clean a half-built lab

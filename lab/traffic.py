@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 
 
 def _family(address: str) -> int:

@@ -3,13 +3,14 @@ collector, the real API server, and the --update-golden flag."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+
+from tests.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,14 +56,8 @@ def lab():
         topology.down(prefix)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-SERVE = ("collector.cli", "serve")
-CLUSTER = ("collector.cluster",)
+SERVE = ("planewatch", "serve")
+CLUSTER = ("planewatch.cluster",)
 
 
 class Collector:

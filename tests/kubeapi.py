@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import yaml
+
+from tests.ports import free_port
 
 KUBE_VERSION = "v1.20.2"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -208,12 +209,6 @@ def _etcd_healthy(client_url: str) -> bool:
             return json.load(r).get("health") == "true"
     except (OSError, ValueError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _vm_rss_bytes(proc_status: str) -> int:

@@ -6,10 +6,10 @@ then replaying (as anybody, with no namespace, socket or BPF map):
 
 - rtnetlink dumps on the sockets a kept pod netns holds (links, addresses,
   RTM_GETSTATS, neighbours, route next hops): `NetnsPool(sockets=...)`; the
-  replies are replayed into `collector.rtnl.RtnlSocket`, whose decoders run;
+  replies are replayed into `kernel.rtnl.RtnlSocket`, whose decoders run;
 - the routes source's pyroute2 dumps and route lookups and the rp_filter it
   reads inside the netns: `RoutesSource.read_pod`; pyroute2 decodes the
-  recorded message bytes and `collector.routes.read_facts` runs on them;
+  recorded message bytes and `collector.sources.routes.read_facts` runs on them;
 - the SR-IOV PF query (RTM_GETLINK with VF info): the transport of
   `NetlinkVfStats`;
 - BPF map dumps: `Loader._entries`; the ebpf/maps.py decoders run on the bytes.
@@ -39,8 +39,9 @@ import struct
 import sys
 import threading
 
-from collector.netns import NetnsPool, Resolver, open_sockets
-from collector.rtnl import LinkEvents, RtnlSocket
+from collector.netns import Resolver
+from collector.netns_pool import NetnsPool, open_sockets
+from kernel.rtnl import LinkEvents, RtnlSocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDED = os.path.join(HERE, "fixtures", "recorded")
@@ -163,7 +164,8 @@ class RecordingIPRoute:
 
     async def _call(self, method: str, cmd: str, **kwargs):
         from pyroute2.netlink.exceptions import NetlinkError
-        from collector.routes import _all
+
+        from collector.sources.routes import _all
         key = _call_key(method, cmd, kwargs)
         try:
             msgs = await _all(getattr(self._ipr, method)(cmd, **kwargs))
@@ -220,9 +222,9 @@ class ReplayIPRoute:
 
 
 def recording_read_pod(calls_by_pod: dict):
-    """`collector.routes.read_pod`, with the socket and rp_filter kept per pod."""
-    from collector.nsenter import in_netns
-    from collector.routes import read_facts, read_rp_filter
+    """`collector.sources.routes.read_pod`, with the socket and rp_filter kept per pod."""
+    from collector.sources.routes import read_facts, read_rp_filter
+    from kernel.nsenter import in_netns
 
     async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
         from pyroute2 import AsyncIPRoute
@@ -242,7 +244,7 @@ def recording_read_pod(calls_by_pod: dict):
 
 
 def replay_read_pod(calls_by_pod: dict):
-    from collector.routes import read_facts
+    from collector.sources.routes import read_facts
 
     async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
         key = f"{namespace}/{pod}"
@@ -344,7 +346,9 @@ def serve_args(pods_file: str, sysfs: str, netns_dir: str, procfs: str) -> list[
 def build(args: list[str]):
     """The Server `planewatch serve <args>` builds (feeds not started)."""
     import argparse as _argparse
-    from collector.cli import add_serve_flags, build_server
+
+    from planewatch.cli import add_serve_flags
+    from planewatch.serve import build_server
     parser = _argparse.ArgumentParser()
     add_serve_flags(parser)
     server, feeds, _ = build_server(parser.parse_args(args))
@@ -383,7 +387,7 @@ class Replay:
         scraper.resolver = Resolver(netns_dir, procfs, pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
         sources = scraper.sources
         if "neighbours" in sources:
-            from collector.neighbours import HopCache
+            from collector.sources.neighbours import HopCache
             sources["neighbours"].hop_cache = HopCache(subscribe=quiet_events)
         if "routes" in sources:
             sources["routes"].read_pod = replay_read_pod(kernel["routes"])
@@ -422,7 +426,9 @@ def record(prefix: str, out_dir: str = RECORDED) -> None:
     """Bring up the golden lab under `prefix`, serve it for real with every kernel
     answer kept, scrape once, and write the recording."""
     import tempfile
+
     import yaml
+
     from lab import topology
     from lab.objects import lab_objects
     from lab.sriov_fixture import write_sriov_fixture

@@ -10,8 +10,15 @@ import pytest
 import yaml
 
 from collector.annotations import (
-    ERROR_REASONS, MAX_ANNOTATION_CHARS, MAX_ENTRIES, MAX_TEXT, missing_networks,
-    parse_network_requests, parse_network_status, pod_from_object)
+    ERROR_REASONS,
+    MAX_ANNOTATION_CHARS,
+    MAX_ENTRIES,
+    MAX_TEXT,
+    missing_networks,
+    parse_network_requests,
+    parse_network_status,
+    pod_from_object,
+)
 from collector.model import UNCLASSIFIED, Attachment, DeviceInfo, Request
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "annotations").glob("*.yaml"))

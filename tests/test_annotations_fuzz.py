@@ -8,14 +8,21 @@ import json
 import os
 from collections import Counter
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.annotations import (
-    ERROR_REASONS, MAX_ENTRIES, MAX_TEXT, parse_network_requests, parse_network_status,
-    pod_from_object)
+    ERROR_REASONS,
+    MAX_ENTRIES,
+    MAX_TEXT,
+    parse_network_requests,
+    parse_network_status,
+    pod_from_object,
+)
+from collector.family import GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, Attachment, Pod, Request
-from exporters.exposition import GAUGE, Family, render
+from exporters.exposition import render
 
 NS, POD, UID = "ns", "pod", "uid"
 

@@ -5,8 +5,15 @@ import itertools
 
 import pytest
 
-from collector.budgets import (SERIES_PER_ATTACHMENT, Budgets, fair_level, fit_node, pod_series,
-                               select_networks, trim_pod)
+from collector.budgets import (
+    SERIES_PER_ATTACHMENT,
+    Budgets,
+    fair_level,
+    fit_node,
+    pod_series,
+    select_networks,
+    trim_pod,
+)
 from collector.model import Attachment, Pod
 
 
@@ -83,6 +90,7 @@ def test_select_networks_keeps_in_use_and_shares_the_total_fairly():
 
 def test_flags_build_budgets_and_refuse_nonsense():
     import argparse
+
     from collector.budgets import add_budget_flags, budgets_from_args
     p = argparse.ArgumentParser()
     add_budget_flags(p)

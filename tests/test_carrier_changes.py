@@ -8,11 +8,11 @@ import pytest
 from pyroute2 import IPRoute
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.netlink import NetlinkSource
-from collector.netns import NetnsPool
-from collector.nsenter import in_netns
+from collector.netns_pool import NetnsPool
 from collector.registry import Config, Snapshot
+from collector.sources.netlink import NetlinkSource
 from exporters.exposition import render
+from kernel.nsenter import in_netns
 from tests.conftest import unique_prefix
 
 

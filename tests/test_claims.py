@@ -3,10 +3,10 @@ annotations name goes to neither, and an IP is checked against the claimant's
 own namespace. The attack is the annotation a tenant can write."""
 from __future__ import annotations
 
-from collector.attachments import AttachmentsSource
 from collector.model import Attachment, DeviceInfo, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Snapshot
-from collector.sriov import vf_attachments
+from collector.sources.attachments import AttachmentsSource
+from collector.sources.sriov import vf_attachments
 from exporters.exposition import render
 from tests.conftest import parse_metrics, series
 

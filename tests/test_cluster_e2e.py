@@ -186,7 +186,7 @@ def wait_numbers(collector: Collector, labels: dict, want: dict, timeout: float 
     try:
         wait_for(matches, timeout=timeout, what=f"{labels['pool']} = {want}")
     except AssertionError:
-        raise AssertionError(f"{labels['pool']}: want {want}, last seen {seen}")
+        raise AssertionError(f"{labels['pool']}: want {want}, last seen {seen}") from None
     return seen
 
 

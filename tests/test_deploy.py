@@ -266,7 +266,7 @@ def runtime():
                     _link_or_copy(Path(dist.locate_file(rel)), site / rel)
         shutil.rmtree(src)
         done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                               "import collector.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
+                               "import planewatch.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
                               capture_output=True, text=True, cwd="/")
         assert done.returncode == 0 and done.stdout.strip().startswith(str(site)), done
         yield {"root": root, "venv": venv, "system_python": system_python}
@@ -395,7 +395,7 @@ def serve_metrics(runtime, lab, caps: set[str]) -> dict:
             return wait_for(settled, timeout=60, interval=0.5, what="serve ready with BPF settled")
         except AssertionError:
             proc.terminate()
-            raise AssertionError(f"last answer: {last}; log: {proc.communicate(timeout=15)[0][-3000:]}")
+            raise AssertionError(f"last answer: {last}; log: {proc.communicate(timeout=15)[0][-3000:]}") from None
     finally:
         proc.terminate()
         try:
@@ -475,7 +475,7 @@ CLSACT_DRIVER = """
 import socket, sys
 from collector.caps import raise_effective
 raise_effective()
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 from ebpf.loader import Loader
 netns = sys.argv[1]
 with in_netns(netns):

@@ -5,7 +5,7 @@ IPv6; net1: a secondary network, IPv4), a pod C with only eth0, and a
 hostNetwork pod that must not be attached. Neighbour entries are permanent
 and IPv6 is off except on eth0 so the interfaces stay quiet; a round of
 traffic is still retried when the kernel's own counters show noise
-(recipes/testing.md).
+(router solicitations, DAD probes).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.nsenter import in_netns
 from collector.registry import Config, Snapshot
 from exporters.exposition import render
+from kernel.nsenter import in_netns
 
 pytestmark = pytest.mark.ebpf
 
@@ -151,7 +151,7 @@ def lab():
 
 @pytest.fixture(scope="module")
 def source(lab):
-    from collector.ebpf import EbpfSource
+    from collector.sources.ebpf import EbpfSource
     src = EbpfSource(Config())
     try:
         yield src

@@ -20,9 +20,9 @@ import uuid
 
 import pytest
 
-from collector.ebpf import flow_families, guard_families
-from collector.nsenter import in_netns, netns_inode
+from collector.sources.ebpf import flow_families, guard_families
 from exporters.exposition import render
+from kernel.nsenter import in_netns, netns_inode
 from tests.test_ebpf import need_root_and_objects, sh
 from tests.test_ebpf_lifecycle import kernel_ids, tc_show, wait_until_gone
 
@@ -116,7 +116,7 @@ def fill(fd: int, key_struct, keys, value: bytes) -> None:
 
 
 def test_full_traffic_map_refusals_are_counted_and_exported(pairs, loader_factory):
-    from ebpf import libbpf, maps
+    from ebpf import maps
     path, ifindex, _ = pairs.add(1)
     loader = loader_factory()
     loader.attach(path, ifindex)

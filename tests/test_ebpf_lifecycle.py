@@ -21,10 +21,10 @@ import uuid
 
 import pytest
 
-from collector.ebpf import EbpfSource
-from collector.nsenter import in_netns
 from collector.registry import Config, Snapshot
+from collector.sources.ebpf import EbpfSource
 from exporters.exposition import render
+from kernel.nsenter import in_netns
 from tests.test_ebpf import need_root_and_objects, sh
 
 pytestmark = pytest.mark.ebpf
@@ -210,7 +210,7 @@ def status(source) -> tuple[str, str]:
 
 def test_missing_objects(tmp_path, caplog):
     source = EbpfSource(Config(options={"ebpf": {"objects_dir": str(tmp_path)}}))
-    with caplog.at_level(logging.WARNING, logger="collector.ebpf"):
+    with caplog.at_level(logging.WARNING, logger="collector.sources.ebpf"):
         assert status(source) == ("0", "objects_missing")
         assert status(source) == ("0", "objects_missing")
     assert len([r for r in caplog.records if "disabled" in r.getMessage()]) == 1
@@ -230,7 +230,7 @@ def test_without_capabilities():
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) not installed")
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.test_ebpf_lifecycle import status;"
-              "from collector.ebpf import EbpfSource; from collector.registry import Config;"
+              "from collector.sources.ebpf import EbpfSource; from collector.registry import Config;"
               "print(*status(EbpfSource(Config())))")
     with open("/proc/sys/kernel/unprivileged_bpf_disabled") as f:
         if f.read().strip() == "0":
@@ -251,3 +251,18 @@ def test_verifier_refusal(tmp_path):
     source = EbpfSource(Config(options={"ebpf": {"objects_dir": str(tmp_path)}}))
     assert status(source) == ("0", "verifier_rejected")
     source.close()
+
+
+def test_unreadable_drop_reasons_cost_only_their_names(tmp_path, caplog):
+    """A BTF whose drop-reason enum cannot be read leaves the programs loaded;
+    drops are then labelled by number (UNKNOWN_<n>)."""
+    need_root_and_objects()
+    broken = tmp_path / "vmlinux"
+    broken.write_bytes(b"\0" * 64)
+    source = EbpfSource(Config(options={"ebpf": {"btf_path": str(broken)}}))
+    try:
+        assert status(source) == ("1", "ok")
+        assert source.loader.reasons == {}
+        assert any("drop reasons by number" in r.getMessage() for r in caplog.records)
+    finally:
+        source.close()

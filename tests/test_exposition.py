@@ -8,7 +8,8 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.exposition import COUNTER, GAUGE, HISTOGRAM, Family, format_value, merge, render
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, format_value
+from exporters.exposition import merge, render
 
 HOSTILE = ['plain', 'quote"inside', "back\\slash", "new\nline", "tab\tand unicode ✓ Ωmega",
            '\\"', "\\n literal", "", "{curly}=,", "trailing\\"]

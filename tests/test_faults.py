@@ -28,27 +28,25 @@ from collector.kube import ListWatch
 from lab import topology
 from lab.objects import NODE_NAME
 from tests.conftest import REPO, Collector, free_port, parse_metrics, series, unique_prefix, wait_for
-from tests.test_soak import (bpf_ids_held, bpftool_ids, check_churn, check_hammer, pods_file,  # noqa: F401
-                             pods_with, sample_keys, wait_bpf_settled)
-
+from tests.test_soak import (  # noqa: F401
+    bpf_ids_held,
+    bpftool_ids,
+    check_churn,
+    check_hammer,
+    pods_file,
+    pods_with,
+    sample_keys,
+    wait_bpf_settled,
+)
 
 # --- a collector with the BPF side tampered with, from outside the collector ----------
 
 LAUNCHER = r"""
 import ctypes, os, platform, struct, sys
 objects = os.environ.get("PW_FAULT_EBPF_OBJECTS")
-if objects:                      # collector/ebpf.py reads ebpf.loader.OBJECTS_DIR at load time
+if objects:                      # collector/sources/ebpf.py reads ebpf.loader.OBJECTS_DIR at load time
     import ebpf.loader
     ebpf.loader.OBJECTS_DIR = objects
-mode = os.environ.get("PW_FAULT_ATTACH_MODE")
-if mode:
-    import collector.cli as cli
-    _config = cli.config_from_args
-    def config_from_args(args):
-        config = _config(args)
-        config.options["ebpf"] = {"attach_mode": mode}
-        return config
-    cli.config_from_args = config_from_args
 if os.environ.get("PW_FAULT_DENY_BPF"):
     # seccomp: bpf(2) fails with EPERM, as under a container runtime's default profile
     nr = {"x86_64": 321, "aarch64": 280}[platform.machine()]
@@ -61,7 +59,7 @@ if os.environ.get("PW_FAULT_DENY_BPF"):
     libc.prctl(38, 1, 0, 0, 0)
     if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "seccomp")
-from collector.cli import main
+from planewatch.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -284,8 +282,8 @@ def test_pod_churn_60s_returns_to_baseline(lab, pods_file, collector_factory, tm
 # --- signals ------------------------------------------------------------------------------
 
 def attached_collector(lab, pods_file: str, mode: str = "") -> Collector:
-    env = {"PW_FAULT_ATTACH_MODE": mode} if mode else {}
-    c = TamperedCollector("--pods-file", pods_file, "--node-name", NODE_NAME, env=env)
+    mode_flag = ("--collector.ebpf.attach-mode", mode) if mode else ()
+    c = TamperedCollector("--pods-file", pods_file, "--node-name", NODE_NAME, *mode_flag, env={})
     c.wait_ready()
     wanted = lab_interface_count(lab)
     wait_for(lambda: list(series(parse_metrics(c.metrics()), "planewatch_ebpf_attached_interfaces").values())

@@ -107,12 +107,11 @@ def test_golden_metrics(golden_lab, tmp_path, update_golden):
 
 def test_golden_metrics_do_not_depend_on_the_attach_mode(golden_lab, tmp_path):
     """Kernels before 6.6 get clsact instead of TCX: the same golden, in-process
-    (the attach mode has no flag: the ebpf source's option is set)."""
+    (--collector.ebpf.attach-mode clsact)."""
     from tests.replay import build
     _, pods_file = golden_lab
-    server, feeds = build(["--pods-file", pods_file, *golden_args(tmp_path)])
+    server, feeds = build(["--pods-file", pods_file, *golden_args(tmp_path), "--collector.ebpf.attach-mode", "clsact"])
     scraper = server.scraper
-    scraper.sources["ebpf"].options["attach_mode"] = "clsact"
     try:
         scraper.reconcile()             # attaches every interface, as the server's thread does
         text = scraper.scrape().decode()

@@ -53,7 +53,6 @@ def cluster(kube, lab):
         if obj not in held_back:
             create(api, obj)
     yield kube, api, lab, held_back[0]
-    core = client.CoreV1Api(api)
     for obj in objs:
         if obj["kind"] == "Pod":
             try:

@@ -3,7 +3,6 @@ counters compared with what the kernel says (`ip -s -j link`) in each pod netns.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
@@ -48,7 +47,7 @@ def test_counters_equal_the_kernel(served):
     pods = list(lab.pod_ns)
     # traffic on every network: each pod sends to the first pod's address on that network
     for src in pods[1:]:
-        for ifname, ips in lab.addresses[src].items():
+        for ifname in lab.addresses[src]:
             first_ips = lab.addresses[pods[0]].get(ifname)
             if first_ips and ifname in lab.addresses[pods[0]]:
                 assert udp_exchange(lab.pod_ns[src], lab.pod_ns[pods[0]], first_ips[0], 25, 200) == 25
@@ -56,7 +55,7 @@ def test_counters_equal_the_kernel(served):
     for key, netns in lab.pod_ns.items():
         ns, name = key.split("/")
         for ifname in lab.addresses[key]:
-            for attempt in range(20):
+            for _attempt in range(20):
                 before = kernel_stats(netns, ifname)
                 parsed = parse_metrics(collector.metrics())
                 after = kernel_stats(netns, ifname)
@@ -124,7 +123,6 @@ def test_debug_attachments_and_health(served):
 
 def test_pod_namespace_vanishing_between_scrapes(served, tmp_path):
     """A pod whose netns disappears is skipped; the scrape still succeeds."""
-    from lab import topology
     lab, collector = served
     parsed = parse_metrics(collector.metrics())
     assert series(parsed, "planewatch_interface_up", pod="plain-c")

@@ -123,7 +123,7 @@ def pin_neighbour(lab, pod: str, dev: str, peer: str, peer_dev: str, via_address
 
 
 def udp_socket(lab, pod: str, bind: tuple[str, int]) -> socket.socket:
-    from collector.nsenter import in_netns
+    from kernel.nsenter import in_netns
     with in_netns(f"/run/netns/{lab.pod_ns[f'telco/{pod}']}"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(bind)
@@ -184,7 +184,7 @@ def advance_vf_counters(sysfs: str, vfs: list[dict], packets: int) -> None:
         elif os.path.isfile(stats):                    # Mellanox: `key : value` lines
             text = Path(stats).read_text()
             for key, add in step.items():
-                text = re.sub(rf"^({key}\s*:\s*)(\d+)$", lambda m: f"{m[1]}{int(m[2]) + add}", text, flags=re.M)
+                text = re.sub(rf"^({key}\s*:\s*)(\d+)$", lambda m, add=add: f"{m[1]}{int(m[2]) + add}", text, flags=re.M)
             Path(stats).write_text(text)
 
 

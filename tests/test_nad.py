@@ -1,4 +1,4 @@
-"""NetworkAttachmentDefinitions → Network: a table of NADs as users write them."""
+"""NetworkAttachmentDefinitions → NetworkDefinition: a table of NADs as users write them."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
+from collector.model import NetworkDefinition
 from collector.nad import CONFIG_ERRORS, network_from_object
-from collector.model import Network
 
 # Each NAD as `kubectl get net-attach-def -o yaml` would show it; expected fields after it.
 CASES = {
@@ -193,11 +193,11 @@ spec: {config: 42}
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_nad(name):
     text, expected = CASES[name]
-    assert network_from_object(yaml.safe_load(text)) == Network(**expected)
+    assert network_from_object(yaml.safe_load(text)) == NetworkDefinition(**expected)
 
 
 def test_config_errors_are_from_the_fixed_set():
-    for text, expected in CASES.values():
+    for text, _expected in CASES.values():
         assert network_from_object(yaml.safe_load(text)).config_error in CONFIG_ERRORS + ("",)
 
 
@@ -216,7 +216,7 @@ def test_huge_config_is_not_decoded():
 def test_wrong_typed_fields_are_left_empty():
     nad = {"metadata": {"name": "odd", "namespace": "x", "annotations": {"planewatch.io/plane": 3}},
            "spec": {"config": json.dumps({"type": "macvlan", "master": ["eth0"], "ipam": "whereabouts"})}}
-    assert network_from_object(nad) == Network("x", "odd", cni_type="macvlan")
+    assert network_from_object(nad) == NetworkDefinition("x", "odd", cni_type="macvlan")
 
 
 @pytest.mark.parametrize("obj", [None, {}, [], "nad", {"metadata": []}, {"spec": "x"},

@@ -12,11 +12,21 @@ from pyroute2 import IPRoute
 
 from collector import gateway_probe as gp
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
-from collector.neighbours import (STATE_NAMES, Gateway, canonical, gateways_of, neighbour_families,
-                                  on_link_source, probe_families, probe_targets, state_name)
-from collector.nsenter import in_netns
-from collector.rtnl import Neighbour, NextHop, RtnlSocket, neighbours, next_hops
+from collector.sources.neighbours import (
+    STATE_NAMES,
+    Gateway,
+    canonical,
+    gateways_of,
+    neighbour_families,
+    on_link_source,
+    probe_families,
+    probe_targets,
+    state_name,
+)
 from exporters.exposition import render
+from kernel.nsenter import in_netns
+from kernel.rtnl import RtnlSocket
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
 from tests.conftest import parse_metrics, unique_prefix, wait_for
 
 A_MAC = "02:52:00:00:00:01"
@@ -333,7 +343,7 @@ def test_probe_refuses_a_reused_netns_path(two_ns):
 def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
     from types import SimpleNamespace
 
-    import collector.neighbours as nb
+    import collector.sources.neighbours as nb
     a, _ = two_ns
     path = f"/run/netns/{a}"
     fd = os.open(path, os.O_RDONLY)

@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from collector.attachments import AttachmentsSource
 from collector.discovery import Store
 from collector.model import InterfaceView, PodView
 from collector.registry import Config, Snapshot
+from collector.sources.attachments import AttachmentsSource
 from exporters.exposition import render
 
 NS = "shop"

@@ -15,9 +15,9 @@ import time
 import pytest
 
 from collector.model import Attachment, DeviceInfo, Pod
-from collector.netlink import NetlinkSource
 from collector.netns import Resolver
 from collector.registry import Config, Snapshot
+from collector.sources.netlink import NetlinkSource
 from exporters.exposition import render
 from tests.conftest import parse_metrics, series, unique_prefix
 

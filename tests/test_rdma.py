@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from collector import rdma
 from collector.model import DeviceInfo
 from collector.registry import Config, Paths, Snapshot
+from collector.sources import rdma
 from collector.sysfs_safe import Sysfs
 from lab import rdma_fixture, sriov_fixture
 from tests.test_sriov import FIXTURE, pod_view, scrape, series

@@ -134,7 +134,7 @@ def test_blackholed_gateway_fails_its_plane_only_and_clears(reach):
 
 def arp_requests_to(lab, netns: str, dev: str, target: str, seconds: float) -> int:
     """ARP requests for `target` arriving on `dev` in `netns` during `seconds`."""
-    from collector.nsenter import in_netns
+    from kernel.nsenter import in_netns
     with in_netns(f"/run/netns/{netns}"):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0806))
     with sock:

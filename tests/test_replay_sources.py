@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Snapshot
-from collector.rtnl import LinkStats, RtnlSocket
+from kernel.rtnl import LinkStats, RtnlSocket
 from tests.conftest import parse_metrics, series
 from tests.replay import Replay, ReplaySocket
 
@@ -46,7 +46,7 @@ class Namespace:
         self.rtnl = RtnlSocket(ReplaySocket({str(RTM_GETSTATS): [base64.b64encode(reply).decode()]}, "table"))
 
     def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
-        """A small namespace: one RTM_GETSTATS dump (collector/netns.py Namespace.stats64)."""
+        """A small namespace: one RTM_GETSTATS dump (collector/netns_pool.py Namespace.stats64)."""
         return self.rtnl.stats64()
 
 
@@ -107,7 +107,7 @@ NETLINK_CASES = {
 
 @pytest.mark.parametrize("case", NETLINK_CASES, ids=list(NETLINK_CASES))
 def test_netlink_source_table(case):
-    from collector.netlink import NetlinkSource
+    from collector.sources.netlink import NetlinkSource
     c = NETLINK_CASES[case]
     pod = _pod(("default", "eth0", "management"), ("telco/signaling", "net1", "signaling"))
     by_name = {l.name: Link(l.ifindex, l.name) for l in c["links"]}
@@ -127,7 +127,7 @@ def test_netlink_source_table(case):
 
 def test_netlink_source_pod_gone_mid_scrape_is_no_failure():
     """The namespace's socket fails (the pod went away): nothing for that pod, no raise."""
-    from collector.netlink import NetlinkSource
+    from collector.sources.netlink import NetlinkSource
     pod = _pod(("default", "eth0", "management"))
     ns = Namespace(42, [_link(2, "eth0")], b"")
     ns.rtnl = RtnlSocket(ReplaySocket({}, "gone"))         # no recorded reply: OSError
@@ -157,7 +157,7 @@ ATTACHMENT_CASES = {
 
 @pytest.mark.parametrize("case", ATTACHMENT_CASES, ids=list(ATTACHMENT_CASES))
 def test_attachments_source_table(case):
-    from collector.attachments import AttachmentsSource
+    from collector.sources.attachments import AttachmentsSource
     from exporters.exposition import render
     c = ATTACHMENT_CASES[case]
     att = Attachment("telco", "upf", "uid-1", "telco/data", "net1", mac="02:00:00:00:00:03",

@@ -7,10 +7,22 @@ import ipaddress
 
 import pytest
 
-from collector.routes import families
 from collector.routes_analysis import (
-    NO_ROUTE, RTN_LOCAL, Attached, PodFacts, analyse, effective_rp_filter, findings, policy_rules,
-    probe_plan, representative, responsible_route, rule_tables, subnets)
+    NO_ROUTE,
+    RTN_LOCAL,
+    Attached,
+    PodFacts,
+    analyse,
+    effective_rp_filter,
+    findings,
+    policy_rules,
+    probe_plan,
+    representative,
+    responsible_route,
+    rule_tables,
+    subnets,
+)
+from collector.sources.routes import families
 from exporters.exposition import render
 from tests.conftest import parse_metrics, series
 

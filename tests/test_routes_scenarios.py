@@ -282,7 +282,7 @@ def test_cache_is_served_until_the_pods_routing_changes(lab, netns_dir):
     from collector.discovery import Store
     from collector.netns import Resolver
     from collector.registry import Config
-    from collector.routes import RoutesSource
+    from collector.sources.routes import RoutesSource
     from exporters.metrics import Scraper
 
     objects = lab_objects(lab)

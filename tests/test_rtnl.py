@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from pyroute2 import IPRoute
 
-from collector.nsenter import in_netns
-from collector.rtnl import RtnlSocket, parse_link
+from kernel.nsenter import in_netns
+from kernel.rtnl import RtnlSocket, parse_link
 from lab.traffic import udp_exchange
 from tests.conftest import unique_prefix
 
@@ -130,7 +130,7 @@ def test_getstats_matches_getlink_counters(two_ns):
 
 
 def test_link_events_tell_a_change_once(two_ns):
-    from collector.rtnl import LinkEvents
+    from kernel.rtnl import LinkEvents
     a, _ = two_ns
     events = LinkEvents.open(f"/run/netns/{a}")
     try:

@@ -34,7 +34,7 @@ rules_generate = _load_rules_generator()
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="needs Debian's promtool")
 
-# DESIGN.md's metric contract plus the refinements of the issues. Names used by
+# The metric contract (README, docs/runbooks.md). Names used by
 # rules or dashboards must be here or in the golden /metrics file.
 CONTRACT_METRICS = frozenset(
     [f"planewatch_interface_{d}_{k}_total" for d in ("receive", "transmit")

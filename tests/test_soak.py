@@ -206,8 +206,8 @@ def churn(lab, pods_file: str, c: Collector, seconds: float) -> dict:
             state = topology.up(prefix, churn_specs(cycles))
             names = {s["name"] for s in state.specs}
             write_atomically(pods_file, base + [pod_object(state, s) for s in state.specs])
-            wait_for(lambda: pods_with(parse_metrics(c.metrics()), "planewatch_interface_up",
-                                       namespace="churn") == names, what="churn pods in /metrics")
+            wait_for(lambda names=names: pods_with(parse_metrics(c.metrics()), "planewatch_interface_up",
+                                                   namespace="churn") == names, what="churn pods in /metrics")
             t0 = time.perf_counter()
             assert collector_state(c)["duplicates"] == 0
             worst = max(worst, time.perf_counter() - t0)

@@ -12,9 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from collector import sriov, sriov_readers as readers
+from collector import sriov_readers as readers
 from collector.model import Attachment, DeviceInfo, InterfaceView, Link, Pod, PodView
 from collector.registry import Config, Paths, Snapshot
+from collector.sources import sriov
 from collector.sysfs_safe import Sysfs
 from exporters.exposition import render
 from lab import sriov_fixture
@@ -123,7 +124,7 @@ def one_pod_per_vf(vfs, skip=()) -> Snapshot:
 
 
 def make_source(sysfs: str, transport=None, **options) -> sriov.SriovSource:
-    config = Config(paths=Paths(sysfs=sysfs), options=options)
+    config = Config(paths=Paths(sysfs=sysfs), options={"sriov": options})
     netlink = readers.NetlinkVfStats(transport) if transport else None
     return sriov.SriovSource(config, netlink=netlink)
 
@@ -353,14 +354,14 @@ def test_every_vf_value_in_metrics_equals_the_fixture(expected):
 def test_promtool_accepts_the_output(expected):
     if not shutil.which("promtool"):
         pytest.skip("no promtool")
-    source = make_source(FIXTURE, transport_for(expected), sriov_all_vfs=True)
+    source = make_source(FIXTURE, transport_for(expected), all_vfs=True)
     text = render(source.collect(one_pod_per_vf(expected["vfs"][:2])))
     res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_reader_order_option_is_visible_per_vf(expected):
-    source = make_source(FIXTURE, transport_for(expected), sriov_readers="netlink")
+    source = make_source(FIXTURE, transport_for(expected), readers="netlink")
     scraped = scrape(source, one_pod_per_vf(expected["vfs"]))
     readers_seen = {info_of(scraped, vf["pci_address"])["reader"] for vf in expected["vfs"]}
     assert readers_seen == {readers.NETLINK}
@@ -369,7 +370,7 @@ def test_reader_order_option_is_visible_per_vf(expected):
     assert series(scraped, "planewatch_vf_receive_bytes_total", pod="p5") == [expected["vfs"][5]["metrics"][
         "planewatch_vf_receive_bytes_total"]]
     with pytest.raises(ValueError):
-        make_source(FIXTURE, sriov_readers="sysfs-intel,ethtool")
+        make_source(FIXTURE, readers="sysfs-intel,ethtool")
 
 
 def test_vf_whose_stats_vanish_is_skipped(expected, sysfs_copy):
@@ -434,7 +435,7 @@ def test_free_vfs_only_with_the_option(expected):
     snap = one_pod_per_vf(expected["vfs"][:1])                  # only 0000:3b:02.0 is in a pod
     plain = scrape(make_source(FIXTURE, transport_for(expected)), snap)
     assert len(plain["planewatch_vf_info"]) == 1
-    source = make_source(FIXTURE, transport_for(expected), sriov_all_vfs="true")
+    source = make_source(FIXTURE, transport_for(expected), all_vfs="true")
     scraped = scrape(source, snap)
     assert len(scraped["planewatch_vf_info"]) == len(expected["vfs"])
     assert info_of(scraped, "0000:3b:02.0")["pod"] == "p0"      # a pod's VF is not also listed as free
@@ -523,7 +524,7 @@ def test_free_vf_with_a_host_netdev_counts_its_carrier_changes(expected):
     """A VF whose netdev sits in the host netns: its sysfs carrier_changes; others have none."""
     with_netdev = [vf for vf in expected["vfs"] if vf["host_netdev"]]
     assert with_netdev, "the test layout has a VF with a host netdev"
-    source = make_source(FIXTURE, transport_for(expected), sriov_all_vfs=True)
+    source = make_source(FIXTURE, transport_for(expected), all_vfs=True)
     scraped = scrape(source, Snapshot(()))
     got = {dict(k)["interface"]: v for k, v in scraped["planewatch_vf_carrier_changes_total"].items()}
     assert got == {vf["pci_address"]: vf["carrier_changes"] for vf in with_netdev}

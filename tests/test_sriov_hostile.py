@@ -23,13 +23,14 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector import sriov, sriov_readers as readers
+from collector import sriov_readers as readers
 from collector.registry import Config, Paths, Snapshot
+from collector.sources import sriov
 from collector.sysfs_safe import Sysfs, pci_address
 from exporters.exposition import render
 from lab import sriov_fixture
-from tests.vf_metric_names import VF_METRIC, with_expected_metrics
 from tests.test_sriov import FakeTransport, one_pod_per_vf, pci, pod_view
+from tests.vf_metric_names import VF_METRIC, with_expected_metrics
 
 INTEL_PF, MLX_PF = "0000:3b:00.0", "0000:5e:00.0"
 
@@ -339,6 +340,7 @@ def _pod_doc(name: str, namespace: str, index: int, device_info: dict) -> dict:
 def test_metrics_over_http_stays_prompt_under_every_attack(root, tree, tmp_path):
     """The shipped server, its sysfs root full of traps and tenants pointing at them."""
     import yaml
+
     from tests.conftest import Collector
     sysroot = tree["sysfs"]
     fifo = stats_file(sysroot, INTEL_PF, 0, "rx_packets")

@@ -8,7 +8,8 @@ import struct
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from collector import sriov_readers as readers, vfinfo
+from collector import sriov_readers as readers
+from collector import vfinfo
 from collector.vfinfo import VfConfig
 from tests.test_sriov import FIXTURE, make_source, one_pod_per_vf, scrape, series
 

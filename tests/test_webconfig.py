@@ -19,8 +19,14 @@ import pytest
 from aiohttp import web
 
 from exporters.webconfig import (
-    BasicAuthChecker, WebConfig, WebConfigError, load_web_config, parse_authorization,
-    parse_tokens, parse_web_config, token_matches,
+    BasicAuthChecker,
+    WebConfig,
+    WebConfigError,
+    load_web_config,
+    parse_authorization,
+    parse_tokens,
+    parse_web_config,
+    token_matches,
 )
 
 PASSWORD = "s3cret-scrape"

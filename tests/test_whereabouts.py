@@ -8,13 +8,25 @@ import subprocess
 
 import pytest
 
-from collector.cluster import ClusterState
-from collector.whereabouts import (INVALID_ALLOCATION, INVALID_OFFSET, INVALID_PODREF, INVALID_RANGE,
-                                   OFFSET_OUT_OF_RANGE, count, example_ippool, index_ranges,
-                                   ippool_families, merge, nad_ranges, normalize_range, parse_pool,
-                                   parse_range, parse_reservation, pool_network_name, pool_stats,
-                                   usable_bounds)
+from collector.intervals import count, merge
+from collector.whereabouts import (
+    INVALID_ALLOCATION,
+    INVALID_OFFSET,
+    INVALID_PODREF,
+    INVALID_RANGE,
+    OFFSET_OUT_OF_RANGE,
+    index_ranges,
+    normalize_range,
+    parse_pool,
+    parse_reservation,
+    pool_network_name,
+    pool_stats,
+)
+from collector.whereabouts_metrics import ippool_families
+from collector.whereabouts_ranges import nad_ranges, parse_range, usable_bounds
 from exporters.exposition import render
+from lab.objects import example_ippool
+from planewatch.cluster import ClusterState
 from tests.conftest import parse_metrics, series
 
 

@@ -2,11 +2,11 @@
 
 pyroute2 stays the tool for rich, occasional work (routes, rules, VF info).
 Reading every pod interface's counters at every scrape is the one place where
-its per-message parsing (~180 us a link here) and per-netns socket set-up cost
-more than the kernel does: recipes/netlink-performance.md measured 182 ms
-through pyroute2's parser against 11.8 ms for the same RTM_GETLINK bytes
-decoded here. tests/test_rtnl.py checks every field against pyroute2's
-decoding of the same namespace; bench/scrape.py holds the numbers.
+its per-message parsing and per-netns socket set-up cost more than the kernel
+does: bench/codecs.py decodes the same RTM_GETLINK bytes both ways (24 us a
+link here against pyroute2's 144 us, on a loaded 2-core machine).
+tests/test_rtnl.py checks every field against pyroute2's decoding of the same
+namespace; bench/scrape.py holds the scrape's numbers.
 
 A socket is opened while the thread is inside the target netns and stays bound
 to it afterwards, so one kept socket per pod netns avoids setns at scrape time.
@@ -19,8 +19,9 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Self
 
-from collector.nsenter import in_netns
+from kernel.nsenter import in_netns
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -80,18 +81,48 @@ class LinkStats:
     carrier_changes: int = 0        # IFLA_CARRIER_CHANGES: up and down transitions since creation
 
 
-def _mac(raw: bytes) -> str:
+def mac_text(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def _attrs(buf: bytes, start: int, end: int):
-    """Yield (type, value_start, value_end) for each rtattr in buf[start:end]."""
+def attrs(buf, start: int, end: int):
+    """(type without the NLA_F_* flags, value_start, value_end) of each rtattr in
+    buf[start:end]. The one bounds check every decoder here relies on: an
+    attribute shorter than its header or reaching past `end` ends the walk, so a
+    value slice never extends beyond its message (or its parent attribute)."""
     while start + 4 <= end:
         length, kind = _RTATTR.unpack_from(buf, start)
-        if length < 4:
+        if length < 4 or start + length > end:
             return
         yield kind & 0x3FFF, start + 4, start + length
         start += (length + 3) & ~3
+
+
+def pack_attr(kind: int, payload: bytes) -> bytes:
+    """One rtattr, padded to 4 bytes."""
+    raw = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def pack_message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def drain(sock: socket.socket) -> bool:
+    """Read every pending notification of a non-blocking subscribed socket; True
+    when there was any (or some were lost: ENOBUFS means something changed)."""
+    seen = False
+    while True:
+        try:
+            if not sock.recv(1 << 16):
+                return seen
+            seen = True
+        except BlockingIOError:
+            return seen
+        except OSError as err:
+            if err.errno != errno.ENOBUFS:
+                raise
+            seen = True
 
 
 def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
@@ -101,23 +132,23 @@ def parse_link(buf: bytes, off: int, end: int) -> LinkStats:
     mtu = master = carrier_changes = 0
     operstate = IF_OPER_UNKNOWN
     stats = (0,) * 8
-    for kind_id, vs, ve in _attrs(buf, off + _IFINFOMSG.size, end):
+    for kind_id, vs, ve in attrs(buf, off + _IFINFOMSG.size, end):
         if kind_id == IFLA_IFNAME:
             name = buf[vs:ve].split(b"\0", 1)[0].decode("utf-8", "replace")
         elif kind_id == IFLA_STATS64 and ve - vs >= _STATS8.size:
             stats = _STATS8.unpack_from(buf, vs)
-        elif kind_id == IFLA_MTU:
+        elif kind_id == IFLA_MTU and ve - vs >= 4:
             mtu = _U32.unpack_from(buf, vs)[0]
         elif kind_id == IFLA_MASTER and ve - vs >= 4:
             master = _U32.unpack_from(buf, vs)[0]
-        elif kind_id == IFLA_OPERSTATE:
+        elif kind_id == IFLA_OPERSTATE and ve > vs:
             operstate = buf[vs]
         elif kind_id == IFLA_CARRIER_CHANGES and ve - vs >= 4:
             carrier_changes = _U32.unpack_from(buf, vs)[0]
         elif kind_id == IFLA_ADDRESS:
-            mac = _mac(buf[vs:ve])
+            mac = mac_text(buf[vs:ve])
         elif kind_id == IFLA_LINKINFO:
-            for sub, ss, se in _attrs(buf, vs, ve):
+            for sub, ss, se in attrs(buf, vs, ve):
                 if sub == IFLA_INFO_KIND:
                     kind = buf[ss:se].split(b"\0", 1)[0].decode("ascii", "replace")
     # node_exporter's `up` is operstate == up; devices that never report an
@@ -133,7 +164,7 @@ def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:
     """Decode one RTM_NEWADDR payload into (ifindex, address, prefixlen)."""
     family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(buf, off)
     local = address = None
-    for kind_id, vs, ve in _attrs(buf, off + _IFADDRMSG.size, end):
+    for kind_id, vs, ve in attrs(buf, off + _IFADDRMSG.size, end):
         if kind_id == IFA_LOCAL:
             local = buf[vs:ve]
         elif kind_id == IFA_ADDRESS:
@@ -147,14 +178,9 @@ def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:
 def parse_stats(buf: bytes, off: int, end: int) -> tuple[int, tuple[int, ...]]:
     """Decode one RTM_NEWSTATS payload into (ifindex, 8 counters)."""
     ifindex = _IF_STATS_MSG.unpack_from(buf, off)[3]
-    pos = off + _IF_STATS_MSG.size
-    while pos + 4 <= end:
-        length, kind = _RTATTR.unpack_from(buf, pos)
-        if length < 4:
-            break
-        if kind & 0x3FFF == IFLA_STATS_LINK_64 and length - 4 >= _STATS8.size:
-            return ifindex, _STATS8.unpack_from(buf, pos + 4)
-        pos += (length + 3) & ~3
+    for kind, vs, ve in attrs(buf, off + _IF_STATS_MSG.size, end):
+        if kind == IFLA_STATS_LINK_64 and ve - vs >= _STATS8.size:
+            return ifindex, _STATS8.unpack_from(buf, vs)
     return ifindex, (0,) * 8
 
 
@@ -169,27 +195,12 @@ class LinkEvents:
     @classmethod
     def open(cls, netns: str | int) -> "LinkEvents":
         with in_netns(netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
-                                 NETLINK_ROUTE)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-        sock.bind((0, RTMGRP_LINK))
+            sock = new_socket(RTMGRP_LINK, nonblocking=True, rcvbuf=1 << 16)
         return cls(sock)
 
     def changed(self) -> bool:
         """Drain pending notifications; True when there were any (or some were lost)."""
-        seen = False
-        while True:
-            try:
-                if not self._sock.recv(1 << 16):
-                    return seen
-                seen = True
-            except BlockingIOError:
-                return seen
-            except OSError as err:
-                if err.errno == errno.ENOBUFS:      # overflowed: something changed
-                    seen = True
-                    continue
-                raise
+        return drain(self._sock)
 
     def close(self) -> None:
         self._sock.close()
@@ -206,9 +217,9 @@ class RtnlSocket:
     def open(cls, netns: str | int | None = None) -> "RtnlSocket":
         """Open in the calling thread's netns, or inside `netns` (path or fd)."""
         if netns is None:
-            return cls(_new_socket())
+            return cls(new_socket())
         with in_netns(netns):
-            return cls(_new_socket())
+            return cls(new_socket())
 
     def close(self) -> None:
         self._sock.close()
@@ -247,6 +258,40 @@ class RtnlSocket:
         mask = 1 << (IFLA_STATS_LINK_64 - 1)
         bodies = [_IF_STATS_MSG.pack(0, 0, 0, i, mask) for i in ifindexes]
         return dict(parse_stats(buf, s, e) for _, buf, s, e in self._requests(RTM_GETSTATS, RTM_NEWSTATS, bodies))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, msg_type: int, flags: int, body: bytes) -> list[bytes]:
+        """One request (a change, with NLM_F_ACK, or a dump): the payloads of its
+        replies; a negative acknowledgement raises OSError with its errno."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self._sock.send(pack_message(msg_type, flags | NLM_F_REQUEST, self._seq, body))
+        replies: list[bytes] = []
+        while True:
+            buf = self._sock.recv(RECV_BUF)
+            off = 0
+            while off + _NLMSGHDR.size <= len(buf):
+                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+                if length < _NLMSGHDR.size:
+                    raise NetlinkError(errno.EBADMSG, "short netlink message")
+                payload = buf[off + _NLMSGHDR.size:off + length]
+                off += (length + 3) & ~3
+                if mseq != self._seq:
+                    continue
+                if mtype == NLMSG_DONE:
+                    return replies
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload, 0)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return replies
+                replies.append(payload)
+                if flags & NLM_F_DUMP != NLM_F_DUMP:
+                    return replies
 
     def _requests(self, request: int, reply: int, bodies: list[bytes]):
         """Send one non-dump request per body, yield (index, buf, start, end) of
@@ -322,7 +367,7 @@ class RtnlSocket:
         seq = self._seq
         msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
         self._sock.send(msg)
-        out = []
+        out: list[tuple[bytes, int, int]] = []
         while True:
             buf = self._sock.recv(RECV_BUF)
             off = 0
@@ -343,130 +388,16 @@ class RtnlSocket:
                 off += (length + 3) & ~3
 
 
-def _new_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUF)
-    sock.bind((0, 0))
+def new_socket(groups: int = 0, *, nonblocking: bool = False, rcvbuf: int | None = RECV_BUF) -> socket.socket:
+    """A NETLINK_ROUTE socket bound in the calling thread's netns (it stays bound
+    there), subscribed to the multicast `groups` bitmask."""
+    flags = socket.SOCK_RAW | socket.SOCK_CLOEXEC | (socket.SOCK_NONBLOCK if nonblocking else 0)
+    sock = socket.socket(socket.AF_NETLINK, flags, NETLINK_ROUTE)
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, groups))
+    except BaseException:
+        sock.close()
+        raise
     return sock
-
-
-# --- neighbours and route next hops (collector/neighbours.py) ----------------------
-
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
-RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
-NDA_DST, NDA_LLADDR, NDA_CACHEINFO = 1, 2, 3
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 1, 4, 5, 9, 15, 18
-RTN_UNICAST = 1
-RTNH_F_ONLINK = 4
-USER_HZ = 100           # nda_cacheinfo ages are clock_t: jiffies_to_clock_t() ticks
-
-_NDMSG = struct.Struct("=BxxxiHBB")         # family, ifindex, state, flags, type
-_CACHEINFO = struct.Struct("=IIII")         # confirmed, used, updated (ages), refcnt
-_RTMSG = struct.Struct("=BBBBBBBBI")        # family, dst_len, src_len, tos, table, proto, scope, type, flags
-_RTNEXTHOP = struct.Struct("=HBBi")         # len, flags, hops, ifindex
-_FAMILY_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
-
-
-@dataclass(frozen=True, slots=True)
-class Neighbour:
-    ifindex: int
-    address: str
-    state: int                  # NUD_* bit
-    lladdr: str = ""
-    confirmed_age: float | None = None      # seconds; None without NDA_CACHEINFO
-    used_age: float | None = None
-    updated_age: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NextHop:
-    """A route's gateway: the neighbour the route sends through."""
-    ifindex: int
-    gateway: str
-    destination: str            # "default" or "prefix/len"
-    table: int
-    onlink: bool
-
-
-def _ip(family: int, raw: bytes) -> str:
-    return socket.inet_ntop(family, raw) if len(raw) == _FAMILY_LEN.get(family) else ""
-
-
-def parse_neigh(buf: bytes, off: int, end: int) -> Neighbour:
-    """Decode one RTM_NEWNEIGH payload (ndmsg + attributes)."""
-    family, ifindex, state, _flags, _type = _NDMSG.unpack_from(buf, off)
-    address = lladdr = ""
-    ages = (None, None, None)
-    for kind_id, vs, ve in _attrs(buf, off + _NDMSG.size, end):
-        if kind_id == NDA_DST:
-            address = _ip(family, buf[vs:ve])
-        elif kind_id == NDA_LLADDR:
-            lladdr = _mac(buf[vs:ve])
-        elif kind_id == NDA_CACHEINFO and ve - vs >= _CACHEINFO.size:
-            confirmed, used, updated, _ = _CACHEINFO.unpack_from(buf, vs)
-            ages = (confirmed / USER_HZ, used / USER_HZ, updated / USER_HZ)
-    return Neighbour(ifindex, address, state, lladdr, *ages)
-
-
-def _via(raw: bytes) -> str:
-    """RTA_VIA: struct rtvia {u16 family; u8 addr[]} (an IPv4 route via an IPv6 next hop)."""
-    if len(raw) < 2:
-        return ""
-    family = struct.unpack_from("=H", raw)[0]
-    return _ip(family, raw[2:])
-
-
-def parse_route_hops(buf: bytes, off: int, end: int) -> list[NextHop]:
-    """The next hops (gateway + outgoing interface) of one RTM_NEWROUTE payload;
-    none for a connected, local or blackhole route."""
-    family, dst_len, _src, _tos, table, _proto, _scope, rtype, flags = _RTMSG.unpack_from(buf, off)
-    if rtype != RTN_UNICAST:
-        return []
-    dst, oif, gateway = "", 0, ""
-    multipath = None
-    for kind_id, vs, ve in _attrs(buf, off + _RTMSG.size, end):
-        if kind_id == RTA_DST:
-            dst = _ip(family, buf[vs:ve])
-        elif kind_id == RTA_OIF:
-            oif = _U32.unpack_from(buf, vs)[0]
-        elif kind_id == RTA_GATEWAY:
-            gateway = _ip(family, buf[vs:ve])
-        elif kind_id == RTA_VIA:
-            gateway = _via(buf[vs:ve])
-        elif kind_id == RTA_TABLE:
-            table = _U32.unpack_from(buf, vs)[0]
-        elif kind_id == RTA_MULTIPATH:
-            multipath = (vs, ve)
-    destination = f"{dst}/{dst_len}" if dst else "default"
-    hops = []
-    if gateway and oif:
-        hops.append(NextHop(oif, gateway, destination, table, bool(flags & RTNH_F_ONLINK)))
-    if multipath:
-        pos, stop = multipath
-        while pos + _RTNEXTHOP.size <= stop:
-            length, nh_flags, _hops, ifindex = _RTNEXTHOP.unpack_from(buf, pos)
-            if length < _RTNEXTHOP.size:
-                break
-            for kind_id, vs, ve in _attrs(buf, pos + _RTNEXTHOP.size, pos + length):
-                if kind_id == RTA_GATEWAY:
-                    hops.append(NextHop(ifindex, _ip(family, buf[vs:ve]), destination, table,
-                                        bool(nh_flags & RTNH_F_ONLINK)))
-                elif kind_id == RTA_VIA:
-                    hops.append(NextHop(ifindex, _via(buf[vs:ve]), destination, table,
-                                        bool(nh_flags & RTNH_F_ONLINK)))
-            pos += (length + 3) & ~3
-    return [h for h in hops if h.gateway]
-
-
-def neighbours(sock: RtnlSocket) -> list[Neighbour]:
-    """The netns's neighbour table, both families (RTM_GETNEIGH dump)."""
-    return [parse_neigh(buf, s, e) for buf, s, e in sock._dump(RTM_GETNEIGH, RTM_NEWNEIGH,
-                                                              _NDMSG.pack(0, 0, 0, 0, 0))]
-
-
-def next_hops(sock: RtnlSocket) -> list[NextHop]:
-    """Every unicast route's gateway in every table, both families (RTM_GETROUTE dump)."""
-    out = []
-    for buf, s, e in sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)):
-        out.extend(parse_route_hops(buf, s, e))
-    return out

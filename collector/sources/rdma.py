@@ -34,10 +34,10 @@ import re
 import threading
 from dataclasses import dataclass
 
+from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
 from collector.sysfs_safe import OUTSIDE, Sysfs, SysfsError, ib_device, pci_address
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class RdmaSource:
             base = (handle.device, "ports", port)
             values = {}
 
-            def text(*rel):
+            def text(*rel, base=base, port=port):
                 try:
                     return fs.read_text(fs.path("class", "infiniband", *base, *rel))
                 except SysfsError as err:

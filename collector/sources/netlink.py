@@ -1,7 +1,7 @@
 """Interface counters, state and MTU of every attached pod interface.
 
 Counters: one RTM_GETSTATS dump per pod namespace per scrape, on a socket kept
-open in that namespace (collector/netns.py), decoded by collector/rtnl.py.
+open in that namespace (collector/netns_pool.py), decoded by kernel/rtnl.py.
 State, MTU and names: the namespace's link table, which the resolver re-reads
 (RTM_GETLINK) in the same scrape whenever the kernel announced a link change.
 Only the interfaces named in the pod's network-status are exported; loopback and
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family, render_labels
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,8 @@ class NetlinkSource:
         # from the link table, which is re-read on every RTM_NEWLINK the kernel sends (a carrier change is one)
         carrier = Family("planewatch_interface_carrier_changes_total", COUNTER,
                          "Carrier up/down transitions of the pod interface (IFLA_CARRIER_CHANGES).", ATTACHMENT_LABELS)
-        pool = snapshot.netns
         for view in snapshot.pods:
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            ns = snapshot.netns_of(view)
             if ns is None:
                 continue
             try:
@@ -55,9 +54,11 @@ class NetlinkSource:
                 log.debug("pod %s: netns %s: %s", view.pod.key, view.netns_path, err)
                 continue
             for iv in view.interfaces:
-                link = ns.by_index.get(iv.link.ifindex) if iv.link else None
+                if iv.link is None:
+                    continue
+                link = ns.by_index.get(iv.link.ifindex)
                 values = stats.get(link.ifindex) if link is not None and link.name == iv.link.name else None
-                if values is None:
+                if link is None or values is None:
                     continue
                 labels = render_labels(ATTACHMENT_LABELS, iv.labels)
                 for fam, index in counters:

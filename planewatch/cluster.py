@@ -19,15 +19,18 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from aiohttp import web
 
 from collector import __version__
-from collector.whereabouts import (GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, ippool_families,
-                                   nad_ranges, parse_pool, parse_reservation)
-from exporters.exposition import CONTENT_TYPE, Family, render
+from collector.family import Family
+from collector.whereabouts import GROUP, IPPOOL_PLURAL, RESERVATION_PLURAL, VERSION, parse_pool, parse_reservation
+from collector.whereabouts_metrics import ippool_families
+from collector.whereabouts_ranges import nad_ranges
+from exporters.exposition import CONTENT_TYPE, render
 from exporters.metrics import health_families
+from planewatch.serve import serve_forever, setup_logging, web_security
 
 log = logging.getLogger("planewatch.cluster")
 
@@ -40,12 +43,15 @@ def object_key(obj: Mapping) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
-class Keyed:
+T = TypeVar("T")
+
+
+class Keyed(Generic[T]):
     """One watched resource: parsed objects by "namespace/name", behind a shared lock."""
 
-    def __init__(self, lock: threading.Lock, parse: Callable[[Mapping], object]):
+    def __init__(self, lock: threading.Lock, parse: Callable[[Mapping], T]):
         self.lock, self.parse = lock, parse
-        self.items: dict[str, object] = {}
+        self.items: dict[str, T] = {}
         self.listed = False
 
     def replace(self, objects: list) -> None:
@@ -68,7 +74,7 @@ class Keyed:
 
 class ClusterState:
     def __init__(self, small_ranges: bool = False):
-        self.small_ranges = small_ranges        # a fork's /31 and /32 reading (collector/whereabouts.py)
+        self.small_ranges = small_ranges        # a fork's /31 and /32 reading (collector/whereabouts_ranges.py)
         self.lock = threading.Lock()
         self.pods = Keyed(self.lock, lambda obj: None)      # existence is all we need
         self.nads = Keyed(self.lock, nad_ranges)
@@ -101,13 +107,14 @@ class ClusterFeed:
 
     def __init__(self, state: ClusterState, api):
         from kubernetes import client
+
         from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
         self.stop_event = threading.Event()
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         cluster_objects = custom.list_cluster_custom_object
         # NADs as on every node: small pages, an oversized spec.config dropped on arrival
-        nad_options = {"page": NAD_PAGE, "trim": trim_nad_config}
-        feeds = [
+        nad_options: dict[str, Any] = {"page": NAD_PAGE, "trim": trim_nad_config}
+        feeds: list[tuple[str, Callable, Keyed[Any], dict[str, Any]]] = [
             ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
             ("network-attachment-definitions",
              functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
@@ -140,7 +147,7 @@ class ClusterFile:
         self.start, self.stop = self._file.start, self._file.stop
 
     def _apply(self, objects: list) -> None:
-        by_kind = {attr: [] for attr in self.KINDS.values()}
+        by_kind: dict[str, list] = {attr: [] for attr in self.KINDS.values()}
         for obj in objects:
             attr = self.KINDS.get(obj.get("kind", "Pod"))
             if attr:
@@ -152,7 +159,7 @@ class ClusterFile:
 
 
 class ClusterServer:
-    """/metrics, /healthz, /readyz; `.app` is what collector.cli.serve_forever runs."""
+    """/metrics, /healthz, /readyz; `.app` is what planewatch.serve.serve_forever runs."""
 
     def __init__(self, state: ClusterState, middlewares=()):
         self.state = state
@@ -193,12 +200,12 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from collector.cli import serve_forever, setup_logging, web_security
     from collector.kube import api_client
     setup_logging(args.log_level)
     try:
         middlewares, ssl_context = web_security(args.web_config)
         state = ClusterState(small_ranges=args.small_ranges)
+        feed: ClusterFile | ClusterFeed
         if args.pods_file:
             feed = ClusterFile(state, args.pods_file)
         else:
@@ -211,7 +218,7 @@ def cmd_cluster(args) -> int:
 
 
 def add_cluster_command(sub) -> None:
-    """Add `cluster` to the `planewatch` subcommands (collector/cli.py main())."""
+    """Add `cluster` to the `planewatch` subcommands (planewatch/cli.py main())."""
     p = sub.add_parser("cluster", help="cluster-wide metrics (Whereabouts IP pools); run one replica")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_cluster)

@@ -15,14 +15,12 @@ active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
 Per pod netns per scrape, one neighbour dump on the socket kept open there
-(collector/netns.py), decoded by collector/rtnl.py (~60 us). The routes' next
+(collector/netns_pool.py), decoded by kernel/rtnl_neighbours.py. The routes' next
 hops are dumped again only when the kernel announced a route change in that
-netns (`HopCache`), since the dump of every table costs twice as much (~120 us a
-pod measured, local routes included) and routes rarely change.
+netns (`HopCache`): the dump of every table (local routes included) is larger
+than the neighbour table, and routes rarely change.
 
-Options (Config.options["neighbours"]): probe_planes (planes to probe, none by
-default), probe_rate (packets/s per node, 10), probe_interval (s between probes
-of one gateway, 10), probe_timeout (s, 1).
+Options: the `--collector.neighbours.*` flags registered below (no probes by default).
 """
 from __future__ import annotations
 
@@ -32,12 +30,13 @@ import socket
 import time
 from dataclasses import dataclass
 
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.nsenter import in_netns
-from collector.registry import Config, NoData, Snapshot, register
-from collector.rtnl import NETLINK_ROUTE, LinkEvents, Neighbour, NextHop, neighbours, next_hops
-from exporters.exposition import COUNTER, GAUGE, HISTOGRAM, Family
+from collector.registry import Config, NoData, Option, Snapshot, register
+from kernel.nsenter import in_netns
+from kernel.rtnl import NETLINK_ROUTE, LinkEvents
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +204,8 @@ def neighbour_families(gateways: list[Gateway]) -> list[Family]:
         n = gw.neighbour
         if n is not None and n.confirmed_age is not None:
             for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
-                fam.add(labels, value)
+                if value is not None:       # NDA_CACHEINFO gives all three or none
+                    fam.add(labels, value)
     return [state, *ages]
 
 
@@ -234,26 +234,30 @@ def _planes(value) -> frozenset[str]:
     return frozenset(p.strip() for p in value or () if p.strip())
 
 
-@register("neighbours", help="Neighbour state of each attachment's gateways (and opt-in ARP/NDP probes).")
+@register("neighbours", help="Neighbour state of each attachment's gateways (and opt-in ARP/NDP probes).",
+          options=(
+              Option("probe_planes", "", "comma list of planes whose gateways are probed (ARP/NDP from the "
+                     "pod's netns); none by default"),
+              Option("probe_rate", DEFAULT_PROBE_RATE, "most probe packets per second, for the whole node", float),
+              Option("probe_interval", DEFAULT_PROBE_INTERVAL, "seconds between two probes of one gateway", float),
+              Option("probe_timeout", DEFAULT_PROBE_TIMEOUT, "seconds a probe waits for its reply", float),
+          ))
 class NeighboursSource:
     def __init__(self, config: Config):
-        opts = dict(config.options.get("neighbours") or {})
-        self.probe_planes = _planes(opts.get("probe_planes"))
+        opts = config.settings("neighbours")
+        self.probe_planes = _planes(opts["probe_planes"])
         self.prober = None
         if self.probe_planes:
-            self.prober = Prober(float(opts.get("probe_rate", DEFAULT_PROBE_RATE)),
-                                 float(opts.get("probe_interval", DEFAULT_PROBE_INTERVAL)),
-                                 float(opts.get("probe_timeout", DEFAULT_PROBE_TIMEOUT)))
+            self.prober = Prober(opts["probe_rate"], opts["probe_interval"], opts["probe_timeout"])
         self.last: list[Gateway] = []
         self.hop_cache = HopCache()
 
     def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
-        pool = snapshot.netns
         gateways: list[Gateway] = []
         targets: list[Target] = []
         live = set()
         for view in snapshot.pods:
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network or not any(iv.link for iv in view.interfaces):
                 continue
             live.add(ns.inode)

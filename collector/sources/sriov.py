@@ -8,13 +8,13 @@ pod-resources join is needed. For each such attachment:
    `<sysfs>/bus/pci/devices/<vf>/physfn`; N is the PF's `virtfnN` link that
    points at the VF. The PF netdev is the entry of `<pf>/net/` that is not a
    switchdev representor (phys_port_name `pfXvfY`).
-2. Reader, chosen per PF, first available in `sriov_readers` order (default
+2. Reader, chosen per PF, first available in `--collector.sriov.readers` order (default
    sysfs-intel, sysfs-mellanox, netlink):
    - `sysfs-intel` when `<pf>/sriov/<N>/stats` is a directory (one file per
      counter, Intel out-of-tree i40e/ice);
    - `sysfs-mellanox` when it is a file of `key : value` lines (Mellanox OFED);
    - `netlink` when the PF has a netdev: IFLA_VF_STATS on an RTM_GETLINK of
-     the PF with RTEXT_FILTER_VF, in the host netns (option `host_netns`,
+     the PF with RTEXT_FILTER_VF, in the host netns (`--collector.sriov.host-netns`,
      default `<procfs>/1/ns/net`; "" = the collector's own netns), one request
      per PF per scrape;
    - `none` otherwise (the info series still says where the VF is).
@@ -25,17 +25,16 @@ pod-resources join is needed. For each such attachment:
 3. The resolution (PF, index, netdev, reader, driver, NUMA node, and for
    sysfs-intel which counter files exist) is cached per VF PCI address and
    dropped when the address leaves the snapshot, its stats vanish or its PF
-   leaves the host netns; a scrape re-reads only the counters (64 VFs on the
-   fixture tree: ~1 ms warm, ~3 ms cold).
+   leaves the host netns; a scrape re-reads only the counters.
 
 A counter the reader does not give has no series (netlink has no tx_errors /
 tx_spoofed; Intel has no broadcast/multicast): never a made-up 0. Caveat:
 the kernel zero-fills IFLA_VF_STATS for drivers without VF stats.
 
 Free VFs (no pod): off by default, so a node without pci attachments costs
-nothing. With `options["sriov_all_vfs"]` true, every VF of every SR-IOV PF
+nothing. With `--collector.sriov.all-vfs`, every VF of every SR-IOV PF
 (`<sysfs>/bus/pci/devices/*/sriov_numvfs` > 0, rescanned every
-`sriov_rescan_seconds`, default 30) that no pod claims is exported with
+`--collector.sriov.rescan-seconds`, default 30) that no pod claims is exported with
 namespace, pod, network and plane "" and interface = the VF's PCI address
 (the only label left to keep free VFs' series apart). A VF used by a pod whose
 annotation lacks device-info shows up as free: the annotation is our only map.
@@ -68,11 +67,21 @@ from functools import lru_cache
 
 from collector import sriov_readers as readers
 from collector.claims import contested_vfs
-from collector.model import ATTACHMENT_LABELS
-from collector.registry import Config, Snapshot, register
+from collector.registry import Config, Option, Snapshot, register
 from collector.sriov_metrics import INFO_LABELS, VfRow, build_families  # noqa: F401  (INFO_LABELS re-exported)
-from collector.sriov_sysfs import (bound_driver, choose_reader, list_sriov_vfs, locate_vf,  # noqa: F401
-                                   numa_node, pci_dir, pf_netdev, physfn, stats_path, vf_host_netdev, virtfn_map)
+from collector.sriov_sysfs import (  # noqa: F401
+    bound_driver,
+    choose_reader,
+    list_sriov_vfs,
+    locate_vf,
+    numa_node,
+    pci_dir,
+    pf_netdev,
+    physfn,
+    stats_path,
+    vf_host_netdev,
+    virtfn_map,
+)
 from collector.sysfs_safe import OUTSIDE, Sysfs, SysfsError, errno_name, pci_address
 
 log = logging.getLogger(__name__)
@@ -111,12 +120,6 @@ class _PfMemo:
     def __init__(self, fs: Sysfs):
         self.virtfns = lru_cache(maxsize=None)(lambda pf: virtfn_map(fs, pf))
         self.facts = lru_cache(maxsize=None)(lambda pf: (pf_netdev(fs, pf), numa_node(fs, pf)))
-
-
-def _truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def _reader_order(value) -> tuple[str, ...]:
@@ -158,16 +161,26 @@ def vf_attachments(snapshot: Snapshot, refused: list | None = None) -> list[tupl
     return out
 
 
-@register("sriov", help="SR-IOV VF counters and configuration read from the PF (sysfs or netlink), mapped to pods.")
+@register("sriov", help="SR-IOV VF counters and configuration read from the PF (sysfs or netlink), mapped to pods.",
+          options=(
+              Option("all_vfs", False, "also export VFs no pod uses (pod=\"\", interface=<VF PCI address>)", bool),
+              Option("host_netns", None, "netns of the PFs for the netlink VF reader (default <procfs>/1/ns/net; "
+                     "\"\" = the collector's own, e.g. with hostNetwork)"),
+              Option("readers", ",".join(readers.DEFAULT_READERS), "VF counter readers to try, in this order"),
+              Option("rescan_seconds", 30.0, "seconds between two scans for VFs no pod uses (with all-vfs)",
+                     float),
+          ))
 class SriovSource:
     def __init__(self, config: Config, netlink=None, sysfs: Sysfs | None = None):
-        opts = config.options
+        opts = config.settings("sriov")
         self.fs = sysfs or Sysfs(config.paths.sysfs)
         self.sysfs = config.paths.sysfs
-        self.readers = _reader_order(opts.get("sriov_readers"))
-        self.all_vfs = _truthy(opts.get("sriov_all_vfs", False))
-        self.rescan_seconds = float(opts.get("sriov_rescan_seconds", 30))
-        host_netns = opts.get("host_netns", f"{config.paths.procfs}/1/ns/net")
+        self.readers = _reader_order(opts["readers"])
+        self.all_vfs = opts["all_vfs"]
+        self.rescan_seconds = opts["rescan_seconds"]
+        host_netns = opts["host_netns"]
+        if host_netns is None:
+            host_netns = f"{config.paths.procfs}/1/ns/net"
         self.netlink = netlink or readers.NetlinkVfStats(readers.RtnlGetlink(host_netns))
         self._vfs: dict[str, VfHandle] = {}
         self._errors: dict[tuple, int] = {}     # (labels, pf, vf, file, reason) -> failed reads

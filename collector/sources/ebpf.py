@@ -9,19 +9,20 @@ kernel too old) the reason is logged once and every scrape reports
 `planewatch_ebpf_up 0` plus `planewatch_ebpf_info{reason=...}` while the
 other sources carry on.
 
-Options, all optional, either nested (Config.options["ebpf"] = {"attach_mode": ...})
-or flat with an ebpf_ prefix (Config.options["ebpf_attach_mode"]): objects_dir,
-btf_path, attach_mode ("auto" | "tcx" | "clsact"), flow_entries.
+Options: the `--collector.ebpf.*` flags registered below.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
+from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, InterfaceView
-from collector.registry import Config, NoData, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family
+from collector.registry import Config, NoData, Option, Snapshot, register
+
+if TYPE_CHECKING:
+    from ebpf.loader import Loader
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,6 @@ DEFAULT_TOP_FLOWS = 20
 
 _TRAFFIC_HELP = ("{what} {direction} by the pod interface, counted by planewatch's "
                  "TCX/tc {hook} program since it was attached (bytes include the L2 header).")
-
-
-OPTION_NAMES = ("objects_dir", "btf_path", "attach_mode", "flow_entries")
-
-
-def ebpf_options(options: Mapping) -> dict:
-    """This source's settings from Config.options (flat ebpf_* keys win)."""
-    found = dict(options.get("ebpf") or {})
-    found.update({name: options[f"ebpf_{name}"] for name in OPTION_NAMES if f"ebpf_{name}" in options})
-    return found
 
 
 # --- pure: what to attach, and the families ------------------------------------------
@@ -164,13 +155,19 @@ def label_flow(flow: dict, index: Mapping[Key, InterfaceView]) -> dict:
 
 # --- the source --------------------------------------------------------------------
 
-@register("ebpf")
+@register("ebpf", options=(
+    Option("objects_dir", "", "directory of the BPF objects (default: the ones installed with planewatch)"),
+    Option("btf_path", "/sys/kernel/btf/vmlinux", "kernel BTF, read for the drop reason names"),
+    Option("attach_mode", "auto", "how programs attach to pod interfaces: tcx (kernel >= 6.6), clsact, or "
+           "auto (tcx when the kernel has it)", choices=("auto", "tcx", "clsact")),
+    Option("flow_entries", 16384, "entries of the flow table (asymmetric flows)", int),
+))
 class EbpfSource:
     """eBPF per-interface counters, drop reasons and asymmetric flows (TCX/tc + kfree_skb)."""
 
     def __init__(self, config: Config):
-        self.options = ebpf_options(config.options)
-        self.loader = None
+        self.options = config.settings("ebpf")
+        self.loader: Loader | None = None
         self.reason = ""                     # "" = not tried yet
         self.index: dict[Key, InterfaceView] = {}
         self._lock = threading.Lock()
@@ -182,10 +179,9 @@ class EbpfSource:
             return self.loader
         from ebpf.loader import OBJECTS_DIR, Loader, LoadError
         try:
-            self.loader = Loader(self.options.get("objects_dir", OBJECTS_DIR),
-                                 btf_path=self.options.get("btf_path", "/sys/kernel/btf/vmlinux"),
-                                 attach_mode=self.options.get("attach_mode", "auto"),
-                                 flow_entries=int(self.options.get("flow_entries", 16384)))
+            self.loader = Loader(self.options["objects_dir"] or OBJECTS_DIR,
+                                 btf_path=self.options["btf_path"], attach_mode=self.options["attach_mode"],
+                                 flow_entries=self.options["flow_entries"])
             self.reason = "ok"
             log.info("BPF programs loaded in %.0f ms", self.loader.load_seconds * 1000)
         except LoadError as err:

@@ -12,9 +12,9 @@ from functools import lru_cache
 from collector.annotations import ERROR_REASONS
 from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
+from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
-from exporters.exposition import COUNTER, GAUGE, Family
 
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
 
@@ -58,11 +58,10 @@ class AttachmentsSource:
                        "1 when the pod's netns was read only in part (links, addresses or time budget "
                        "spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
                        ("namespace", "pod", "reason"))
-        pool = snapshot.netns
         for view in snapshot.pods:
             pod = view.pod
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
-            for reason in sorted(getattr(ns, "short", None) or ()):
+            ns = snapshot.netns_of(view)
+            for reason in sorted(ns.short if ns is not None else ()):
                 short.add((pod.namespace, pod.name, reason), 1)
             for reason, n in sorted((snapshot.budget_cuts.get(pod.uid) or {}).items()):
                 cut.add((pod.namespace, pod.name, reason), n)

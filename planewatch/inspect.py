@@ -47,7 +47,7 @@ class Row:
 
 
 def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
-    from prometheus_client.parser import text_string_to_metric_families   # only inspect needs it
+    from prometheus_client.parser import text_string_to_metric_families  # only inspect needs it
     out: dict[str, list] = defaultdict(list)
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -61,10 +61,10 @@ def _key(labels: dict) -> tuple:
 
 def _rate(before: dict, after: dict, name: str, interval: float, by=_key) -> dict:
     """Per-key rate of a counter between two scrapes (a reset counts from 0)."""
-    prev = defaultdict(float)
+    prev: defaultdict[tuple, float] = defaultdict(float)
     for labels, v in before.get(name, ()):
         prev[(by(labels), labels.get("reason", ""))] += v
-    out = defaultdict(float)
+    out: defaultdict[tuple, float] = defaultdict(float)
     for labels, v in after.get(name, ()):
         k = (by(labels), labels.get("reason", ""))
         delta = v - prev.get(k, 0.0)
@@ -189,7 +189,7 @@ def render_table(rows: list[Row]) -> str:
 
 
 def plane_summary(rows: list[Row]) -> str:
-    by = defaultdict(lambda: [0.0, 0.0])
+    by: defaultdict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for r in rows:
         by[r.plane][0] += r.rx_pps + r.tx_pps
         by[r.plane][1] += r.lost_per_s

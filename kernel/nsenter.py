@@ -38,7 +38,7 @@ def in_netns(target: str | int):
     if getattr(_lock, "depth", 0):
         raise RuntimeError("nested in_netns on one thread")
     own = isinstance(target, str)
-    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC) if own else target
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC) if isinstance(target, str) else target
     try:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:

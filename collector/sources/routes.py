@@ -18,13 +18,13 @@ scrape shows a normal node whole; then changed, then the stalest, under
 `budget`): a scrape of 250 pods serves cached results.
 
 pyroute2: one AsyncIPRoute per analysis, created (socket included) while the
-thread is inside the netns, closed right after. Opening one costs ~0.25 ms,
-less than keeping 4 fds and an event loop per pod. `netns=None, flags=0` so
+thread is inside the netns, closed right after: an analysis is rare (events,
+`interval`), so opening one then costs less than keeping 4 fds and an event
+loop per pod. `netns=None, flags=0` so
 pyroute2 never creates or enters a namespace itself; `groups=0` so the socket
 subscribes to no event stream.
 
-Options (Config.options["routes"]): interval (s, 300), min_gap (s, 1),
-budget (s of analysis per scrape, 0.2), budget_new (s, 2).
+Options: the `--collector.routes.*` flags registered below.
 """
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+from collector.family import GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.nsenter import in_netns
-from collector.registry import Config, NoData, Snapshot, register
+from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
-from exporters.exposition import GAUGE, Family
+from kernel.nsenter import in_netns
+from kernel.rtnl import drain, new_socket
 
 log = logging.getLogger(__name__)
 
@@ -180,22 +181,10 @@ class ChangeWatch:
         sock = self._socks.get(inode)
         if sock is None:
             with in_netns(netns_fd):
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, 0)
-            sock.bind((0, sum(1 << (g - 1) for g in WATCHED_GROUPS)))
+                sock = new_socket(sum(1 << (g - 1) for g in WATCHED_GROUPS), nonblocking=True, rcvbuf=None)
             self._socks[inode] = sock
             return True
-        seen = False
-        while True:
-            try:
-                sock.recv(1 << 16)
-                seen = True
-            except BlockingIOError:
-                return seen
-            except OSError as err:          # ENOBUFS: events were lost, so something changed
-                if err.errno != errno.ENOBUFS:
-                    raise
-                seen = True
+        return drain(sock)
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._socks if i not in inodes]:
@@ -214,16 +203,26 @@ class Cached:
     cpu_seconds: float      # and this thread's CPU time
 
 
-@register("routes", help="Asymmetric-routing analysis (route lookups, overlaps, rp_filter) in each pod netns.")
+@register("routes", help="Asymmetric-routing analysis (route lookups, overlaps, rp_filter) in each pod netns.",
+          options=(
+              Option("interval", DEFAULT_INTERVAL, "seconds after which a pod's routing is analysed again "
+                     "even without a kernel change event", float),
+              Option("min_gap", DEFAULT_MIN_GAP, "least seconds between two analyses of one pod "
+                     "whose routing keeps changing", float),
+              Option("budget", DEFAULT_BUDGET, "seconds of analysis per scrape for pods analysed before "
+                     "(the rest waits for the next scrape)", float),
+              Option("budget_new", DEFAULT_BUDGET_NEW, "seconds of analysis per scrape for pods never "
+                     "analysed", float),
+          ))
 class RoutesSource:
     def __init__(self, config: Config, clock=time.monotonic):
         import pyroute2  # noqa: F401  -- imported now (~0.2 s), not during the first scrape
-        opts = dict(config.options.get("routes") or {})
+        opts = config.settings("routes")
         self.procfs = config.paths.procfs
-        self.interval = float(opts.get("interval", DEFAULT_INTERVAL))
-        self.min_gap = float(opts.get("min_gap", DEFAULT_MIN_GAP))
-        self.budget = float(opts.get("budget", DEFAULT_BUDGET))
-        self.budget_new = float(opts.get("budget_new", DEFAULT_BUDGET_NEW))
+        self.interval = opts["interval"]
+        self.min_gap = opts["min_gap"]
+        self.budget = opts["budget"]
+        self.budget_new = opts["budget_new"]
         self._clock = clock
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
@@ -256,15 +255,15 @@ class RoutesSource:
             limit = self.budget_new if uid not in self._cache else self.budget
             if n and time.perf_counter() - started > limit:
                 break       # the rest waits for the next scrape; at least one pod progresses
-            self._analyse(uid, *live[uid], now)
+            view, ns, atts, fp = live[uid]
+            self._analyse(uid, view, ns, atts, fp, now)
         return [self._cache[u] for u in live if u in self._cache]
 
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
         """uid -> (view, namespace, attachments, fingerprint) of every pod to analyse."""
-        pool = snapshot.netns
         live = {}
         for view in snapshot.pods:
-            ns = pool.get(view.netns_inode) if pool is not None and view.netns_inode else None
+            ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network:
                 continue
             atts = attached_interfaces(view)

@@ -1,0 +1,176 @@
+"""Pod network namespaces kept open across scrapes: an fd (so the inode stays
+valid), a netlink socket bound inside, a link-event socket, and the link and
+address tables, re-read within the netns budgets (collector/budgets.py) when the
+kernel announces a change. The resolver (collector/netns.py) decides which pod
+a namespace belongs to; sources read it through `Snapshot.netns_of`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from collector.budgets import Budgets
+from kernel.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
+
+LINKS_TTL = 300.0          # link events keep the interface table fresh; this is a safety net
+
+# Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
+# read only in part (the budget in links, addresses or time ran out), or a
+# link change is known but its re-read deferred (refresh_deferred).
+SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED = "links", "addresses", "time", "refresh_deferred"
+SHORT_REASONS = (SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED)
+# Above this many links more than the ones wanted, counters are asked for per
+# interface rather than by one dump of the whole namespace.
+STATS_DUMP_SLACK = 16
+# A namespace over its budgets is re-read on link events at most this often:
+# each read costs the full time budget and still shows only part of it.
+CUT_BACKOFF = 30.0
+
+
+@dataclass
+class Namespace:
+    """A network namespace kept open: an fd (so the inode stays valid) and a socket."""
+
+    path: str
+    inode: int
+    fd: int
+    rtnl: RtnlSocket
+    events: LinkEvents
+    budgets: Budgets = field(default_factory=Budgets)
+    links: list[LinkStats] = field(default_factory=list)
+    by_index: dict[int, LinkStats] = field(default_factory=dict)
+    addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
+    refreshed: float = 0.0
+    cost: float = 0.0                   # seconds the last refresh took
+    pending: bool = False               # a link event arrived since the last refresh
+    short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
+
+    def refresh(self, now: float) -> None:
+        """Re-read links and addresses within the netns budgets (collector/budgets.py):
+        a pod holding thousands of links costs a bounded share of the scrape."""
+        self.events.changed()                   # what we are about to read covers them
+        self.pending = False
+        started = time.monotonic()
+        deadline = started + self.budgets.netns_refresh_seconds
+        short: dict[str, int] = {}
+        try:
+            links, why = self.rtnl.links_bounded(self.budgets.netns_links, deadline)
+            if why:
+                short[SHORT_TIME if why == CUT_TIME else SHORT_LINKS] = 1
+                self._reopen()
+            addresses: list = []
+            if why != CUT_TIME:         # (a small table may still be read past the deadline)
+                addresses, why = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
+                if why:
+                    short[SHORT_TIME if why == CUT_TIME else SHORT_ADDRESSES] = 1
+                    self._reopen()
+        finally:
+            self.cost = time.monotonic() - started
+        self.links = links
+        self.by_index = {l.ifindex: l for l in links}
+        self.addresses = {ip: idx for idx, ip, _ in addresses}
+        self.short = short
+        self.refreshed = now
+
+    def find_links(self, names) -> None:
+        """After a partial read, look the named interfaces up one by one (an
+        attachment of this pod must not vanish because the pod holds many links)."""
+        for name in names:
+            if name and not any(l.name == name for l in self.links):
+                link = self.rtnl.link_by_name(name)
+                if link is not None:
+                    self.links.append(link)
+                    self.by_index[link.ifindex] = link
+
+    def stale(self, now: float) -> bool:
+        """Never read, past the TTL, or a link changed since (kernel notification)
+        and the refresh share allows it now: a netns whose refreshes are costly
+        (a pod flapping one of thousands of links) is re-read less often."""
+        if self.events.changed():
+            self.pending = True
+        if not self.refreshed or now - self.refreshed > LINKS_TTL:
+            return True
+        if self.pending and now - self.refreshed < self.backoff():
+            self.short[SHORT_DEFERRED] = 1
+            return False
+        return self.pending
+
+    def backoff(self) -> float:
+        """Least time between two event-driven refreshes: the refresh share for a
+        large namespace, at least CUT_BACKOFF for one over its budgets."""
+        if self.short.keys() - {SHORT_DEFERRED}:
+            return max(CUT_BACKOFF, self.cost / self.budgets.netns_refresh_share)
+        # A small namespace is never held back: its refresh was slow only if the
+        # machine was (and a pod's flap must show at the next scrape).
+        if len(self.links) + len(self.addresses) <= TIME_CUT_AFTER:
+            return 0.0
+        return self.cost / self.budgets.netns_refresh_share
+
+    def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
+        if self.short or len(self.links) > len(ifindexes) + STATS_DUMP_SLACK:
+            return self.rtnl.stats64_of(sorted(ifindexes))
+        return self.rtnl.stats64()
+
+    def _reopen(self) -> None:
+        """A dump stopped half-way keeps the socket busy: replace it."""
+        fresh = RtnlSocket.open(self.fd)
+        self.rtnl.close()
+        self.rtnl = fresh
+
+    def close(self) -> None:
+        self.events.close()
+        self.rtnl.close()
+        os.close(self.fd)
+
+
+def open_sockets(fd: int) -> tuple[RtnlSocket, LinkEvents]:
+    """The two netlink sockets a kept namespace needs, made inside it."""
+    rtnl = RtnlSocket.open(fd)
+    try:
+        return rtnl, LinkEvents.open(fd)
+    except BaseException:
+        rtnl.close()
+        raise
+
+
+class NetnsPool:
+    """Namespaces kept open across scrapes, keyed by inode. Not thread-safe:
+    one scrape at a time uses it (exporters/metrics.py serialises scrapes).
+
+    `sockets(fd, path)` makes a namespace's sockets; the root-free tests pass one
+    that replays recorded netlink replies (tests/replay.py)."""
+
+    def __init__(self, budgets: Budgets | None = None, sockets=None):
+        self.budgets = budgets or Budgets()
+        self._by_inode: dict[int, Namespace] = {}
+        self._sockets = sockets or (lambda fd, path: open_sockets(fd))
+
+    def open(self, path: str) -> Namespace:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            inode = os.fstat(fd).st_ino
+            known = self._by_inode.get(inode)
+            if known is None:
+                rtnl, events = self._sockets(fd, path)
+                known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events, self.budgets)
+                return known
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return known
+
+    def get(self, inode: int) -> Namespace | None:
+        return self._by_inode.get(inode)
+
+    def keep_only(self, inodes: set[int]) -> None:
+        for inode in list(self._by_inode):
+            if inode not in inodes:
+                self._by_inode.pop(inode).close()
+
+    def close(self) -> None:
+        self.keep_only(set())
+
+    def __len__(self) -> int:
+        return len(self._by_inode)

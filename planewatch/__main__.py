@@ -1,0 +1,5 @@
+import sys
+
+from planewatch.cli import main
+
+sys.exit(main())
