@@ -24,9 +24,18 @@ BUSYBOX_IMAGE = "localhost/planewatch-test/busybox:1.35"
 PLANEWATCH_IMAGE = "localhost/planewatch-test/planewatch:node"
 DEBIAN_BASE = "localhost/debian:bookworm-slim"
 REPO = Path(__file__).resolve().parent.parent
-# What deploy/Containerfile COPYs: a change to any of them is a new image.
-IMAGE_INPUTS = ("deploy/Containerfile", "pyproject.toml", "README.md", "collector", "exporters",
-                "dashboards", "ebpf", "lab")
+CONTAINERFILE = REPO / "deploy" / "Containerfile"
+
+
+def image_inputs() -> list[str]:
+    """What deploy/Containerfile COPYs from the context (read from it, so a directory
+    added to the image is never missing here): a change to any of them is a new image."""
+    out = ["deploy/Containerfile"]
+    for line in CONTAINERFILE.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            out += [w.rstrip("/") for w in words[1:-1] if not w.startswith("--")]
+    return out
 
 
 def _blob(blobs: dict[str, bytes], data: bytes, media: str) -> dict:
@@ -111,7 +120,7 @@ def import_base_images(node) -> None:
 
 def inputs_digest() -> str:
     """Hash of every file the Containerfile build reads (git-tracked ones)."""
-    out = subprocess.run(["git", "ls-files", "-s", "--", *IMAGE_INPUTS], cwd=REPO,
+    out = subprocess.run(["git", "ls-files", "-s", "--", *image_inputs()], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     h = hashlib.sha256()
     for line in sorted(out.splitlines()):
