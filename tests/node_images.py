@@ -149,16 +149,26 @@ def planewatch_image() -> tuple[Path, dict[str, float]]:
     return archive, timings
 
 
-def _inherited_ulimits() -> list[str]:
-    """--ulimit for the limits buildah would otherwise set itself: buildah >= 1.3x (trixie)
-    sets nproc and nofile to 1048576 for root's RUN steps, which fails with EPERM
-    wherever the hard limit is lower and CAP_SYS_RESOURCE is withheld (as in this
-    project's VMs and many CI containers). The build needs no more than we have."""
+# bookworm's buildah (1.28) puts its RUN steps at nproc 32768 before applying --ulimit,
+# so a larger value there is a raise too (measured: "setting RLIMIT_NPROC to 96365
+# (was 32768): operation not permitted").
+BUILD_NPROC_CEILING = 32768
+
+
+def _build_ulimits() -> list[str]:
+    """--ulimit values no buildah needs CAP_SYS_RESOURCE to set. trixie's buildah (1.39)
+    puts root's RUN steps at nproc and nofile 1048576 unless told otherwise, which fails
+    with EPERM wherever the hard limits are lower and CAP_SYS_RESOURCE is withheld (this
+    project's VMs, many CI containers); bookworm's lowers nproc to 32768 first. So: what
+    this process has, never above 32768 processes (more than any build step forks)."""
     out = []
     for name, which in (("nproc", resource.RLIMIT_NPROC), ("nofile", resource.RLIMIT_NOFILE)):
         soft, hard = resource.getrlimit(which)
+        if name == "nproc":
+            hard = BUILD_NPROC_CEILING if hard == resource.RLIM_INFINITY else \
+                min(hard, BUILD_NPROC_CEILING)
         if hard != resource.RLIM_INFINITY:
-            soft = hard if soft == resource.RLIM_INFINITY else soft
+            soft = hard if soft == resource.RLIM_INFINITY else min(soft, hard)
             out += ["--ulimit", f"{name}={soft}:{hard}"]
     return out
 
@@ -207,7 +217,7 @@ def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
             Path(pip_cert).resolve() != Path("/etc/ssl/certs/ca-certificates.crt").resolve():
         extra += ["--volume", f"{pip_cert}:/usr/local/share/ca-certificates/pip-cert.crt:ro"]
     run(*b, "bud", "--isolation", "chroot", "--network", "host", "--layers=false",
-        *_inherited_ulimits(), "--build-arg", f"DEBIAN={DEBIAN_BASE}", *extra,
+        *_build_ulimits(), "--build-arg", f"DEBIAN={DEBIAN_BASE}", *extra,
         "-f", "deploy/Containerfile",
         "-t", tag, ".", cwd=REPO)
     timings["buildah-bud"] = round(time.monotonic() - t, 1)
