@@ -30,8 +30,8 @@ from pathlib import Path
 from tests import node_config as cfg
 from tests import node_images
 from tests.node_bins import CNI_DIR, kube_binaries, runtime_incompatibility
-from tests.node_teardown import (cgroup_roots, kill_recorded, residue, save_sysctls, snapshot,
-                                 starttime, teardown_host)
+from tests.node_teardown import (cgroup_roots, kill_recorded, propagation, residue,
+                                 save_sysctls, snapshot, starttime, teardown_host)
 from tests.ports import free_port
 
 BASE = Path(os.environ.get("PLANEWATCH_NODE_DIR", "/var/lib/planewatch-node"))
@@ -78,7 +78,8 @@ class Node:
         bins = kube_binaries()
         self.state = {"name": self.name, "pids": {}, "timings": {}, "preexisting": {
             p: os.path.exists(p) for p in ("/var/lib/cni", "/run/containerd", "/var/log/pods",
-                                           "/var/log/containers", "/run/netns")}}
+                                           "/var/log/containers", "/run/netns")},
+            "propagation": propagation()}
         self._save()
         try:
             self._up(bins)

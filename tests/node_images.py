@@ -192,7 +192,13 @@ def _build(images: Path, archive: Path, timings: dict[str, float]) -> None:
         t = time.monotonic()
         base = images / "debian-bookworm-minbase.tar"
         # The base the Containerfile's FROM names, since no registry is reachable.
-        run("mmdebstrap", "--variant=minbase", "--mode=root", "bookworm", str(base))
+        # In its own mount namespace: mmdebstrap >= 1.4 (trixie's 1.5) runs
+        # `mount --make-rprivate /` in root mode, in the caller's namespace, which would
+        # turn every mount of the host private (the node's /run/netns too: containerd then
+        # refuses the DaemonSet's HostToContainer mount). "unchanged": a chroot's root
+        # need not be a mount point (mmdebstrap's own advice for unshare).
+        run("unshare", "--mount", "--propagation", "unchanged", "--",
+            "mmdebstrap", "--variant=minbase", "--mode=root", "bookworm", str(base))
         got = subprocess.run([*b, "from", "scratch"], capture_output=True, text=True)
         if got.returncode != 0:
             raise RuntimeError(f"buildah from scratch: exit {got.returncode}: {got.stderr.strip()}")

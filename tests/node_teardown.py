@@ -201,13 +201,25 @@ def _remove_empty_tree(top: Path) -> None:
         pass
 
 
+def propagation() -> dict[str, str]:
+    """mount point -> shared / slave / private (peer group numbers left out)."""
+    out = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" - ")[0].split()
+        tags = {t.split(":")[0] for t in fields[6:]}
+        out[fields[4]] = ("shared" if "shared" in tags else "slave" if "master" in tags
+                          else "private")
+    return out
+
+
 def snapshot(node) -> dict:
     """What residue() needs of a node, taken before down() forgets its state."""
     return {"name": node.name, "dir": str(node.dir), "links": list(node.state.get("links", [])),
             "netns": node.used_netns() if (node.dir / "cni").exists() else [],
             "pids": dict(node.state.get("pids", {})),
             "sysctls": dict(node.state.get("sysctls", {})),
-            "preexisting": dict(node.state.get("preexisting", {}))}
+            "preexisting": dict(node.state.get("preexisting", {})),
+            "propagation": dict(node.state.get("propagation", {}))}
 
 
 def residue(snap: dict, other_nodes: bool = False) -> list[str]:
@@ -233,6 +245,10 @@ def residue(snap: dict, other_nodes: bool = False) -> list[str]:
                 cmd = argv.replace(b"\0", b" ").decode(errors="replace")[:120]
                 left.append(f"process {entry.name}: {cmd}")
     left += [f"mount {m}" for m in _mounts_under([snap["dir"], *snap["netns"]])]
+    # The node makes /run/netns shared (as `ip netns add` does); nothing else may change.
+    now = propagation()
+    left += [f"mount {m} is {now[m]}, was {kind}" for m, kind in snap["propagation"].items()
+             if m in now and now[m] != kind and m != "/run/netns"]
     left += [f"netns pin {n}" for n in snap["netns"] if os.path.lexists(n)]
     links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
     names = {l["ifname"] for l in json.loads(links or "[]")}
