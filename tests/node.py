@@ -4,13 +4,16 @@
     python -m tests.node down [NAME]   (make node-down)  removes everything it made
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet v1.20.2
-(built once from Debian bookworm's `kubernetes` source, tests/node_bins.py) and
-containerd 1.6 + runc + Debian's CNI plugins, with a bridge default network and the
+(built once from Debian bookworm's `kubernetes` source, tests/node_bins.py) and the
+host's containerd (1.6 on Debian 12, 1.7 on Debian 13; 2.x has no CRI v1alpha2 for
+this kubelet and is refused with that reason), runc and Debian's CNI plugins
+(/usr/lib/cni on both), with a bridge default network and the
 stand-in meta-plugin (tests/tools/cni/multus-standin) for secondary networks. Every
 daemon is started here, its PID (and start time, against PID reuse) recorded in
 DIR/state.json, and stopped by PID. Tear-down removes the processes, kubelet's
 mounts, the cni-* namespaces our sandboxes used, our links and cgroups, and puts
-back the sysctls kubelet rewrites. Measured traps: ../shared/recipes/real-node.md.
+back the sysctls kubelet rewrites; the test fixture and `down` then check that
+nothing is left (tests/node_teardown.py residue). Measured traps: ../shared/recipes/real-node.md.
 """
 from __future__ import annotations
 
