@@ -33,8 +33,16 @@ from pathlib import Path
 from tests import node_config as cfg
 from tests import node_images
 from tests.node_bins import CNI_DIR, kube_binaries, runtime_incompatibility
-from tests.node_teardown import (cgroup_roots, kill_recorded, propagation, residue,
-                                 save_sysctls, snapshot, starttime, teardown_host)
+from tests.node_teardown import (
+    cgroup_roots,
+    kill_recorded,
+    propagation,
+    residue,
+    save_sysctls,
+    snapshot,
+    starttime,
+    teardown_host,
+)
 from tests.ports import free_port
 
 BASE = Path(os.environ.get("PLANEWATCH_NODE_DIR", "/var/lib/planewatch-node"))
