@@ -30,7 +30,8 @@ from pathlib import Path
 from tests import node_config as cfg
 from tests import node_images
 from tests.node_bins import CNI_DIR, kube_binaries
-from tests.node_teardown import cgroup_roots, free_port, kill_recorded, save_sysctls, teardown_host
+from tests.node_teardown import cgroup_roots, kill_recorded, save_sysctls, teardown_host
+from tests.ports import free_port
 
 BASE = Path(os.environ.get("PLANEWATCH_NODE_DIR", "/var/lib/planewatch-node"))
 STANDIN = Path(__file__).resolve().parent / "tools" / "cni" / "multus-standin"
