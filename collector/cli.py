@@ -22,6 +22,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help=f"address to serve on (default {DEFAULT_LISTEN}; in a DaemonSet use :9808 or the pod IP)")
     p.add_argument("--web.config.file", dest="web_config", default="",
                    help="exporter-toolkit web config: TLS, basic auth, bearer token")
+    add_web_limit_flags(p)
+    p.add_argument("--health.max-scrape-seconds", dest="max_scrape_seconds", type=float, default=120.0,
+                   help="/healthz fails while a collection has run longer than this (a hung "
+                        "kernel read): the liveness probe then restarts the collector (default 120)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
                    help="this node's name (default: $NODE_NAME); pods are watched with spec.nodeName=<it>")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""),
@@ -57,6 +61,30 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                                 f"{'enabled' if spec.default_enabled else 'disabled'})")
         group.add_argument(f"--no-collector.{name}", dest=f"collector_{name}", action="store_false",
                            help=argparse.SUPPRESS)
+
+
+def add_web_limit_flags(p: argparse.ArgumentParser) -> None:
+    """Caps on what an HTTP client can hold (exporters/listener.py)."""
+    from exporters.httpstats import Limits      # not listener: no aiohttp import for --help
+    d = Limits()
+    p.add_argument("--web.max-connections", dest="web_max_connections", type=int,
+                   default=d.max_connections, help=f"open connections at most (default {d.max_connections})")
+    p.add_argument("--web.max-connections-per-client", dest="web_max_per_client", type=int,
+                   default=d.max_per_client,
+                   help=f"open connections at most from one client address (default {d.max_per_client})")
+    p.add_argument("--web.read-timeout", dest="web_read_timeout", type=float, default=d.read_timeout,
+                   help="seconds a connection may take to send a complete request, counted from "
+                        f"accept or from the previous response; also the idle keep-alive time "
+                        f"(default {d.read_timeout:g})")
+    p.add_argument("--web.write-timeout", dest="web_write_timeout", type=float, default=d.write_timeout,
+                   help="seconds a client may take to read a response before the connection is "
+                        f"aborted (default {d.write_timeout:g})")
+
+
+def web_limits(args):
+    from exporters.httpstats import Limits
+    return Limits(max_connections=args.web_max_connections, max_per_client=args.web_max_per_client,
+                  read_timeout=args.web_read_timeout, write_timeout=args.web_write_timeout)
 
 
 def setup_logging(level: str) -> None:
@@ -109,9 +137,13 @@ def build_server(args):
             sources[name] = spec.factory(config)
     middlewares, ssl_context = web_security(args.web_config)
     ebpf = sources.get("ebpf")
-    server = Server(Scraper(store, Resolver(args.netns, args.procfs, budgets=budgets), sources, __version__),
-                    middlewares=middlewares,
-                    asymmetric_flows=getattr(ebpf, "top_asymmetric_flows", None))
+    from exporters.httpstats import REFUSALS
+    scraper = Scraper(store, Resolver(args.netns, args.procfs, budgets=budgets), sources, __version__)
+    scraper.extra.append(REFUSALS.families)
+    scraper.extra.extend(f.families for f in feeds if hasattr(f, "families"))
+    server = Server(scraper, middlewares=middlewares,
+                    asymmetric_flows=getattr(ebpf, "top_asymmetric_flows", None),
+                    max_scrape_seconds=args.max_scrape_seconds)
     return server, feeds, ssl_context
 
 
@@ -121,9 +153,11 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.Event | None = None) -> None:
+async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.Event | None = None,
+                        limits=None) -> None:
     import gc
     from aiohttp import web
+    from exporters.listener import GuardedListener, Limits, harden_app
 
     # Everything imported and built so far lives as long as the process: keep it out
     # of the collector's generations so full collections stay short (scrape p99).
@@ -136,18 +170,20 @@ async def serve_forever(server, feeds, ssl_context, listen: str, stop: asyncio.E
         loop.add_signal_handler(sig, stop.set)
     for feed in feeds:
         feed.start()
+    harden_app(server.app)
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     host, port = parse_listen(listen)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    log.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
+    listener = GuardedListener(runner.server, host, port, ssl_context, limits or Limits())
+    await listener.start()
+    log.info("listening on %s://%s:%d", "https" if ssl_context else "http", host, listener.port)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         for feed in feeds:
             feed.stop()
+        await listener.stop()
         await runner.cleanup()
 
 
@@ -173,7 +209,7 @@ def cmd_serve(args) -> int:
     except Exception as err:
         log.error("cannot start: %s", err)
         return 2
-    asyncio.run(serve_forever(server, feeds, ssl_context, args.listen))
+    asyncio.run(serve_forever(server, feeds, ssl_context, args.listen, limits=web_limits(args)))
     return 0
 
 

@@ -101,21 +101,23 @@ class ClusterFeed:
 
     def __init__(self, state: ClusterState, api):
         from kubernetes import client
-        from collector.kube import NAD_GROUP, NAD_PLURAL, NAD_VERSION, ListWatch
+        from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
         self.stop_event = threading.Event()
         core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         cluster_objects = custom.list_cluster_custom_object
+        # NADs as on every node: small pages, an oversized spec.config dropped on arrival
+        nad_options = {"page": NAD_PAGE, "trim": trim_nad_config}
         feeds = [
-            ("pods", core.list_pod_for_all_namespaces, state.pods),
+            ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
             ("network-attachment-definitions",
-             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads),
-            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools),
+             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
+            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
             (RESERVATION_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, RESERVATION_PLURAL),
-             state.reservations),
+             state.reservations, {}),
         ]
         self.watches = [ListWatch(name, call, keyed.replace, keyed.upsert, keyed.delete,
-                                  on_listed=keyed.mark_listed, stop=self.stop_event)
-                        for name, call, keyed in feeds]
+                                  on_listed=keyed.mark_listed, stop=self.stop_event, **options)
+                        for name, call, keyed, options in feeds]
 
     def start(self) -> None:
         for w in self.watches:

@@ -11,6 +11,7 @@ import json
 import ssl
 import sys
 import time
+import unicodedata
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -148,6 +149,28 @@ def _num(v: float) -> str:
     return f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
 
+def printable(text: object) -> str:
+    """Text safe for a terminal: control characters (ESC sequences, CR, BEL),
+    invisible format characters (bidi overrides, zero-width) and line or
+    paragraph separators become visible escapes. Annotation text, label values
+    and findings come from pod owners and must not drive the operator's terminal.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(ch)      # other spaces (NBSP...): harmless
+    return "".join(out)
+
+
 def render_table(rows: list[Row]) -> str:
     header = ["POD", "INTERFACE", "NETWORK", "PLANE", "IPS", "RX PPS", "TX PPS", "LOST/S",
               "KERNEL DROP REASONS/S", "VF", "GATEWAYS", "FINDINGS"]
@@ -155,10 +178,11 @@ def render_table(rows: list[Row]) -> str:
     for r in rows:
         reasons = ",".join(f"{k}={_num(v)}" for k, v in sorted(r.drop_reasons.items(), key=lambda kv: -kv[1]))
         drops = _num(r.lost_per_s)
-        lines.append([f"{r.namespace}/{r.pod}", r.interface or "-", r.network, r.plane, r.ips or "-",
-                      _num(r.rx_pps), _num(r.tx_pps), drops, reasons or "-", r.vf or "-",
-                      ", ".join(r.gateways) or "-",
-                      " | ".join(r.findings) or "-"])
+        lines.append([printable(cell) for cell in (
+            f"{r.namespace}/{r.pod}", r.interface or "-", r.network, r.plane, r.ips or "-",
+            _num(r.rx_pps), _num(r.tx_pps), drops, reasons or "-", r.vf or "-",
+            ", ".join(r.gateways) or "-",
+            " | ".join(map(str, r.findings)) or "-")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]
                      for line in lines)
@@ -172,7 +196,7 @@ def plane_summary(rows: list[Row]) -> str:
     parts = []
     for plane, (pps, drops) in sorted(by.items(), key=lambda kv: -kv[1][1]):
         loss = drops / (pps + drops) if pps + drops else 0.0
-        parts.append(f"{plane}: {_num(pps)} pps, {_num(drops)} lost/s ({loss:.2%})")
+        parts.append(f"{printable(plane)}: {_num(pps)} pps, {_num(drops)} lost/s ({loss:.2%})")
     return "planes (loss = interface drops+errors and VF drops): " + "; ".join(parts)
 
 
@@ -221,10 +245,11 @@ def cmd_inspect(args) -> int:
     try:
         rows = inspect(client, args.interval, args.pod, args.plane)
     except OSError as err:
-        print(f"cannot read {args.url}: {err}", file=sys.stderr)
+        print(printable(f"cannot read {args.url}: {err}"), file=sys.stderr)
         return 1
     if args.output == "json":
-        json.dump([r.__dict__ for r in rows], sys.stdout, indent=2, sort_keys=True)
+        # ensure_ascii: every control or non-ASCII character leaves as a \\u escape
+        json.dump([r.__dict__ for r in rows], sys.stdout, indent=2, sort_keys=True, ensure_ascii=True)
         print()
     else:
         print(render_table(rows))

@@ -27,6 +27,10 @@ INVALID_PLUGINS = "invalid_plugins"  # `plugins` is not a non-empty list of obje
 NO_TYPE = "no_type"                  # the (first) plugin has no string `type`
 CONFIG_ERRORS = (NOT_A_STRING, TOO_LARGE, INVALID_JSON, NOT_AN_OBJECT, INVALID_PLUGINS, NO_TYPE)
 
+# What collector/kube.py leaves in place of a spec.config it would not keep
+# (longer than it accepts): reported as TOO_LARGE, never parsed.
+REFUSED_CONFIG = "\x00planewatch: spec.config refused, too large"
+
 # Where plugins name the host-side device: macvlan/ipvlan/vlan `master`,
 # host-device `device`, bridge and ovs `bridge`; host-device may instead select
 # its device by `pciBusID`, `hwaddr` or `kernelpath` (containernetworking/plugins
@@ -42,6 +46,8 @@ def _decode_config(config: object) -> tuple[Mapping | None, str]:
     """spec.config → (CNI config object, "") or (None, config_error)."""
     if isinstance(config, Mapping):     # a hand-written YAML object instead of a JSON string
         return config, ""
+    if config == REFUSED_CONFIG:
+        return None, TOO_LARGE
     if not isinstance(config, str):
         return None, NOT_A_STRING
     value, error = decode_json(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 from collector.discovery import Store
 from collector.netns import Resolver
@@ -43,6 +43,9 @@ class Scraper:
         self.version = version
         self._lock = threading.Lock()
         self._failures_logged: set[str] = set()
+        # Families about planewatch itself from outside the sources (HTTP refusals,
+        # the API watch): each callable is asked at every scrape.
+        self.extra: list[Callable[[], Iterable[Family]]] = []
 
     def snapshot(self) -> Snapshot:
         view = self.store.view()
@@ -66,6 +69,8 @@ class Scraper:
                 t0 = time.perf_counter()
                 ok = self._run(name, source, snapshot, families)
                 results.append((name, ok, time.perf_counter() - t0))
+            for producer in self.extra:
+                families.extend(producer())
             return families + health_families(results, self.version), snapshot
 
     def _run(self, name: str, source: Source, snapshot: Snapshot, out: list[Family]) -> bool:

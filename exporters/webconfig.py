@@ -27,6 +27,12 @@ behaves as NoClientCert: Go does not verify that certificate either, so it
 never grants anything. Verifying modes need `client_ca_file` (Go would fall
 back to the system roots; a monitoring endpoint should not trust every public CA).
 
+`client_allowed_sans` needs RequireAndVerifyClientCert (exporter-toolkit refuses
+it with the other modes too: a client that sends no certificate has no SAN to
+check). The certificate and key, and the bearer token file, are re-read when
+they change (CertificateReloader, webauth.TokenFile); the file itself is read
+once. Checking requests lives in exporters/webauth.py.
+
 /healthz and /readyz are left open on purpose: kubelet probes can neither send
 a password without writing it into the pod spec nor present a client cert.
 They return only ok/not-ready; /metrics and /debug/* always need credentials
@@ -34,13 +40,7 @@ when any are configured.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import concurrent.futures
 import functools
-import hashlib
-import hmac
 import logging
 import os
 import re
@@ -49,18 +49,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import bcrypt
 import yaml
-from aiohttp import web
+
+from exporters.httpstats import REFUSALS
+# Re-exported: the request checks live in webauth, the file format here.
+from exporters.webauth import (  # noqa: F401
+    UNAUTHENTICATED_PATHS, BasicAuthChecker, TokenFile, cert_sans, make_middleware,
+    parse_authorization, parse_tokens, token_matches,
+)
 
 log = logging.getLogger(__name__)
 
-UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
-
-# How long a successful bcrypt check is remembered. bcrypt at cost 10 costs
-# ~60-100 ms of CPU; Prometheus sends the same credentials every scrape.
-AUTH_CACHE_SECONDS = 60.0
-AUTH_CACHE_MAX_ENTRIES = 256
+# Certificate and key files are stat'ed at most this often (at a TLS handshake)
+# to notice a renewal, as exporter-toolkit re-reads them for every connection.
+CERT_RECHECK_SECONDS = 1.0
 
 # Go's tls.ClientAuthType names → what Python's ssl can do.
 CLIENT_AUTH_MODES = {
@@ -125,6 +127,7 @@ class WebConfig:
     basic_auth_users: Mapping[str, bytes] = field(default_factory=dict)
     bearer_tokens: tuple[bytes, ...] = ()
     _context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    bearer_token_file: str = ""
 
     @property
     def auth_required(self) -> bool:
@@ -138,9 +141,11 @@ class WebConfig:
     def middleware(self):
         """aiohttp middleware enforcing client SANs, basic auth and bearer tokens.
 
-        One per config (cached): its bcrypt cache and worker threads are shared by
-        every request."""
-        return make_middleware(self)
+        One per config (cached): its bcrypt cache, worker threads and token file
+        watch are shared by every request."""
+        sans = set(self.tls.client_allowed_sans) if self.tls else set()
+        return make_middleware(self.basic_auth_users,
+                               TokenFile(self.bearer_token_file, self.bearer_tokens), sans)
 
 
 # ---------------------------------------------------------------- parsing (pure)
@@ -206,13 +211,21 @@ def _parse_tls(section: object, base_dir: str) -> dict:
     sans = tls.get("client_allowed_sans", [])
     if not isinstance(sans, list) or not all(isinstance(s, str) for s in sans):
         raise WebConfigError("tls_server_config.client_allowed_sans must be a list of strings")
-    if sans and not verifying:
+    if sans and CLIENT_AUTH_MODES[auth] != ssl.CERT_REQUIRED:
+        # exporter-toolkit refuses this too: with VerifyClientCertIfGiven a client
+        # that sends no certificate has no SAN to check, and would get in.
         raise WebConfigError("tls_server_config.client_allowed_sans needs a verifying "
-                             "client_auth_type")
+                             "client_auth_type that requires a certificate: "
+                             f"RequireAndVerifyClientCert (with {auth} a client sending "
+                             "no certificate would skip the SAN check)")
     for key in ("min_version", "max_version"):
         if key in tls and tls[key] not in TLS_VERSIONS:
             raise WebConfigError(f"tls_server_config.{key} {tls[key]!r} is invalid "
                                  f"(one of {', '.join(TLS_VERSIONS)})")
+    if ("max_version" in tls and TLS_VERSIONS[tls.get("min_version", "TLS12")]
+            > TLS_VERSIONS[tls["max_version"]]):
+        raise WebConfigError(f"tls_server_config.min_version {tls.get('min_version', 'TLS12')} "
+                             f"is above max_version {tls['max_version']}: no version is left")
     return {
         "cert_file": _resolve(str(tls["cert_file"]), base_dir),
         "key_file": _resolve(str(tls["key_file"]), base_dir),
@@ -241,11 +254,6 @@ def _parse_users(section: object) -> dict[str, bytes]:
     return users
 
 
-def parse_tokens(text: str) -> tuple[bytes, ...]:
-    """One token per non-empty line; surrounding whitespace is not part of a token."""
-    return tuple(line.strip().encode() for line in text.splitlines() if line.strip())
-
-
 # ---------------------------------------------------------------- loading (I/O)
 
 def load_web_config(path: str) -> WebConfig:
@@ -270,7 +278,9 @@ def load_web_config(path: str) -> WebConfig:
         raise WebConfigError(f"{path}: {e}") from e
     if (users or tokens) and context is None:
         log.warning("%s: credentials are configured without TLS; they travel in clear", path)
-    return WebConfig(tls_config, users, tokens, context)
+    if context is not None:
+        CertificateReloader(tls_config, context).install()
+    return WebConfig(tls_config, users, tokens, context, token_file)
 
 
 def _read_tokens(path: str) -> tuple[bytes, ...]:
@@ -308,117 +318,62 @@ def build_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
     return context
 
 
-# ---------------------------------------------------------------- checking requests
+class CertificateReloader:
+    """Serve a renewed certificate and key without a restart (cert-manager).
 
-def cert_sans(peercert: dict | None) -> set[str]:
-    """All subjectAltName values of a verified peer certificate (DNS, IP, URI, email)."""
-    return {value for _kind, value in (peercert or {}).get("subjectAltName", ())}
+    At each TLS handshake (at most once a second) the files are stat'ed; when
+    they changed, a complete new context is built the same way as at start and
+    the handshake switches to it (SSL_set_SSL_CTX through `sni_callback`, which
+    OpenSSL calls with or without SNI). A pair that does not load (key and
+    certificate from different renewals, half written) is counted and the
+    previous context stays, until the files change again."""
 
-
-def parse_authorization(header: str) -> tuple[str, str | bytes] | None:
-    """("basic", (user, password)) / ("bearer", token) / None for anything else."""
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer" and value:
-        return "bearer", value.encode()
-    if scheme.lower() == "basic" and value:
-        try:
-            user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return ("basic", (user, password)) if sep else None
-    return None
-
-
-def token_matches(token: bytes, tokens: tuple[bytes, ...]) -> bool:
-    # Compare against every token, constant time each, no early exit.
-    found = False
-    for candidate in tokens:
-        found |= hmac.compare_digest(token, candidate)
-    return found
-
-
-class BasicAuthChecker:
-    """bcrypt checks off the event loop, with successful results kept briefly.
-
-    Only successes are cached: a wrong password always pays the full bcrypt
-    cost, which is what slows guessing. The cache key is a digest of user,
-    stored hash and password, so a changed hash invalidates it.
-    """
-
-    def __init__(self, users: Mapping[str, bytes], ttl: float = AUTH_CACHE_SECONDS,
-                 clock=time.monotonic):
-        self._users = dict(users)
-        self._ttl = ttl
+    def __init__(self, tls: TLSServerConfig, context: ssl.SSLContext, clock=time.monotonic):
+        self.tls = tls
+        self.first = context
+        self.current = context
         self._clock = clock
-        self._ok: dict[bytes, float] = {}
-        # Two threads at most: a flood of wrong passwords cannot take every core.
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="bcrypt")
+        self._signature = self._files_signature()
+        self._next_check = 0.0
 
-    async def check(self, user: str, password: str) -> bool:
-        known = user in self._users
-        # An unknown user is checked against some real hash anyway so that the
-        # answer takes as long as for a known one (no user enumeration by timing).
-        hashed = self._users[user] if known else next(iter(self._users.values()), None)
-        if hashed is None:
-            return False
-        key = hashlib.sha256(b"\0".join((user.encode(), hashed, password.encode()))).digest()
+    def install(self) -> None:
+        self.first.sni_callback = self._on_hello
+
+    def _files_signature(self) -> tuple:
+        out = []
+        for path in (self.tls.cert_file, self.tls.key_file):
+            try:
+                st = os.stat(path)
+                out.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def refresh(self) -> ssl.SSLContext:
         now = self._clock()
-        if known and self._ok.get(key, 0.0) > now:
-            return True
-        loop = asyncio.get_running_loop()
-        good = await loop.run_in_executor(self._pool, bcrypt.checkpw, password.encode(), hashed)
-        if good and known:
-            self._remember(key, now)
-        return good and known
+        if now < self._next_check:
+            return self.current
+        self._next_check = now + CERT_RECHECK_SECONDS
+        signature = self._files_signature()
+        if signature == self._signature:
+            return self.current
+        self._signature = signature
+        try:
+            self.current = build_ssl_context(self.tls)
+        except (WebConfigError, OSError, ssl.SSLError) as err:
+            log.warning("TLS certificate changed but cannot be loaded (%s); still serving the "
+                        "previous one", err)
+            REFUSALS.reloaded("certificate", False)
+        else:
+            log.info("TLS certificate %s re-read", self.tls.cert_file)
+            REFUSALS.reloaded("certificate", True)
+        return self.current
 
-    def _remember(self, key: bytes, now: float) -> None:
-        if len(self._ok) >= AUTH_CACHE_MAX_ENTRIES:
-            self._ok = {k: t for k, t in self._ok.items() if t > now}
-            if len(self._ok) >= AUTH_CACHE_MAX_ENTRIES:
-                self._ok.pop(next(iter(self._ok)))
-        self._ok[key] = now + self._ttl
-
-
-def challenge_headers(config: WebConfig) -> list[tuple[str, str]]:
-    headers = []
-    if config.basic_auth_users:
-        headers.append(("WWW-Authenticate", 'Basic realm="planewatch"'))
-    if config.bearer_tokens:
-        headers.append(("WWW-Authenticate", 'Bearer realm="planewatch"'))
-    return headers
-
-
-def make_middleware(config: WebConfig):
-    checker = BasicAuthChecker(config.basic_auth_users)
-    allowed_sans = set(config.tls.client_allowed_sans) if config.tls else set()
-
-    @web.middleware
-    async def web_config_middleware(request: web.Request, handler):
-        if allowed_sans:
-            # Checked per request, before the path exemption: like a failed
-            # handshake in Go, a client with the wrong identity gets nothing.
-            peercert = request.transport.get_extra_info("peercert") if request.transport else None
-            if peercert and not cert_sans(peercert) & allowed_sans:
-                raise web.HTTPForbidden(text="client certificate SAN not allowed\n")
-        if not config.auth_required or request.path in UNAUTHENTICATED_PATHS:
-            return await handler(request)
-        if await _authorized(request.headers.get("Authorization", ""), config, checker):
-            return await handler(request)
-        response = web.Response(status=401, text="Unauthorized\n")
-        for name, value in challenge_headers(config):
-            response.headers.add(name, value)
-        return response
-
-    return web_config_middleware
-
-
-async def _authorized(header: str, config: WebConfig, checker: BasicAuthChecker) -> bool:
-    parsed = parse_authorization(header)
-    if parsed is None:
-        return False
-    scheme, credentials = parsed
-    if scheme == "bearer":
-        return bool(config.bearer_tokens) and token_matches(credentials, config.bearer_tokens)
-    user, password = credentials
-    return await checker.check(user, password)
+    def _on_hello(self, sslobj, server_name, context):
+        try:
+            fresh = self.refresh()
+            if fresh is not self.first:
+                sslobj.context = fresh
+        except Exception:       # never fail a handshake over the reload itself
+            log.exception("reloading the TLS certificate")
+        return None

@@ -60,7 +60,11 @@ CONTRACT_METRICS = frozenset(
        "planewatch_rdma_port_state_id", "planewatch_rdma_port_link_downed_total",
        "planewatch_rdma_port_receive_bytes_total", "planewatch_rdma_port_transmit_bytes_total",
        "planewatch_rdma_port_symbol_errors_total", "planewatch_rdma_port_hw_events_total",
-       "planewatch_rdma_read_errors_total", "planewatch_rdma_attachment_refused"])
+       "planewatch_rdma_read_errors_total", "planewatch_rdma_attachment_refused"]
+    # Only with the Kubernetes API feed, so not in the golden file (pods-file mode);
+    # tests/test_hostile_kube.py reads them.
+    + ["planewatch_kube_watch_restarts_total", "planewatch_kube_requests_total",
+       "planewatch_kube_objects_trimmed_total"])
 
 IDENTITY_LABELS = {"namespace", "pod", "network", "interface", "plane", "node"}
 
