@@ -194,7 +194,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_cluster(args) -> int:
     from collector.cli import serve_forever, setup_logging, web_security
-    from collector.kube import api_client
+    from collector.kube import official_api_client as api_client
     setup_logging(args.log_level)
     try:
         middlewares, ssl_context = web_security(args.web_config)
