@@ -77,6 +77,9 @@ class Server:
     async def _start_reconciler(self, app) -> None:
         self._reconciler = asyncio.create_task(self._reconcile_forever())
 
+    def _warm(self) -> bool:
+        return getattr(self.scraper, "warm", True)
+
     async def _reconcile_forever(self) -> None:
         while True:
             if self.scraper.store.ready:
@@ -85,7 +88,9 @@ class Server:
                         self._reconcile_executor, self.scraper.reconcile)
                 except Exception:
                     log.exception("reconcile failed")
-            await asyncio.sleep(self.reconcile_seconds)
+            # until the first pod list is in and the warm-up collection done, look
+            # often: readiness waits on it
+            await asyncio.sleep(self.reconcile_seconds if self._warm() else 0.05)
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, args)
@@ -155,9 +160,11 @@ class Server:
         return web.Response(text="ok\n")
 
     async def readyz(self, request):
-        if self.scraper.store.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="waiting for the first pod list\n")
+        if not self.scraper.store.ready:
+            return web.Response(status=503, text="waiting for the first pod list\n")
+        if not self._warm():
+            return web.Response(status=503, text="waiting for the first complete collection\n")
+        return web.Response(text="ready\n")
 
     async def debug_attachments(self, request):
         body = await self._shared_debug("attachments", self._attachments_body)

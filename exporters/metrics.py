@@ -46,6 +46,10 @@ class Scraper:
         # Families about planewatch itself from outside the sources (HTTP refusals,
         # the API watch): each callable is asked at every scrape.
         self.extra: list[Callable[[], Iterable[Family]]] = []
+        # One complete collection has run since the pods were listed: /readyz waits
+        # for it, so the first scrape Prometheus makes finds every namespace opened,
+        # link tables read and route analyses cached (1000 interfaces: seconds cold).
+        self.warm = False
 
     def snapshot(self) -> Snapshot:
         view = self.store.view()
@@ -91,9 +95,14 @@ class Scraper:
         return True
 
     def reconcile(self) -> None:
-        """Let sources that keep kernel state (BPF attachments) follow the pods.
-        Runs on its own thread: the scrape lock is held only for the snapshot, not
+        """Let sources that keep kernel state (BPF attachments) follow the pods;
+        the first time, run the warm-up collection first. Runs on its own thread: the scrape lock is held only for the snapshot, not
         for the (slow) attaching."""
+        if not self.warm:
+            try:
+                self.scrape()
+            finally:            # a failing collection is /healthz's and the logs' business
+                self.warm = True
         hooks = [(n, s.reconcile) for n, s in self.sources.items() if hasattr(s, "reconcile")]
         if not hooks:
             return
