@@ -100,20 +100,27 @@ class ClusterFeed:
     """The four ListWatches, each on its own daemon thread."""
 
     def __init__(self, state: ClusterState, api):
-        from kubernetes import client
+        """`api`: a collector/kubeclient.py KubeClient, or the official ApiClient."""
         from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
+        from collector.kubeclient import KubeClient
         self.stop_event = threading.Event()
-        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        cluster_objects = custom.list_cluster_custom_object
+        if isinstance(api, KubeClient):
+            pods, cluster_objects = api.pods(), api.cluster_custom_objects
+        else:
+            from kubernetes import client
+            pods = client.CoreV1Api(api).list_pod_for_all_namespaces
+            custom = client.CustomObjectsApi(api)
+
+            def cluster_objects(group, version, plural):
+                return functools.partial(custom.list_cluster_custom_object, group, version, plural)
         # NADs as on every node: small pages, an oversized spec.config dropped on arrival
         nad_options = {"page": NAD_PAGE, "trim": trim_nad_config}
         feeds = [
-            ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
+            ("pods", pods, state.pods, {}),
             ("network-attachment-definitions",
-             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
-            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
-            (RESERVATION_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, RESERVATION_PLURAL),
-             state.reservations, {}),
+             cluster_objects(NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
+            (IPPOOL_PLURAL, cluster_objects(GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
+            (RESERVATION_PLURAL, cluster_objects(GROUP, VERSION, RESERVATION_PLURAL), state.reservations, {}),
         ]
         self.watches = [ListWatch(name, call, keyed.replace, keyed.upsert, keyed.delete,
                                   on_listed=keyed.mark_listed, stop=self.stop_event, **options)
@@ -194,7 +201,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_cluster(args) -> int:
     from collector.cli import serve_forever, setup_logging, web_security
-    from collector.kube import official_api_client as api_client
+    from collector.kube import api_client
     setup_logging(args.log_level)
     try:
         middlewares, ssl_context = web_security(args.web_config)

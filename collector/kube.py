@@ -17,7 +17,7 @@ Restarts by reason and dropped configs are counted on /metrics.
 
 The requests go through collector/kubeclient.py (standard library, ~38 MiB less
 RSS than the official client's API classes); ListWatch also runs on the official
-client's list methods (cluster mode, tests), which answer in the same shapes.
+client's list methods (tests), which answer in the same shapes.
 """
 from __future__ import annotations
 
@@ -56,15 +56,6 @@ class Gone(Exception):
 def api_client(kubeconfig: str | None) -> KubeClient:
     """The node feed's client: from a kubeconfig file, else in-cluster."""
     return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster()
-
-
-def official_api_client(kubeconfig: str | None):
-    """The official client (cluster mode, a Deployment, uses its API classes)."""
-    from kubernetes import client, config as kube_config
-    if kubeconfig:
-        return kube_config.new_client_from_config(config_file=kubeconfig)
-    kube_config.load_incluster_config()
-    return client.ApiClient()
 
 
 class ListWatch:

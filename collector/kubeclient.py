@@ -255,7 +255,12 @@ def from_kubeconfig(path: str) -> KubeClient:
 def from_official_config(path: str) -> KubeClient:
     """Credentials the official loader resolves (exec plugins, auth-provider, ...):
     the kubernetes package is imported here only, for kubeconfigs that need it."""
-    from kubernetes import config as kube_config
+    try:
+        from kubernetes import config as kube_config
+    except ModuleNotFoundError:
+        raise RuntimeError(f"kubeconfig {path}: its user needs an exec plugin, auth-provider, basic auth or "
+                           "a proxy; install the official client for those: pip install "
+                           "'planewatch[kubeconfig-plugins]'") from None
     api = kube_config.new_client_from_config(config_file=path)
     conf = api.configuration
     ctx = None

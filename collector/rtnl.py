@@ -1,6 +1,6 @@
 """A narrow rtnetlink reader for the per-scrape hot path.
 
-pyroute2 stays the tool for rich, occasional work (routes, rules, VF info).
+pyroute2 is not loaded by `serve` (routes and rules: collector/rtnl_routes.py).
 Reading every pod interface's counters at every scrape is the one place where
 its per-message parsing (~180 us a link here) and per-netns socket set-up cost
 more than the kernel does: recipes/netlink-performance.md measured 182 ms
