@@ -13,8 +13,9 @@ kube-apiserver + etcd (tests/kubeapi.py) holding the lab's pods and NADs, and:
 
 Figures, per planewatch build:
   first complete scrape  seconds from exec until /metrics first holds
-                         planewatch_interface_up for every lab interface, and
-                         until /readyz first answers 200 (cold starts, ABBA order)
+                         planewatch_interface_up for every lab interface, until
+                         BPF is attached to all of them, and until /readyz first
+                         answers 200 (cold starts, ABBA order)
   scrape ratio           each round's planewatch latency / node_exporter's, the
                          targets scraped in turn round by round; median and spread
   RSS                    VmRSS (and VmHWM) after the rounds
@@ -60,6 +61,13 @@ def interfaces_up(body: bytes) -> int:
     return sum(1 for line in body.splitlines() if line.startswith(b"planewatch_interface_up{"))
 
 
+def attached(body: bytes) -> int:
+    for line in body.splitlines():
+        if line.startswith(b"planewatch_ebpf_attached_interfaces "):
+            return int(float(line.split()[-1]))
+    return 0
+
+
 def ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
@@ -84,14 +92,14 @@ def cold_start(name: str, tree: str, kubeconfig: str, want: int, workdir: str,
     t0 = time.perf_counter()
     proc = start_collector(tree, kubeconfig, port, os.path.join(workdir, f"{name}.log"))
     target = Target(name, proc.pid, port)
-    out = {"complete_s": None, "ready_s": None, "first_answer_s": None, "partial_answers": 0}
+    out = {"complete_s": None, "ready_s": None, "first_answer_s": None, "partial_answers": 0, "bpf_complete_s": None}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (out["complete_s"] is None or out["ready_s"] is None):
+    while time.monotonic() < deadline and None in (out["complete_s"], out["ready_s"], out["bpf_complete_s"]):
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}")
         if out["ready_s"] is None and ready(port):
             out["ready_s"] = time.perf_counter() - t0
-        if out["complete_s"] is None:
+        if out["complete_s"] is None or out["bpf_complete_s"] is None:
             try:
                 target.scrape()
             except Exception:       # not listening yet, or 503 while not ready
@@ -100,6 +108,11 @@ def cold_start(name: str, tree: str, kubeconfig: str, want: int, workdir: str,
             now = time.perf_counter() - t0
             if out["first_answer_s"] is None:
                 out["first_answer_s"] = now
+            if out["bpf_complete_s"] is None and attached(target.body) >= want:
+                out["bpf_complete_s"] = now
+            if out["complete_s"] is not None:
+                time.sleep(0.2)
+                continue
             if interfaces_up(target.body) >= want:
                 out["complete_s"] = now
             else:
@@ -261,8 +274,9 @@ def print_table(result: dict) -> None:
     row("  series", [str(scrape[n]["series"]) for n in names])
 
     def cells(key):
-        return [" / ".join("-" if c[key] is None else f"{c[key]:.2f}" for c in cold[n]) for n in names]
+        return [" / ".join("-" if c.get(key) is None else f"{c[key]:.2f}" for c in cold[n]) for n in names]
     row("first complete /metrics, s (each start)", cells("complete_s"), "<= 1")
+    row("BPF on every interface, s", cells("bpf_complete_s"))
     row("first /readyz 200, s", cells("ready_s"))
     row("ready before complete?", [" / ".join("yes" if c.get("ready_before_complete") else "no"
                                                for c in cold[n]) for n in names], "no")

@@ -201,6 +201,8 @@ def raise_fd_limit() -> None:
 
 def cmd_serve(args) -> int:
     setup_logging(args.log_level)
+    from collector.memory import tune_malloc
+    tune_malloc()
     from collector.caps import raise_effective
     raise_effective()
     raise_fd_limit()

@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
+from collector.memory import trim
 from collector.model import PodView
 from collector.registry import Snapshot
 from exporters.exposition import CONTENT_TYPE
@@ -128,6 +129,10 @@ class Server:
         fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
         self._inflight = fut
         fut.add_done_callback(self._clear_inflight)
+        # The collection's garbage is freed: give its pages back, on the worker
+        # after the answer is on its way (a trim costs ~10 ms at 1000 interfaces;
+        # RSS stays ~60 MiB instead of ~63, collector/memory.py)
+        fut.add_done_callback(lambda _: self._executor.submit(trim))
         return fut
 
     async def _after(self, running: asyncio.Future) -> bytes:
