@@ -89,6 +89,8 @@ def web_limits(args):
 
 def cmd_serve(args) -> int:
     setup_logging(args.log_level)
+    from collector.memory import tune_malloc
+    tune_malloc()
     from collector.caps import raise_effective
     raise_effective()
     raise_fd_limit()

@@ -106,21 +106,28 @@ class ClusterFeed:
     """The four ListWatches, each on its own daemon thread."""
 
     def __init__(self, state: ClusterState, api):
-        from kubernetes import client
-
+        """`api`: a collector/kubeclient.py KubeClient, or the official ApiClient."""
         from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
+        from collector.kubeclient import KubeClient
         self.stop_event = threading.Event()
-        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        cluster_objects = custom.list_cluster_custom_object
+        pods: Callable[..., Any]            # a list/watch call of either client
+        if isinstance(api, KubeClient):
+            pods, cluster_objects = api.pods(), api.cluster_custom_objects
+        else:
+            from kubernetes import client
+            pods = client.CoreV1Api(api).list_pod_for_all_namespaces
+            custom = client.CustomObjectsApi(api)
+
+            def cluster_objects(group, version, plural):
+                return functools.partial(custom.list_cluster_custom_object, group, version, plural)
         # NADs as on every node: small pages, an oversized spec.config dropped on arrival
         nad_options: dict[str, Any] = {"page": NAD_PAGE, "trim": trim_nad_config}
         feeds: list[tuple[str, Callable, Keyed[Any], dict[str, Any]]] = [
-            ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
+            ("pods", pods, state.pods, {}),
             ("network-attachment-definitions",
-             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
-            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
-            (RESERVATION_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, RESERVATION_PLURAL),
-             state.reservations, {}),
+             cluster_objects(NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
+            (IPPOOL_PLURAL, cluster_objects(GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
+            (RESERVATION_PLURAL, cluster_objects(GROUP, VERSION, RESERVATION_PLURAL), state.reservations, {}),
         ]
         self.watches = [ListWatch(name, call, keyed.replace, keyed.upsert, keyed.delete,
                                   on_listed=keyed.mark_listed, stop=self.stop_event, **options)

@@ -123,7 +123,8 @@ def test_daemonset_security_promises(docs):
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert ctr["resources"]["limits"] == {"cpu": "500m", "memory": "256Mi"}
+    assert ctr["resources"]["limits"] == {"cpu": "500m", "memory": "192Mi"}
+    assert ctr["resources"]["requests"] == {"cpu": "25m", "memory": "80Mi"}
 
 
 def test_service_and_servicemonitor_find_the_pods(docs):

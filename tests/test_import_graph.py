@@ -19,9 +19,10 @@ TOOLS = ("lab", "dashboards")          # development tools: stand on the runtime
 # (layer, module or package prefixes), in the order data flows.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", ("kernel", "ebpf", "collector", "collector.model", "collector.family", "collector.intervals",
-                "collector.sysfs_safe", "collector.caps")),
+                "collector.sysfs_safe", "collector.caps", "collector.memory")),
     ("discovery", ("collector.annotations", "collector.nad", "collector.netnames", "collector.planes",
-                   "collector.budgets", "collector.discovery", "collector.kube", "collector.podsfile",
+                   "collector.budgets", "collector.discovery", "collector.kube", "collector.kubeclient",
+                   "collector.podsfile",
                    "collector.whereabouts", "collector.whereabouts_ranges")),
     ("resolution", ("collector.netns", "collector.netns_pool", "collector.cgroups", "collector.claims")),
     ("sources", ("collector.registry", "collector.sources", "collector.sriov_readers", "collector.sriov_sysfs",
