@@ -280,8 +280,8 @@ def build(args: list[str]):
     """The Server `planewatch serve <args>` builds (feeds not started)."""
     import argparse as _argparse
 
-    from planewatch.cli import add_serve_flags
-    from planewatch.serve import build_server
+    from exporters.cli import add_serve_flags
+    from exporters.serve import build_server
     parser = _argparse.ArgumentParser()
     add_serve_flags(parser)
     server, feeds, _ = build_server(parser.parse_args(args))

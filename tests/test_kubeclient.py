@@ -154,7 +154,7 @@ def test_serve_never_imports_the_heavy_libraries(tmp_path):
     collector) loads neither the kubernetes package, pyroute2 nor grafanalib
     (RSS: ~38, ~10 and ~5 MiB)."""
     kubeconfig = _kubeconfig(tmp_path, {"token": "t"})
-    code = ("import sys, argparse; from planewatch import cli, serve\n"
+    code = ("import sys, argparse; from exporters import cli, serve\n"
             "p = argparse.ArgumentParser(); s = p.add_subparsers(dest='c').add_parser('serve')\n"
             "cli.add_serve_flags(s)\n"
             f"args = p.parse_args(['serve', '--kubeconfig', {kubeconfig!r}, '--node-name', 'n'])\n"

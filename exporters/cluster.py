@@ -30,9 +30,9 @@ from collector.whereabouts_metrics import ippool_families
 from collector.whereabouts_ranges import nad_ranges
 from exporters.exposition import CONTENT_TYPE, render
 from exporters.metrics import health_families
-from planewatch.serve import serve_forever, setup_logging, web_security
+from exporters.serve import serve_forever, setup_logging, web_security
 
-log = logging.getLogger("planewatch.cluster")
+log = logging.getLogger("exporters.cluster")
 
 DEFAULT_LISTEN = "127.0.0.1:9809"
 COLLECTOR = "whereabouts"
@@ -166,7 +166,7 @@ class ClusterFile:
 
 
 class ClusterServer:
-    """/metrics, /healthz, /readyz; `.app` is what planewatch.serve.serve_forever runs."""
+    """/metrics, /healthz, /readyz; `.app` is what exporters.serve.serve_forever runs."""
 
     def __init__(self, state: ClusterState, middlewares=()):
         self.state = state
@@ -225,7 +225,7 @@ def cmd_cluster(args) -> int:
 
 
 def add_cluster_command(sub) -> None:
-    """Add `cluster` to the `planewatch` subcommands (planewatch/cli.py main())."""
+    """Add `cluster` to the `planewatch` subcommands (exporters/cli.py main())."""
     p = sub.add_parser("cluster", help="cluster-wide metrics (Whereabouts IP pools); run one replica")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_cluster)
