@@ -8,7 +8,11 @@ alike. Two loads: TCP (GSO-sized segments: throughput) and UDP with 64-byte
 datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
-    sudo python3 bench/datapath.py [--rounds 5] [--seconds 10] [--no-udp]
+    sudo python3 bench/datapath.py [--rounds 5] [--seconds 10] [--no-udp] [--objects DIR ...]
+
+`--objects` compares several builds of the programs (ebpf/build directories of
+two checkouts, say): each round runs "without" and every build, in an order
+rotated round by round; the ratios are each build's median over "without".
 
 Needs root, iperf3 and `make -C ebpf`. Everything made is removed on exit.
 """
@@ -92,48 +96,56 @@ def run(args) -> None:
         (k0, ns0), (k1, ns1) = list(state.pod_ns.items())
         server_ip = state.addresses[k1]["eth0"][0]
         loads = [("tcp", False)] + ([] if args.no_udp else [("udp64", True)])
-        results = {(load, mode): [] for load, _ in loads for mode in ("without", "with")}
+        builds = {"with" if len(args.objects) < 2 else f"with {d}": d for d in args.objects or [""]}
+        modes = ["without", *builds]
+        results = {(load, mode): [] for load, _ in loads for mode in modes}
         for r in range(args.rounds):
-            # alternate which goes first, so neither always runs on a warmer machine
-            for mode in (("without", "with") if r % 2 == 0 else ("with", "without")):
-                if mode == "with":
-                    loader = Loader()
+            # rotate which goes first, so none always runs on a warmer machine
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                if mode != "without":
+                    loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
                 for load, udp in loads:
                     got = iperf3(ns0, ns1, server_ip, args.seconds, udp)
                     results[(load, mode)].append(got)
                     extra = f", {got['mpps']:.3f} Mpps" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
-                          f"{f' (BPF on {attached} interfaces)' if mode == 'with' else ''}", flush=True)
+                          f"{f' (BPF on {attached} interfaces)' if mode != 'without' else ''}", flush=True)
                 if loader is not None:
                     loader.close()
                     loader = None
-        print_summary(results, loads)
+        print_summary(results, loads, list(builds))
     finally:
         if loader is not None:
             loader.close()
         topology.down(prefix)
 
 
-def print_summary(results: dict, loads: list) -> None:
-    print("\nmedians (receiver side):")
+def print_summary(results: dict, loads: list, builds: list[str]) -> None:
+    print("\nmedians (receiver side), min-max of the rounds in brackets:")
     for load, udp in loads:
         key = "mpps" if udp else "gbps"
-        without = statistics.median(g[key] for g in results[(load, "without")])
-        with_ = statistics.median(g[key] for g in results[(load, "with")])
-        cpu_w = statistics.median(g["cpu_receiver"] for g in results[(load, "with")])
+        without = [g[key] for g in results[(load, "without")]]
         cpu_wo = statistics.median(g["cpu_receiver"] for g in results[(load, "without")])
-        print(f"  {load:<6} without {without:.3f} {key}, with {with_:.3f} {key}: ratio {with_ / without:.3f}; "
-              f"receiver CPU {cpu_wo:.0f}% -> {cpu_w:.0f}%")
+        print(f"  {load:<6} without {statistics.median(without):.3f} {key} "
+              f"[{min(without):.3f}-{max(without):.3f}], receiver CPU {cpu_wo:.0f}%")
+        for mode in builds:
+            with_ = [g[key] for g in results[(load, mode)]]
+            cpu_w = statistics.median(g["cpu_receiver"] for g in results[(load, mode)])
+            # per-round ratios too: each "with" against the "without" of its own round
+            per_round = [w / wo for w, wo in zip(with_, without)]
+            print(f"  {load:<6} {mode} {statistics.median(with_):.3f} {key} [{min(with_):.3f}-{max(with_):.3f}]: "
+                  f"ratio {statistics.median(with_) / statistics.median(without):.3f} "
+                  f"(per round {min(per_round):.3f}-{max(per_round):.3f}); receiver CPU {cpu_w:.0f}%")
 
 
-def prog_test_run() -> None:
+def prog_test_run(objects: list[str]) -> None:
     script = os.path.join(REPO, "bench", "ebpf_prog_test_run.py")
     if not os.path.exists(script):
         print("\nbench/ebpf_prog_test_run.py not there: no in-kernel ns/packet numbers")
         return
     print("\nBPF_PROG_TEST_RUN (bench/ebpf_prog_test_run.py):", flush=True)
-    subprocess.run([sys.executable, script], check=False)
+    subprocess.run([sys.executable, script] + (["--objects", *objects] if objects else []), check=False)
 
 
 def main() -> int:
@@ -141,6 +153,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--no-udp", action="store_true", help="TCP only")
+    p.add_argument("--objects", nargs="+", default=[], help="BPF object directories to compare (default ebpf/build)")
+    p.add_argument("--no-prog-test-run", action="store_true")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -148,7 +162,8 @@ def main() -> int:
     print(f"nproc {os.cpu_count()}, loadavg {open('/proc/loadavg').read().split()[:3]}, "
           f"{args.rounds} rounds x {args.seconds} s per load and mode")
     run(args)
-    prog_test_run()
+    if not args.no_prog_test_run:
+        prog_test_run(args.objects)
     return 0
 
 

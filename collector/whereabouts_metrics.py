@@ -1,4 +1,4 @@
-"""The families of cluster mode (planewatch/cluster.py): per Whereabouts pool its
+"""The families of cluster mode (exporters/cluster.py): per Whereabouts pool its
 size, allocations, free and leaked addresses, invalid entries, and the overlapping
 range reservations."""
 from __future__ import annotations

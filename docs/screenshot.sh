@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 python3 -m lab up --prefix $PREFIX --sriov-fixture
-python3 -m planewatch serve --web.listen-address $PW --node-name lab-node \
+python3 -m exporters serve --web.listen-address $PW --node-name lab-node \
     --pods-file /run/planewatch-lab/$PREFIX-pods.json \
     --path.sysfs /run/planewatch-lab/$PREFIX-sysfs >"$WORK/planewatch.log" 2>&1 &
 PIDS="$PIDS $!"

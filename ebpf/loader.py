@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 OBJECTS_DIR = Path(__file__).resolve().parent / "build"
 TRAFFIC_OBJECT = "interface_traffic.bpf.o"
 DROPS_OBJECT = "packet_drops.bpf.o"
-BENCH_PROGRAMS = ("bench_noop", "bench_counters")
+BENCH_PROGRAMS = ("bench_noop", "bench_counters", "bench_parse", "bench_lookup")
 MAX_TOP_FLOWS = 1000
 ATTACH_MODES = ("auto", "tcx", "clsact")
 
@@ -157,7 +157,10 @@ class Loader:
         def tune(obj: int) -> None:
             libbpf.set_max_entries(libbpf.find_map(obj, "flows"), flow_entries)
             for name in BENCH_PROGRAMS if bench else ():
-                libbpf.set_autoload(libbpf.find_program(obj, name), True)
+                try:                        # an older object may lack a variant
+                    libbpf.set_autoload(libbpf.find_program(obj, name), True)
+                except OSError:
+                    pass
 
         traffic = self._open_and_load(objects_dir / TRAFFIC_OBJECT, tune)
         drops = self._open_and_load(objects_dir / DROPS_OBJECT)

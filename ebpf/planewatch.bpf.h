@@ -49,10 +49,11 @@ struct flow_key {              /* "=IBBH2s2s16s16s", 44 bytes */
 	__u8 daddr[16];
 };
 
+/* Keyed by the tuple as it leaves the pod (see track_ingress). */
 struct flow_value {            /* "=IIIIQQ", 32 bytes */
-	__u32 ingress_ifindex;     /* last interface this tuple came in by */
+	__u32 ingress_ifindex;     /* last interface the reversed tuple came in by */
 	__u32 egress_ifindex;      /* last interface this tuple left by */
-	__u32 request_ifindex;     /* where the reversed tuple came in, when it differs */
+	__u32 request_ifindex;     /* ingress_ifindex when a packet left by another one */
 	__u32 owner_ifindex;       /* the interface whose packet created the entry */
 	__u64 last_seen_ns;        /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 asymmetric_packets;

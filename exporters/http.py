@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
+from collector.memory import trim
 from collector.model import PodView
 from collector.registry import Snapshot
 from exporters.exposition import CONTENT_TYPE
@@ -77,6 +78,9 @@ class Server:
     async def _start_reconciler(self, app) -> None:
         self._reconciler = asyncio.create_task(self._reconcile_forever())
 
+    def _warm(self) -> bool:
+        return getattr(self.scraper, "warm", True)
+
     async def _reconcile_forever(self) -> None:
         while True:
             if self.scraper.store.ready:
@@ -85,7 +89,9 @@ class Server:
                         self._reconcile_executor, self.scraper.reconcile)
                 except Exception:
                     log.exception("reconcile failed")
-            await asyncio.sleep(self.reconcile_seconds)
+            # until the first pod list is in and the warm-up collection done, look
+            # often: readiness waits on it
+            await asyncio.sleep(self.reconcile_seconds if self._warm() else 0.05)
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, args)
@@ -123,6 +129,10 @@ class Server:
         fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
         self._inflight = fut
         fut.add_done_callback(self._clear_inflight)
+        # The collection's garbage is freed: give its pages back, on the worker
+        # after the answer is on its way (a trim costs ~10 ms at 1000 interfaces;
+        # RSS stays ~60 MiB instead of ~63, collector/memory.py)
+        fut.add_done_callback(lambda _: self._executor.submit(trim))
         return fut
 
     async def _after(self, running: asyncio.Future) -> bytes:
@@ -155,9 +165,11 @@ class Server:
         return web.Response(text="ok\n")
 
     async def readyz(self, request):
-        if self.scraper.store.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="waiting for the first pod list\n")
+        if not self.scraper.store.ready:
+            return web.Response(status=503, text="waiting for the first pod list\n")
+        if not self._warm():
+            return web.Response(status=503, text="waiting for the first complete collection\n")
+        return web.Response(text="ready\n")
 
     async def debug_attachments(self, request):
         body = await self._shared_debug("attachments", self._attachments_body)

@@ -16,7 +16,7 @@ from collector.family import COUNTER, GAUGE, Family
 @dataclass(frozen=True)
 class Limits:
     """What one client may hold; exporters/listener.py enforces them (the
-    defaults are the flags' defaults in planewatch/cli.py)."""
+    defaults are the flags' defaults in exporters/cli.py)."""
 
     max_connections: int = 128
     max_per_client: int = 64

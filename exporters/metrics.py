@@ -47,6 +47,11 @@ class Scraper:
         # Families about planewatch itself from outside the sources (HTTP refusals,
         # the API watch): each callable is asked at every scrape.
         self.extra: list[Callable[[], Iterable[Family]]] = []
+        # One complete collection and one reconcile pass (BPF attached) have run
+        # since the pods were listed: /readyz waits for them, so the first scrape
+        # Prometheus makes finds every namespace opened, link tables read, route
+        # analyses cached and every interface's BPF counters there.
+        self.warm = False
 
     def snapshot(self) -> Snapshot:
         view = self.store.view()
@@ -93,8 +98,19 @@ class Scraper:
 
     def reconcile(self) -> None:
         """Let sources that keep kernel state (BPF attachments) follow the pods.
-        Runs on its own thread: the scrape lock is held only for the snapshot, not
-        for the (slow) attaching."""
+        The first time, run the warm-up collection first and count as warm only
+        once this first pass is done: the first scrape after readiness then has
+        every series, BPF counters included. Runs on its own thread: the scrape
+        lock is held only for the snapshot, not for the (slow) attaching."""
+        first = not self.warm
+        try:
+            if first:
+                self.scrape()
+            self._reconcile()
+        finally:            # a failing pass is /healthz's and the logs' business
+            self.warm = True
+
+    def _reconcile(self) -> None:
         hooks = [(n, s.reconcile) for n, s in self.sources.items() if hasattr(s, "reconcile")]
         if not hooks:
             return

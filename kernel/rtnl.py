@@ -1,6 +1,6 @@
 """A narrow rtnetlink reader for the per-scrape hot path.
 
-pyroute2 stays the tool for rich, occasional work (routes, rules, VF info).
+pyroute2 is not loaded by `serve` (routes and rules: kernel/rtnl_routes.py).
 Reading every pod interface's counters at every scrape is the one place where
 its per-message parsing and per-netns socket set-up cost more than the kernel
 does: bench/codecs.py decodes the same RTM_GETLINK bytes both ways (24 us a

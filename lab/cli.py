@@ -9,10 +9,10 @@ import asyncio
 import os
 import sys
 
+from exporters.cli import add_serve_flags
+from exporters.serve import build_server, serve_forever, setup_logging
 from lab import topology
 from lab.objects import NODE_NAME, write_pods_file
-from planewatch.cli import add_serve_flags
-from planewatch.serve import build_server, serve_forever, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:

@@ -56,8 +56,8 @@ def lab():
         topology.down(prefix)
 
 
-SERVE = ("planewatch", "serve")
-CLUSTER = ("planewatch.cluster",)
+SERVE = ("exporters", "serve")
+CLUSTER = ("exporters.cluster",)
 
 
 class Collector:

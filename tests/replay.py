@@ -7,9 +7,9 @@ then replaying (as anybody, with no namespace, socket or BPF map):
 - rtnetlink dumps on the sockets a kept pod netns holds (links, addresses,
   RTM_GETSTATS, neighbours, route next hops): `NetnsPool(sockets=...)`; the
   replies are replayed into `kernel.rtnl.RtnlSocket`, whose decoders run;
-- the routes source's pyroute2 dumps and route lookups and the rp_filter it
-  reads inside the netns: `RoutesSource.read_pod`; pyroute2 decodes the
-  recorded message bytes and `collector.sources.routes.read_facts` runs on them;
+- the routes source's dumps and route lookups and the rp_filter it reads inside
+  the netns: `RoutesSource.read_pod`; `collector.sources.routes.read_facts` runs
+  on a socket that replays the recorded replies (kernel/rtnl_routes.py decodes);
 - the SR-IOV PF query (RTM_GETLINK with VF info): the transport of
   `NetlinkVfStats`;
 - BPF map dumps: `Loader._entries`; the ebpf/maps.py decoders run on the bytes.
@@ -68,8 +68,15 @@ def without_durations(text: str) -> str:
 
 # --- rtnetlink -----------------------------------------------------------------------
 
+def _request_key(msg: bytes) -> str:
+    """A request without its sequence number and port: two dumps of one type (routes
+    of each family, route lookups of each address) are different requests."""
+    kind = _NLMSGHDR.unpack_from(msg)[1]
+    return f"{kind}:{msg[_NLMSGHDR.size:].hex()}"
+
+
 class RecordingSocket:
-    """A netlink socket that keeps the reply buffers of the last dump of each type."""
+    """A netlink socket that keeps the reply buffers of the last answer to each request."""
 
     def __init__(self, sock, replies: dict[str, list[str]]):
         self._sock = sock
@@ -77,8 +84,7 @@ class RecordingSocket:
         self._current: list[str] = []
 
     def send(self, msg: bytes) -> int:
-        kind = _NLMSGHDR.unpack_from(msg)[1]
-        self._current = self._replies[str(kind)] = []
+        self._current = self._replies[_request_key(msg)] = []
         return self._sock.send(msg)
 
     def recv(self, size: int) -> bytes:
@@ -91,8 +97,8 @@ class RecordingSocket:
 
 
 class ReplaySocket:
-    """Answers each dump request with the recorded buffers of its type, the
-    sequence number rewritten to the request's."""
+    """Answers each request with the buffers recorded for it (or, in hand-made
+    tables, for its message type), the sequence number rewritten to the request's."""
 
     def __init__(self, replies: dict[str, list[str]], where: str):
         self._replies = replies
@@ -101,9 +107,12 @@ class ReplaySocket:
 
     def send(self, msg: bytes) -> int:
         _len, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(msg)
-        if str(kind) not in self._replies:
+        key = _request_key(msg)
+        if key not in self._replies:
+            key = str(kind)             # a hand-made table answers every request of a type
+        if key not in self._replies:
             raise OSError(errno.EOPNOTSUPP, f"{self._where}: no recorded reply to netlink message type {kind}")
-        self._pending = [_with_seq(_raw(b), seq) for b in self._replies[str(kind)]]
+        self._pending = [_with_seq(_raw(b), seq) for b in self._replies[key]]
         return len(msg)
 
     def recv(self, size: int) -> bytes:
@@ -144,115 +153,39 @@ def quiet_events(*_args) -> LinkEvents:
     return LinkEvents(QuietSocket())
 
 
-# --- pyroute2 (routes source) ----------------------------------------------------------
+# --- routes source ---------------------------------------------------------------------
 
-def _msg_bytes(msg) -> bytes:
-    length = msg["header"]["length"]
-    return bytes(msg.data[msg.offset:msg.offset + length])
-
-
-def _call_key(method: str, cmd: str, kwargs: dict) -> str:
-    return " ".join([method, cmd] + [f"{k}={kwargs[k]}" for k in sorted(kwargs)])
-
-
-class RecordingIPRoute:
-    """An AsyncIPRoute whose answers are kept as message bytes (or errno)."""
-
-    def __init__(self, ipr, calls: dict):
-        self._ipr = ipr
-        self._calls = calls
-
-    async def _call(self, method: str, cmd: str, **kwargs):
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from collector.sources.routes import _all
-        key = _call_key(method, cmd, kwargs)
-        try:
-            msgs = await _all(getattr(self._ipr, method)(cmd, **kwargs))
-        except NetlinkError as err:
-            self._calls[key] = {"error": err.code}
-            raise
-        self._calls[key] = {"messages": [_b64(_msg_bytes(m)) for m in msgs]}
-        return msgs
-
-    def addr(self, cmd, **kwargs):
-        return self._call("addr", cmd, **kwargs)
-
-    def route(self, cmd, **kwargs):
-        return self._call("route", cmd, **kwargs)
-
-    def rule(self, cmd, **kwargs):
-        return self._call("rule", cmd, **kwargs)
-
-
-class ReplayIPRoute:
-    """pyroute2 messages decoded by pyroute2 from the recorded bytes."""
-
-    def __init__(self, calls: dict, where: str):
-        self._calls = calls
-        self._where = where
-
-    async def _call(self, method: str, cmd: str, **kwargs):
-        from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.rtnl.fibmsg import fibmsg
-        from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-        from pyroute2.netlink.rtnl.rtmsg import rtmsg
-        key = _call_key(method, cmd, kwargs)
-        if key not in self._calls:
-            raise OSError(errno.EOPNOTSUPP, f"{self._where}: no recorded answer to {key}")
-        answer = self._calls[key]
-        if "error" in answer:
-            raise NetlinkError(answer["error"])
-        cls = {"addr": ifaddrmsg, "route": rtmsg, "rule": fibmsg}[method]
-        out = []
-        for text in answer["messages"]:
-            msg = cls(_raw(text))
-            msg.decode()
-            out.append(msg)
-        return out
-
-    def addr(self, cmd, **kwargs):
-        return self._call("addr", cmd, **kwargs)
-
-    def route(self, cmd, **kwargs):
-        return self._call("route", cmd, **kwargs)
-
-    def rule(self, cmd, **kwargs):
-        return self._call("rule", cmd, **kwargs)
-
-
-def recording_read_pod(calls_by_pod: dict):
-    """`collector.sources.routes.read_pod`, with the socket and rp_filter kept per pod."""
+def recording_read_pod(by_pod: dict):
+    """`collector.sources.routes.read_pod`, with the socket's replies and the rp_filter
+    kept per pod."""
     from collector.sources.routes import read_facts, read_rp_filter
     from kernel.nsenter import in_netns
 
-    async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
-        from pyroute2 import AsyncIPRoute
-        entry = calls_by_pod[f"{namespace}/{pod}"] = {"calls": {}}
-        ipr = None
+    def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+        entry = by_pod[f"{namespace}/{pod}"] = {"replies": {}}
+        sock = None
         try:
             with in_netns(netns_fd):
-                ipr = AsyncIPRoute(netns=None, flags=0, groups=0)
-                await ipr.setup_endpoint()
+                sock = RtnlSocket.open()
                 entry["rp_filter"] = read_rp_filter(procfs, [a.interface for a in atts])
-            return await read_facts(RecordingIPRoute(ipr, entry["calls"]), entry["rp_filter"],
-                                    namespace, pod, atts, links)
+            return read_facts(RtnlSocket(RecordingSocket(sock._sock, entry["replies"])), entry["rp_filter"],
+                              namespace, pod, atts, links)
         finally:
-            if ipr is not None:
-                ipr.close()
+            if sock is not None:
+                sock.close()
     return read_pod
 
 
-def replay_read_pod(calls_by_pod: dict):
+def replay_read_pod(by_pod: dict):
     from collector.sources.routes import read_facts
 
-    async def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+    def read_pod(netns_fd, procfs, namespace, pod, atts, links):
         key = f"{namespace}/{pod}"
-        if key not in calls_by_pod:
+        if key not in by_pod:
             raise OSError(errno.ENOENT, f"{key}: not in the recording")
-        entry = calls_by_pod[key]
-        return await read_facts(ReplayIPRoute(entry["calls"], key), entry["rp_filter"],
-                                namespace, pod, atts, links)
+        entry = by_pod[key]
+        return read_facts(RtnlSocket(ReplaySocket(entry["replies"], key)), entry["rp_filter"],
+                          namespace, pod, atts, links)
     return read_pod
 
 
@@ -347,8 +280,8 @@ def build(args: list[str]):
     """The Server `planewatch serve <args>` builds (feeds not started)."""
     import argparse as _argparse
 
-    from planewatch.cli import add_serve_flags
-    from planewatch.serve import build_server
+    from exporters.cli import add_serve_flags
+    from exporters.serve import build_server
     parser = _argparse.ArgumentParser()
     add_serve_flags(parser)
     server, feeds, _ = build_server(parser.parse_args(args))

@@ -123,7 +123,8 @@ def test_daemonset_security_promises(docs):
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert ctr["resources"]["limits"] == {"cpu": "500m", "memory": "256Mi"}
+    assert ctr["resources"]["limits"] == {"cpu": "500m", "memory": "192Mi"}
+    assert ctr["resources"]["requests"] == {"cpu": "25m", "memory": "80Mi"}
 
 
 def test_service_and_servicemonitor_find_the_pods(docs):
@@ -266,7 +267,7 @@ def runtime():
                     _link_or_copy(Path(dist.locate_file(rel)), site / rel)
         shutil.rmtree(src)
         done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                               "import planewatch.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
+                               "import exporters.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
                               capture_output=True, text=True, cwd="/")
         assert done.returncode == 0 and done.stdout.strip().startswith(str(site)), done
         yield {"root": root, "venv": venv, "system_python": system_python}

@@ -59,7 +59,7 @@ if os.environ.get("PW_FAULT_DENY_BPF"):
     libc.prctl(38, 1, 0, 0, 0)
     if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "seccomp")
-from planewatch.cli import main
+from exporters.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -18,7 +18,8 @@ import pytest
 from kubernetes import client
 
 from collector.discovery import Store
-from collector.kube import MAX_NAD_CONFIG_CHARS, NAD_PAGE, KubeSource
+from collector.kube import MAX_NAD_CONFIG_CHARS, NAD_PAGE, KubeFeed
+from collector.kubeclient import Credentials, KubeClient
 from exporters.exposition import render
 from tests.conftest import REPO, parse_metrics, series
 
@@ -99,24 +100,35 @@ class FakeAPI:
         self.server.server_close()
 
 
-def _run_source(api: FakeAPI, seconds: float, watch_nads: bool = True) -> tuple[KubeSource, Store]:
-    config = client.Configuration()
-    config.host = f"http://127.0.0.1:{api.port}"
+# "own": collector/kubeclient.py, what `serve` uses; "official": the kubernetes
+# package's ApiClient, which KubeFeed still accepts (and cluster mode uses).
+CLIENTS = ["own", "official"]
+
+
+def _run_source(api: FakeAPI, seconds: float, watch_nads: bool = True,
+                kind: str = "own") -> tuple[KubeFeed, Store]:
+    if kind == "own":
+        api_client = KubeClient(Credentials(f"http://127.0.0.1:{api.port}", None))
+    else:
+        config = client.Configuration()
+        config.host = f"http://127.0.0.1:{api.port}"
+        api_client = client.ApiClient(config)
     store = Store(NODE)
-    source = KubeSource(store, client.ApiClient(config), NODE, watch_nads=watch_nads)
+    source = KubeFeed(store, api_client, NODE, watch_nads=watch_nads)
     source.start()
     time.sleep(seconds)
     source.stop()
     return source, store
 
 
+@pytest.mark.parametrize("kind", CLIENTS)
 @pytest.mark.parametrize("mode", ["close", "gone"])
-def test_an_api_that_ends_every_watch_at_once_gets_backoff_not_a_storm(mode):
+def test_an_api_that_ends_every_watch_at_once_gets_backoff_not_a_storm(mode, kind):
     """"close": 200 and an empty body for every WATCH (drew 220 000 requests in
     one second); "gone": every watch answered 410, so every round relists."""
     api = FakeAPI(watch_mode=mode)
     try:
-        source, _ = _run_source(api, seconds=4.0)
+        source, _ = _run_source(api, seconds=4.0, kind=kind)
         pods = "/api/v1/pods"
         watches, lists = api.count(pods, watch=True), api.count(pods, watch=False)
     finally:
@@ -140,7 +152,8 @@ def _nad(namespace: str, name: str, config: str) -> dict:
             "spec": {"config": config}}
 
 
-def test_nad_lists_are_paged_small_and_huge_configs_dropped():
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_nad_lists_are_paged_small_and_huge_configs_dropped(kind):
     """A tenant's namespace full of megabyte NADs: listed a few at a time, the
     oversized configs dropped on arrival and reported, the honest NADs intact."""
     honest = json.dumps({"cniVersion": "0.4.0", "type": "macvlan", "master": "eth1",
@@ -150,7 +163,7 @@ def test_nad_lists_are_paged_small_and_huge_configs_dropped():
     nads += [_nad("honest", f"net-{i}", honest) for i in range(15)]
     api = FakeAPI(nads=nads)
     try:
-        source, store = _run_source(api, seconds=3.0)
+        source, store = _run_source(api, seconds=3.0, kind=kind)
         with api.lock:
             limits = [int(q["limit"]) for p, q in api.requests if p == NAD_PATH and "watch" not in q]
     finally:

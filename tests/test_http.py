@@ -55,3 +55,45 @@ def test_requests_during_a_collection_share_the_next_one():
     # one arriving while #2 runs gets #3; three collections for 22 requests
     assert late[1] == 3 and len(scraper.started) == 3
     assert scraper.started[2] >= late[0]
+
+
+def test_ready_only_after_a_complete_collection_following_the_pod_list():
+    """/readyz: 503 before the pod list, 503 until the warm-up collection has run
+    (made by the server itself: not-ready pods are not scraped), then 200."""
+    from collector.discovery import Store
+    from exporters.metrics import Scraper
+
+    class Resolver:
+        pool = None
+        collected_at: list[float] = []
+
+        def resolve(self, pods):
+            time.sleep(0.5)             # opening every pod netns, cold
+            self.collected_at.append(time.monotonic())
+            return []
+
+        def close(self):
+            pass
+
+    async def run():
+        store = Store("n")
+        store.expect("feed")
+        scraper = Scraper(store, Resolver(), {}, "test")
+        server = Server(scraper, reconcile_seconds=3600)
+        seen = []
+        async with TestClient(TestServer(server.app)) as client:
+            async def status():
+                resp = await client.get("/readyz")
+                return resp.status, await resp.text()
+            seen.append(await status())
+            store.mark_ready("feed")
+            listed = time.monotonic()
+            while (got := await status())[0] != 200:
+                seen.append(got)
+                await asyncio.sleep(0.02)
+            ready_at = time.monotonic()
+        return seen, listed, ready_at, Resolver.collected_at
+    seen, listed, ready_at, collected = asyncio.run(run())
+    assert seen[0] == (503, "waiting for the first pod list\n")
+    assert (503, "waiting for the first complete collection\n") in seen[1:]
+    assert len(collected) == 1 and listed < collected[0] <= ready_at

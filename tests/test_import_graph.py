@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIME = ("kernel", "ebpf", "collector", "exporters", "planewatch")
+RUNTIME = ("kernel", "ebpf", "collector", "exporters")
 TOOLS = ("lab", "dashboards")          # development tools: stand on the runtime, never under it
 
 # (layer, module or package prefixes), in the order data flows.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", ("kernel", "ebpf", "collector", "collector.model", "collector.family", "collector.intervals",
-                "collector.sysfs_safe", "collector.caps")),
+                "collector.sysfs_safe", "collector.caps", "collector.memory")),
     ("discovery", ("collector.annotations", "collector.nad", "collector.netnames", "collector.planes",
-                   "collector.budgets", "collector.discovery", "collector.kube", "collector.podsfile",
+                   "collector.budgets", "collector.discovery", "collector.kube", "collector.kubeclient",
+                   "collector.podsfile",
                    "collector.whereabouts", "collector.whereabouts_ranges")),
     ("resolution", ("collector.netns", "collector.netns_pool", "collector.cgroups", "collector.claims")),
     ("sources", ("collector.registry", "collector.sources", "collector.sriov_readers", "collector.sriov_sysfs",
@@ -30,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("exposition", ("exporters", "exporters.exposition", "exporters.metrics")),
     ("http", ("exporters.http", "exporters.listener", "exporters.httpstats", "exporters.webauth",
               "exporters.webconfig")),
-    ("command", ("planewatch",)),
+    ("command", ("exporters.cli", "exporters.serve", "exporters.cluster", "exporters.inspect")),
     ("tools", TOOLS),
 ]
 
@@ -86,8 +87,8 @@ GRAPH = {name: imports_of(path, set(MODULES)) - {name} for name, path in MODULES
 
 def test_every_runtime_module_has_a_layer_of_its_own():
     """A package's prefix places its new modules by default only for the packages
-    that are one layer throughout (kernel, ebpf, planewatch, the tools)."""
-    whole = {"kernel", "ebpf", "planewatch", *TOOLS}
+    that are one layer throughout (kernel, ebpf, the tools)."""
+    whole = {"kernel", "ebpf", *TOOLS}
     unplaced = [m for m in MODULES if m.split(".")[0] not in whole
                 and not any(m in prefixes for _, prefixes in LAYERS)
                 and not m.startswith("collector.sources.")]
@@ -153,10 +154,10 @@ def test_the_runtime_never_imports_the_tools(package):
 def test_the_checker_sees_a_back_arrow_and_a_cycle(tmp_path):
     """The rules above, on imports that break them (the old shapes of this code)."""
     source = tmp_path / "m.py"
-    source.write_text("from collector.family import Family\n\ndef f():\n    from planewatch.serve import build_server\n")
-    assert imports_of(source, set(MODULES)) == {"collector.family", "planewatch.serve"}
+    source.write_text("from collector.family import Family\n\ndef f():\n    from exporters.serve import build_server\n")
+    assert imports_of(source, set(MODULES)) == {"collector.family", "exporters.serve"}
     assert back_arrows({"collector.sources.netlink": {"exporters.exposition"}}) == [
         "collector.sources.netlink (sources) imports exporters.exposition (exposition)"]
     assert back_arrows({"ebpf.loader": {"kernel.nsenter"}}) == []
-    assert cycles({"planewatch.cli": {"planewatch.cluster"}, "planewatch.cluster": {"planewatch.cli"},
-                   "collector.model": set()}) == [["planewatch.cli", "planewatch.cluster"]]
+    assert cycles({"exporters.cli": {"exporters.cluster"}, "exporters.cluster": {"exporters.cli"},
+                   "collector.model": set()}) == [["exporters.cli", "exporters.cluster"]]

@@ -1,7 +1,7 @@
 """`planewatch inspect`: rates, drops, reasons and findings from two scrapes."""
 from __future__ import annotations
 
-from planewatch.inspect import build_rows, parse, plane_summary, render_table, select
+from exporters.inspect import build_rows, parse, plane_summary, render_table, select
 
 L = 'namespace="telco",pod="upf-a",network="telco/data",interface="net2",plane="data"'
 L1 = 'namespace="telco",pod="upf-a",network="telco/sig",interface="net1",plane="signaling"'

@@ -14,9 +14,9 @@ import pytest
 from collector import registry
 from collector.model import Attachment, InterfaceView, Pod, PodView
 from collector.registry import Config, Snapshot
+from exporters.cli import add_serve_flags, add_source_flags
 from exporters.exposition import render
-from planewatch.cli import add_serve_flags, add_source_flags
-from planewatch.serve import config_from_args
+from exporters.serve import config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 

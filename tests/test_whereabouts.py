@@ -24,9 +24,9 @@ from collector.whereabouts import (
 )
 from collector.whereabouts_metrics import ippool_families
 from collector.whereabouts_ranges import nad_ranges, parse_range, usable_bounds
+from exporters.cluster import ClusterState
 from exporters.exposition import render
 from lab.objects import example_ippool
-from planewatch.cluster import ClusterState
 from tests.conftest import parse_metrics, series
 
 

@@ -8,8 +8,8 @@ is read while the thread is inside. Exports route_mismatch, subnet_overlap,
 interface_rp_filter and the pod's source-based policy rules; `findings()`
 explains them for /debug/attachments.
 
-Routes change rarely and the analysis costs a few ms of CPU a pod (pyroute2
-parsing), so results are cached. A pod is analysed again when its attachments
+Routes change rarely and the analysis costs a few ms of CPU a pod, so results
+are cached. A pod is analysed again when its attachments
 or namespace change, when the kernel announces a route/rule/address/link/
 rp_filter change in its netns (rtnetlink multicast, `ChangeWatch`; at most once
 per `min_gap`), and otherwise every `interval` as a safety net; all within a
@@ -17,18 +17,15 @@ per-scrape time budget (new pods first, under `budget_new`, so the first
 scrape shows a normal node whole; then changed, then the stalest, under
 `budget`): a scrape of 250 pods serves cached results.
 
-pyroute2: one AsyncIPRoute per analysis, created (socket included) while the
-thread is inside the netns, closed right after: an analysis is rare (events,
-`interval`), so opening one then costs less than keeping 4 fds and an event
-loop per pod. `netns=None, flags=0` so
-pyroute2 never creates or enters a namespace itself; `groups=0` so the socket
-subscribes to no event stream.
+Netlink: one rtnetlink socket per analysis (kernel/rtnl_routes.py over
+kernel/rtnl.py), created while the thread is inside the netns, closed right
+after; it subscribes to no event stream. (pyroute2 did this until its ~10 MiB of
+RSS on every node outweighed the ~100 lines of decoding it saved.)
 
 Options: the `--collector.routes.*` flags registered below.
 """
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -41,8 +38,9 @@ from collector.family import GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
+from kernel import rtnl_routes
 from kernel.nsenter import in_netns
-from kernel.rtnl import drain, new_socket
+from kernel.rtnl import NetlinkError, RtnlSocket, drain, new_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,38 +48,9 @@ DEFAULT_INTERVAL = 300.0       # a safety net: kernel events trigger re-analysis
 DEFAULT_MIN_GAP = 1.0          # a pod whose routing keeps changing: at most one analysis a second
 DEFAULT_BUDGET = 0.2           # seconds of analysis per scrape for pods already known
 DEFAULT_BUDGET_NEW = 2.0       # ... and for pods never analysed (the first scrape shows them all)
-FAMILY_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
+FAMILY_VERSION = rtnl_routes.FAMILY_VERSION
 # errnos of a route lookup that mean "no route", not "the analysis failed"
 NO_ROUTE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.EACCES, errno.EPERM}
-
-
-# --- pyroute2 messages -> plain dicts (the shapes routes_analysis documents) -------
-
-def route_from_msg(msg) -> dict:
-    dst = msg.get_attr("RTA_DST")
-    oif = msg.get_attr("RTA_OIF")
-    oifs = (oif,) if oif else tuple(hop.get("oif") for hop in msg.get_attr("RTA_MULTIPATH") or ())
-    return {"family": FAMILY_VERSION.get(msg["family"], 0),
-            "dst": f"{dst}/{msg['dst_len']}" if dst else "default",
-            "table": msg.get_attr("RTA_TABLE") or msg["table"], "type": msg["type"],
-            "oifs": tuple(i for i in oifs if i), "gateway": msg.get_attr("RTA_GATEWAY") or ""}
-
-
-def rule_from_msg(msg) -> dict:
-    src = msg.get_attr("FRA_SRC")
-    return {"family": FAMILY_VERSION.get(msg["family"], 0), "priority": msg.get_attr("FRA_PRIORITY") or 0,
-            "src": f"{src}/{msg['src_len']}" if src else "",
-            "table": msg.get_attr("FRA_TABLE") or msg["table"], "action": msg["action"]}
-
-
-def address_from_msg(msg) -> dict:
-    ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-    return {"ifindex": msg["index"], "address": f"{ip}/{msg['prefixlen']}"}
-
-
-def answer_from_msg(msg) -> dict:
-    return {"oif": msg.get_attr("RTA_OIF") or 0, "table": msg.get_attr("RTA_TABLE") or msg["table"],
-            "type": msg["type"], "error": 0}
 
 
 # --- I/O: one pod --------------------------------------------------------------------
@@ -108,56 +77,43 @@ def read_rp_filter(procfs: str, interfaces) -> dict[str, int]:
     return out
 
 
-async def _all(result) -> list:
-    result = await result
-    if isinstance(result, (list, tuple)):
-        return list(result)
-    return [m async for m in result]
-
-
-async def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
-                   atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
+             atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
     """Everything the analysis needs from one netns: the facts, the lookups
     planned and their answers."""
-    from pyroute2 import AsyncIPRoute
-
-    ipr = None
+    sock = None
     try:
         with in_netns(netns_fd):
-            ipr = AsyncIPRoute(netns=None, flags=0, groups=0)
-            await ipr.setup_endpoint()          # the socket is made here: inside
+            sock = RtnlSocket.open()            # the socket is made here: inside
             rp_filter = read_rp_filter(procfs, [a.interface for a in atts])
-        return await read_facts(ipr, rp_filter, namespace, pod, atts, links)
+        return read_facts(sock, rp_filter, namespace, pod, atts, links)
     finally:
-        if ipr is not None:
-            ipr.close()
+        if sock is not None:
+            sock.close()
 
 
-async def read_facts(ipr, rp_filter: dict[str, int], namespace: str, pod: str,
-                     atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
-    """The dumps and lookups of `read_pod` on an open pyroute2 socket (or anything
-    answering the same calls with pyroute2 messages: tests/replay.py)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
+def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod: str,
+               atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+    """The dumps and lookups of `read_pod` on an open rtnetlink socket (one whose
+    replies were recorded: tests/replay.py)."""
     versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
     families = [f for f, v in FAMILY_VERSION.items() if v in versions]
-    addresses = [address_from_msg(m) for m in await _all(ipr.addr("dump"))]
+    addresses = rtnl_routes.addresses(sock)
     routes, rules = [], []
     for fam in families:
-        routes += [r for r in map(route_from_msg, await _all(ipr.route("dump", family=fam)))
+        routes += [r for r in rtnl_routes.routes(sock, fam)
                    if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
-        rules += [rule_from_msg(m) for m in await _all(ipr.rule("dump", family=fam))]
+        rules += rtnl_routes.rules(sock, fam)
     facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
     answers = {}
     plan = probe_plan(facts)
     for probe in plan:
         try:
-            msgs = await _all(ipr.route("get", dst=probe.address, src=probe.source))
-            answers[(probe.source, probe.address)] = answer_from_msg(msgs[0])
+            answers[(probe.source, probe.address)] = rtnl_routes.route_get(sock, probe.address, probe.source)
         except NetlinkError as err:
-            if err.code not in NO_ROUTE_ERRNOS:
+            if err.errno not in NO_ROUTE_ERRNOS:
                 raise
-            answers[(probe.source, probe.address)] = {"error": err.code}
+            answers[(probe.source, probe.address)] = {"error": err.errno}
     return facts, plan, answers
 
 
@@ -216,7 +172,6 @@ class Cached:
           ))
 class RoutesSource:
     def __init__(self, config: Config, clock=time.monotonic):
-        import pyroute2  # noqa: F401  -- imported now (~0.2 s), not during the first scrape
         opts = config.settings("routes")
         self.procfs = config.paths.procfs
         self.interval = opts["interval"]
@@ -227,8 +182,7 @@ class RoutesSource:
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
         self.watch = ChangeWatch()
-        self.read_pod = read_pod            # both replaced by tests/replay.py with recorded replies
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.read_pod = read_pod            # replaced by tests/replay.py with recorded replies
         self._lock = threading.Lock()       # collect() and findings() may come from two threads
 
     def refresh(self, snapshot: Snapshot) -> list[Cached]:
@@ -281,14 +235,12 @@ class RoutesSource:
         return new + changed + stale
 
     def _analyse(self, uid: str, view: PodView, ns, atts, fp, now: float) -> None:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
         t0, c0 = time.perf_counter(), time.thread_time()
         self._dirty.discard(uid)        # events from here on are after what we read
         try:
             links = {l.ifindex: l.name for l in ns.rtnl.links()}
-            facts, plan, answers = self._loop.run_until_complete(
-                self.read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name, atts, links))
+            facts, plan, answers = self.read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name,
+                                                 atts, links)
         except OSError as err:          # the pod's netns went away meanwhile: not a failure
             log.debug("pod %s: %s", view.pod.key, err)
             self._cache.pop(uid, None)
@@ -316,9 +268,6 @@ class RoutesSource:
         with self._lock:
             self._cache.clear()
             self.watch.keep_only(set())
-            if self._loop is not None:
-                self._loop.close()
-                self._loop = None
 
 
 def families(analyses: list[Analysis]) -> list[Family]:

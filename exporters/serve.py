@@ -59,8 +59,8 @@ def build_server(args):
         from collector.podsfile import PodsFile
         feeds.append(PodsFile(args.pods_file, store))
     else:
-        from collector.kube import KubeSource, api_client
-        feeds.append(KubeSource(store, api_client(args.kubeconfig or None), args.node_name))
+        from collector.kube import KubeFeed, api_client
+        feeds.append(KubeFeed(store, api_client(args.kubeconfig or None), args.node_name))
     config = config_from_args(args)
     sources = {}
     for name, spec in sorted(load_sources().items()):

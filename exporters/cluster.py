@@ -30,9 +30,9 @@ from collector.whereabouts_metrics import ippool_families
 from collector.whereabouts_ranges import nad_ranges
 from exporters.exposition import CONTENT_TYPE, render
 from exporters.metrics import health_families
-from planewatch.serve import serve_forever, setup_logging, web_security
+from exporters.serve import serve_forever, setup_logging, web_security
 
-log = logging.getLogger("planewatch.cluster")
+log = logging.getLogger("exporters.cluster")
 
 DEFAULT_LISTEN = "127.0.0.1:9809"
 COLLECTOR = "whereabouts"
@@ -106,21 +106,28 @@ class ClusterFeed:
     """The four ListWatches, each on its own daemon thread."""
 
     def __init__(self, state: ClusterState, api):
-        from kubernetes import client
-
+        """`api`: a collector/kubeclient.py KubeClient, or the official ApiClient."""
         from collector.kube import NAD_GROUP, NAD_PAGE, NAD_PLURAL, NAD_VERSION, ListWatch, trim_nad_config
+        from collector.kubeclient import KubeClient
         self.stop_event = threading.Event()
-        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        cluster_objects = custom.list_cluster_custom_object
+        pods: Callable[..., Any]            # a list/watch call of either client
+        if isinstance(api, KubeClient):
+            pods, cluster_objects = api.pods(), api.cluster_custom_objects
+        else:
+            from kubernetes import client
+            pods = client.CoreV1Api(api).list_pod_for_all_namespaces
+            custom = client.CustomObjectsApi(api)
+
+            def cluster_objects(group, version, plural):
+                return functools.partial(custom.list_cluster_custom_object, group, version, plural)
         # NADs as on every node: small pages, an oversized spec.config dropped on arrival
         nad_options: dict[str, Any] = {"page": NAD_PAGE, "trim": trim_nad_config}
         feeds: list[tuple[str, Callable, Keyed[Any], dict[str, Any]]] = [
-            ("pods", core.list_pod_for_all_namespaces, state.pods, {}),
+            ("pods", pods, state.pods, {}),
             ("network-attachment-definitions",
-             functools.partial(cluster_objects, NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
-            (IPPOOL_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
-            (RESERVATION_PLURAL, functools.partial(cluster_objects, GROUP, VERSION, RESERVATION_PLURAL),
-             state.reservations, {}),
+             cluster_objects(NAD_GROUP, NAD_VERSION, NAD_PLURAL), state.nads, nad_options),
+            (IPPOOL_PLURAL, cluster_objects(GROUP, VERSION, IPPOOL_PLURAL), state.pools, {}),
+            (RESERVATION_PLURAL, cluster_objects(GROUP, VERSION, RESERVATION_PLURAL), state.reservations, {}),
         ]
         self.watches = [ListWatch(name, call, keyed.replace, keyed.upsert, keyed.delete,
                                   on_listed=keyed.mark_listed, stop=self.stop_event, **options)
@@ -159,7 +166,7 @@ class ClusterFile:
 
 
 class ClusterServer:
-    """/metrics, /healthz, /readyz; `.app` is what planewatch.serve.serve_forever runs."""
+    """/metrics, /healthz, /readyz; `.app` is what exporters.serve.serve_forever runs."""
 
     def __init__(self, state: ClusterState, middlewares=()):
         self.state = state
@@ -218,7 +225,7 @@ def cmd_cluster(args) -> int:
 
 
 def add_cluster_command(sub) -> None:
-    """Add `cluster` to the `planewatch` subcommands (planewatch/cli.py main())."""
+    """Add `cluster` to the `planewatch` subcommands (exporters/cli.py main())."""
     p = sub.add_parser("cluster", help="cluster-wide metrics (Whereabouts IP pools); run one replica")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_cluster)

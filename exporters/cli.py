@@ -8,7 +8,7 @@ import sys
 
 from collector import __version__
 from collector.registry import SourceSpec, load_sources
-from planewatch.serve import build_server, log, raise_fd_limit, serve_forever, setup_logging, source_dest
+from exporters.serve import build_server, log, raise_fd_limit, serve_forever, setup_logging, source_dest
 
 DEFAULT_LISTEN = "127.0.0.1:9808"
 
@@ -89,6 +89,8 @@ def web_limits(args):
 
 def cmd_serve(args) -> int:
     setup_logging(args.log_level)
+    from collector.memory import tune_malloc
+    tune_malloc()
     from collector.caps import raise_effective
     raise_effective()
     raise_fd_limit()
@@ -102,8 +104,8 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from planewatch.cluster import add_cluster_command
-    from planewatch.inspect import add_inspect_command
+    from exporters.cluster import add_cluster_command
+    from exporters.inspect import add_inspect_command
 
     parser = argparse.ArgumentParser(prog="planewatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"planewatch {__version__}")

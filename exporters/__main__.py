@@ -1,0 +1,5 @@
+import sys
+
+from exporters.cli import main
+
+sys.exit(main())

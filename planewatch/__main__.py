@@ -1,5 +1,0 @@
-import sys
-
-from planewatch.cli import main
-
-sys.exit(main())
