@@ -36,8 +36,10 @@ from tests.node_bins import CNI_DIR, kube_binaries, runtime_incompatibility
 from tests.node_teardown import (
     cgroup_roots,
     kill_recorded,
+    other_nodes,
     propagation,
     residue,
+    restore_if_last,
     save_sysctls,
     snapshot,
     starttime,
@@ -292,6 +294,7 @@ class Node:
             nonlocal t
             phases[name] = round(time.monotonic() - t, 1)
             t = time.monotonic()
+        restore_if_last(self)
         if self.alive("kube-apiserver") and self.alive("kubelet"):
             self._delete_workloads()
         phase("workloads")
@@ -386,7 +389,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "down":
         snap = snapshot(node) if node.state else None
         node.down(keep_logs=True)
-        others = any(BASE.glob("*/state.json"))
+        others = bool(other_nodes(node))
         if snap and (left := residue(snap, other_nodes=others)):
             print(f"node {node.name}: down, but left: {left}", file=sys.stderr)
             return 1

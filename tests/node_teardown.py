@@ -17,16 +17,65 @@ SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/pa
 
 
 def save_sysctls(base: Path) -> dict[str, str]:
-    """The host's values before any node of ours ran: two nodes at once must not take
-    the first one's kubelet rewrites for the host's own (base/sysctls.json is kept
-    until the last node goes down)."""
+    """The host's values before any node of ours ran. Sysctls are the machine's, shared
+    by every mount namespace and chroot, so a node that starts while another runs (its
+    kubelet has rewritten them) takes that node's record: base/sysctls.json here, or
+    the one a running node of this harness keeps in another root (found through its
+    kubelet's /proc/<pid>/root). The record is kept until the last node goes down."""
     shared = base / "sysctls.json"
     if shared.exists():
         return json.loads(shared.read_text())
-    out = _read_sysctls()
+    out = None
+    for other_base in harness_kubelets().values():
+        try:
+            out = json.loads((other_base / "sysctls.json").read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    out = out or _read_sysctls()
     base.mkdir(parents=True, exist_ok=True)
     shared.write_text(json.dumps(out))
     return out
+
+
+def harness_kubelets(exclude: frozenset[int] = frozenset()) -> dict[int, Path]:
+    """pid -> node base directory (reached through the process's own root) of every
+    kubelet of this harness on the machine, whatever its mount namespace or chroot:
+    /proc shows them all, and their --root-dir is BASE/NAME/kubelet."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].endswith(b"/kubelet") or starttime(int(entry.name)) is None:
+            continue
+        for arg in argv:
+            if arg.startswith(b"--root-dir="):
+                root_dir = Path(arg.split(b"=", 1)[1].decode(errors="replace"))
+                out[int(entry.name)] = entry / "root" / root_dir.parent.parent.relative_to("/")
+    return out
+
+
+def other_nodes(node) -> list[str]:
+    """Nodes of this harness other than `node` still up on the machine: in the same
+    base directory (their state.json) or in any other root (their kubelet)."""
+    found = [str(p.parent) for p in node.dir.parent.glob("*/state.json") if p.parent != node.dir]
+    ours = node.state.get("pids", {}).get("kubelet", {}).get("pid")
+    found += [f"kubelet pid {pid} ({base})" for pid, base in
+              harness_kubelets(frozenset({ours} if ours else ())).items()
+              if f"{base}/{node.name}" != f"/proc/{pid}/root{node.dir}"]
+    return found
+
+
+def restore_if_last(node) -> None:
+    """Put the sysctls kubelet rewrote back unless another node of ours still runs (the
+    last one does it). Called before our kubelet stops, so that a node starting in the
+    meantime still finds our record through it."""
+    if not other_nodes(node):
+        restore_sysctls(node.state.get("sysctls", {}))
 
 
 def _read_sysctls() -> dict[str, str]:
@@ -165,9 +214,8 @@ def teardown_host(node) -> None:
                 pass
     if state.get("made_netns_mount") and not os.listdir("/run/netns"):
         subprocess.run(["umount", "/run/netns"], capture_output=True)
-    others = [p for p in node.dir.parent.glob("*/state.json") if p.parent != node.dir]
-    if not others:                      # the last node of this machine puts them back
-        restore_sysctls(state.get("sysctls", {}))
+    restore_if_last(node)                # again: a killed run's leftover never got there
+    if not [p for p in node.dir.parent.glob("*/state.json") if p.parent != node.dir]:
         (node.dir.parent / "sysctls.json").unlink(missing_ok=True)
     _remove_pod_logs(state.get("pod_uids", []))
     for path, existed in state.get("preexisting", {}).items():

@@ -71,12 +71,11 @@ def node(request):
         failed = request.session.testsfailed > failed_before
         if failed:
             print(n.log_tails())
-        from tests.node_teardown import residue, snapshot
+        from tests.node_teardown import other_nodes, residue, snapshot
         snap = snapshot(n)
         n.down(keep_logs=failed)
         print(f"real node tear-down: {time.monotonic() - t:.1f} s {n.down_timings}")
-        others = any(p.parent.name != n.name for p in n.dir.parent.glob("*/state.json"))
-        left = residue(snap, other_nodes=others)
+        left = residue(snap, other_nodes=bool(other_nodes(n)))
         assert not left, f"the node's tear-down left: {left}"
 
 
