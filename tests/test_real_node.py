@@ -363,11 +363,14 @@ def test_nothing_stays_attached_after_the_daemonset_is_deleted(node, deployed, w
     # filters on kernels without TCX.
     ours = held_links(container_pid(node, deployed)) & tcx_links()
     assert len(ours) >= 2 * 6 or all(t or f for t, f in during.values()), (ours, during)
+    t = time.monotonic()
     sh(kubectl(), "--kubeconfig", node.kubeconfig, "-n", "planewatch", "delete", "daemonset",
        "planewatch", "--wait=true", "--timeout=120s")
+    deleted = time.monotonic() - t
     wait(lambda: node.request("GET", "/api/v1/namespaces/planewatch/pods?labelSelector="
                               "app.kubernetes.io/name=planewatch")[1]["items"] == [], 120,
          "the DaemonSet pod to be gone")
+    print(f"\nDaemonSet deleted in {deleted:.1f} s, its pod gone after {time.monotonic() - t:.1f} s")
     def attached():
         return ours & tcx_links(), {k: v for k, v in tc_programs().items() if v[0] or v[1]}
     deadline = time.monotonic() + 20             # link release after exit is RCU-lazy
