@@ -267,7 +267,7 @@ def runtime():
                     _link_or_copy(Path(dist.locate_file(rel)), site / rel)
         shutil.rmtree(src)
         done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                               "import exporters.cli, aiohttp, pyroute2, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
+                               "import exporters.cli, aiohttp, ebpf.loader; print(ebpf.loader.OBJECTS_DIR)"],
                               capture_output=True, text=True, cwd="/")
         assert done.returncode == 0 and done.stdout.strip().startswith(str(site)), done
         yield {"root": root, "venv": venv, "system_python": system_python}

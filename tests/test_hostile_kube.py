@@ -220,7 +220,7 @@ class FakeCollector:
 
 
 def _inspect(url: str, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "planewatch", "inspect", "--url", url,
+    out = subprocess.run([sys.executable, "-m", "exporters", "inspect", "--url", url,
                           "--interval", "0.1", *args], cwd=REPO, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.decode()
