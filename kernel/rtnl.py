@@ -339,12 +339,15 @@ class RtnlSocket:
                     raise
         return out, CUT_TIME
 
-    def _dump_iter(self, request: int, reply: int, body: bytes):
-        """The messages of one dump as they arrive (the kernel fills the dump as it
-        is read, so stopping early also stops the kernel's work)."""
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        seq = self._seq
-        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    def send_request(self, msg_type: int, flags: int, body: bytes) -> int:
+        """Send one request; its sequence number, for `replies`."""
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body)
+        return seq
+
+    def replies(self, seq: int, reply: int):
+        """(buf, start, end) of each `reply` message answering `seq`, as they arrive,
+        until NLMSG_DONE or an ack; an NLMSG_ERROR with a code raises NetlinkError."""
         while True:
             buf = self._sock.recv(RECV_BUF)
             off = 0
@@ -357,35 +360,25 @@ class RtnlSocket:
                         return
                     if mtype == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", buf, off + _NLMSGHDR.size)[0]
+                        if code == 0:
+                            return                  # an ack
                         raise NetlinkError(code, os.strerror(code))
                     if mtype == reply:
                         yield buf, off + _NLMSGHDR.size, off + length
                 off += (length + 3) & ~3
 
-    def _dump(self, request: int, reply: int, body: bytes):
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        seq = self._seq
-        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-        self._sock.send(msg)
-        out: list[tuple[bytes, int, int]] = []
+    def _dump_iter(self, request: int, reply: int, body: bytes):
+        """The messages of one dump as they arrive (the kernel fills the dump as it
+        is read, so stopping early also stops the kernel's work)."""
+        yield from self.replies(self.send_request(request, NLM_F_REQUEST | NLM_F_DUMP, body), reply)
+
+    def _dump(self, request: int, reply: int, body: bytes) -> list[tuple[bytes, int, int]]:
         while True:
-            buf = self._sock.recv(RECV_BUF)
-            off = 0
-            while off + _NLMSGHDR.size <= len(buf):
-                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if length < _NLMSGHDR.size:
-                    raise NetlinkError(errno.EBADMSG, "short netlink message")
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return out
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, off + _NLMSGHDR.size)[0]
-                        if code == errno.EINTR:      # dump interrupted by a change: start over
-                            return self._dump(request, reply, body)
-                        raise NetlinkError(code, os.strerror(code))
-                    if mtype == reply:
-                        out.append((buf, off + _NLMSGHDR.size, off + length))
-                off += (length + 3) & ~3
+            try:
+                return list(self._dump_iter(request, reply, body))
+            except NetlinkError as err:
+                if err.errno != errno.EINTR:        # dump interrupted by a change: start over
+                    raise
 
 
 def new_socket(groups: int = 0, *, nonblocking: bool = False, rcvbuf: int | None = RECV_BUF) -> socket.socket:

@@ -8,11 +8,10 @@ pyroute2's decoding of the same namespaces (tests/test_rtnl_routes.py).
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 
-from kernel.rtnl import _NLMSGHDR, _RTATTR, _U32, NLM_F_REQUEST, NLMSG_ERROR, NetlinkError, RtnlSocket
+from kernel.rtnl import _RTATTR, _U32, NLM_F_REQUEST, NetlinkError, RtnlSocket
 from kernel.rtnl import attrs as _attrs
 from kernel.rtnl_neighbours import (
     _RTMSG,
@@ -108,21 +107,8 @@ def route_get(sock: RtnlSocket, dst: str, src: str = "") -> dict:
     body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, socket.inet_pton(family, dst))
     if src:
         body += _attr(RTA_SRC, socket.inet_pton(family, src))
-    sock._seq = seq = (sock._seq + 1) & 0xFFFFFFFF
-    sock._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body)
-    while True:
-        buf = sock._sock.recv(1 << 16)
-        off = 0
-        while off + _NLMSGHDR.size <= len(buf):
-            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-            if length < _NLMSGHDR.size:
-                raise NetlinkError(errno.EBADMSG, "short netlink message")
-            if mseq == seq:
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", buf, off + _NLMSGHDR.size)[0]
-                    raise NetlinkError(code, os.strerror(code))
-                if mtype == RTM_NEWROUTE:
-                    route = parse_route(buf, off + _NLMSGHDR.size, off + length)
-                    return {"oif": route["oifs"][0] if route["oifs"] else 0, "table": route["table"],
-                            "type": route["type"], "error": 0}
-            off += (length + 3) & ~3
+    for buf, start, end in sock.replies(sock.send_request(RTM_GETROUTE, NLM_F_REQUEST, body), RTM_NEWROUTE):
+        route = parse_route(buf, start, end)
+        return {"oif": route["oifs"][0] if route["oifs"] else 0, "table": route["table"],
+                "type": route["type"], "error": 0}
+    raise NetlinkError(errno.ENODATA, "no route in the answer")
