@@ -80,6 +80,7 @@ class ListWatch:
         self.trimmed = 0
 
     def run(self) -> None:
+        previous = ""
         while not self.stop_event.is_set():
             started = time.monotonic()
             try:
@@ -94,10 +95,15 @@ class ListWatch:
             except Exception as err:     # API down, TLS, timeouts: retry
                 log.warning("%s: %s", self.name, _short(err))
                 reason = "error"
+            # the resourceVersion expired while the API was away: the relist that
+            # resumes after an outage goes at once (a second 410 backs off as usual)
+            resumed, previous = reason == "gone" and previous == "error", reason
             if reason != "error" and time.monotonic() - started >= MIN_HEALTHY_SECONDS:
                 self.backoff.reset()     # a watch that lived: the next round starts at once
                 continue
             self.restarts[reason] += 1
+            if resumed:
+                continue
             delay = self.backoff.next()
             log.info("%s: round ended after %.1fs (%s); next in %.1fs", self.name,
                      time.monotonic() - started, reason, delay)

@@ -240,3 +240,44 @@ def test_inspect_never_prints_a_tenants_control_characters():
     assert as_json.isascii()
     rows = json.loads(as_json)
     assert rows[0]["pod"] == f"p{ESCAPES}" and rows[0]["findings"] == [f"annotation says {ESCAPES}"]
+
+
+# The last round is a watch that ends within seconds: it backs off too (one wait).
+@pytest.mark.parametrize("rounds, waits", [
+    # an outage, then the 410 of the expired resourceVersion: the resuming relist goes at once
+    (["error", "error", "gone", "ok"], 3),
+    # a 410 storm with no outage before it backs off on every round
+    (["gone", "gone", "gone", "ok"], 4),
+    # an outage whose resume draws a 410 twice: only the first is free
+    (["error", "gone", "gone", "ok"], 3),
+])
+def test_a_410_right_after_an_outage_relists_at_once_but_a_410_storm_backs_off(rounds, waits):
+    from collector.kube import Gone, ListWatch
+
+    class CountingBackoff:
+        def __init__(self):
+            self.calls = 0
+
+        def next(self) -> float:
+            self.calls += 1
+            return 0.0
+
+        def reset(self) -> None:
+            pass
+
+    stop = threading.Event()
+    backoff = CountingBackoff()
+    lw = ListWatch("pods", call=None, on_replace=None, on_upsert=None, on_delete=None, stop=stop, backoff=backoff)
+    script = iter(rounds)
+
+    def one_round():
+        step = next(script)
+        if step == "error":
+            raise ConnectionRefusedError("API down")
+        if step == "gone":
+            raise Gone()
+        stop.set()                        # a round that worked: the script is over
+    lw.list = lambda: None
+    lw.watch = one_round
+    lw.run()
+    assert backoff.calls == waits
