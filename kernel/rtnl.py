@@ -273,13 +273,8 @@ class RtnlSocket:
         replies: list[bytes] = []
         while True:
             buf = self._sock.recv(RECV_BUF)
-            off = 0
-            while off + _NLMSGHDR.size <= len(buf):
-                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if length < _NLMSGHDR.size:
-                    raise NetlinkError(errno.EBADMSG, "short netlink message")
-                payload = buf[off + _NLMSGHDR.size:off + length]
-                off += (length + 3) & ~3
+            for mtype, mseq, start, end in messages(buf):
+                payload = buf[start:end]
                 if mseq != self._seq:
                     continue
                 if mtype == NLMSG_DONE:
@@ -303,15 +298,10 @@ class RtnlSocket:
         waiting = {(first + i) & 0xFFFFFFFF: i for i in range(len(bodies))}
         while waiting:
             buf = self._sock.recv(RECV_BUF)
-            off = 0
-            while off + _NLMSGHDR.size <= len(buf):
-                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if length < _NLMSGHDR.size:
-                    raise NetlinkError(errno.EBADMSG, "short netlink message")
+            for mtype, mseq, start, end in messages(buf):
                 index = waiting.pop(mseq, None)
                 if index is not None and mtype == reply:
-                    yield index, buf, off + _NLMSGHDR.size, off + length
-                off += (length + 3) & ~3
+                    yield index, buf, start, end
 
     def stats64(self) -> dict[int, tuple[int, ...]]:
         """ifindex -> the first 8 rtnl_link_stats64 counters (rx/tx packets, bytes,
@@ -350,22 +340,18 @@ class RtnlSocket:
         until NLMSG_DONE or an ack; an NLMSG_ERROR with a code raises NetlinkError."""
         while True:
             buf = self._sock.recv(RECV_BUF)
-            off = 0
-            while off + _NLMSGHDR.size <= len(buf):
-                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
-                if length < _NLMSGHDR.size:
-                    raise NetlinkError(errno.EBADMSG, "short netlink message")
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, off + _NLMSGHDR.size)[0]
-                        if code == 0:
-                            return                  # an ack
-                        raise NetlinkError(code, os.strerror(code))
-                    if mtype == reply:
-                        yield buf, off + _NLMSGHDR.size, off + length
-                off += (length + 3) & ~3
+            for mtype, mseq, start, end in messages(buf):
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_DONE:
+                    return
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", buf, start)[0]
+                    if code == 0:
+                        return                      # an ack
+                    raise NetlinkError(code, os.strerror(code))
+                if mtype == reply:
+                    yield buf, start, end
 
     def _dump_iter(self, request: int, reply: int, body: bytes):
         """The messages of one dump as they arrive (the kernel fills the dump as it
@@ -379,6 +365,18 @@ class RtnlSocket:
             except NetlinkError as err:
                 if err.errno != errno.EINTR:        # dump interrupted by a change: start over
                     raise
+
+
+def messages(buf: bytes):
+    """(type, seq, payload start, payload end) of each netlink message in one
+    receive buffer; a header claiming less than itself is EBADMSG."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(buf):
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if length < _NLMSGHDR.size:
+            raise NetlinkError(errno.EBADMSG, "short netlink message")
+        yield mtype, mseq, off + _NLMSGHDR.size, off + length
+        off += (length + 3) & ~3
 
 
 def new_socket(groups: int = 0, *, nonblocking: bool = False, rcvbuf: int | None = RECV_BUF) -> socket.socket:
