@@ -172,9 +172,9 @@ def pinned_netns(pid: int) -> str:
     return pins[0].name
 
 
-def get(pod: dict, path: str) -> bytes:
+def get(pod: dict, path: str, port: int = 9808) -> bytes:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{pod['status']['podIP']}:9808{path}", timeout=30) as r:
+    with opener.open(f"http://{pod['status']['podIP']}:{port}{path}", timeout=30) as r:
         return r.read()
 
 
@@ -241,6 +241,33 @@ def test_daemonset_pod_runs_non_root_with_only_the_granted_capabilities(node, de
     for cap_set in ("CapEff", "CapPrm", "CapBnd"):
         assert int(fields[cap_set][0], 16) == granted, (cap_set, fields[cap_set], hex(granted))
     assert int(fields["CapInh"][0], 16) == 0 and int(fields["CapAmb"][0], 16) == 0
+    assert fields["NoNewPrivs"] == ["1"]
+
+
+def test_cluster_deployment_runs_the_image_with_no_capability(node, deployed):
+    """deploy/cluster runs `planewatch cluster` from the same image with every capability
+    dropped: the interpreter's permitted-only file capabilities neither block its exec
+    nor grant it anything. (Not Ready here: no Whereabouts CRD, so no IPPool list.)"""
+    selector = "app.kubernetes.io/name=planewatch-cluster"
+
+    def serving() -> dict | None:
+        status, body = node.request("GET", f"/api/v1/namespaces/planewatch/pods?labelSelector={selector}")
+        for pod in body.get("items", []) if status == 200 else []:
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            if statuses and "running" in statuses[0].get("state", {}) and pod["status"].get("podIP"):
+                try:
+                    if get(pod, "/healthz", 9809) == b"ok\n":
+                        return pod
+                except OSError:
+                    pass
+        return None
+    pod = wait(serving, 120, "the planewatch-cluster pod to answer /healthz")
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+    status = Path(f"/proc/{container_pid(node, pod)}/status").read_text()
+    fields = {k: v.split() for k, v in (line.split(":", 1) for line in status.splitlines())}
+    assert fields["Uid"] == ["65534"] * 4
+    for cap_set in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(fields[cap_set][0], 16) == 0, (cap_set, fields[cap_set])
     assert fields["NoNewPrivs"] == ["1"]
 
 
