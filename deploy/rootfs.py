@@ -124,6 +124,14 @@ def excluded(relative: str, is_dir: bool) -> bool:
                if pattern.endswith("/") == is_dir)
 
 
+def left_out(relative: str) -> bool:
+    """Whether the stdlib file at `relative` (e.g. "sqlite3/__init__.py") is not in
+    the image: itself or one of its directories is EXCLUDED."""
+    parts = relative.split("/")
+    return excluded(relative, False) or any(excluded("/".join(parts[:i]), True)
+                                            for i in range(1, len(parts)))
+
+
 def stdlib_files(stdlib: Path) -> list[str]:
     """Every file and symlink of the standard library that is not EXCLUDED (with the
     bytecode of those that are left out removed along with them)."""
