@@ -130,7 +130,7 @@ def main() -> int:
             kube.create_nad_crd()
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "planewatch", "serve", "--web.listen-address", f"127.0.0.1:{port}",
+            cmd = [sys.executable, "-m", "exporters", "serve", "--web.listen-address", f"127.0.0.1:{port}",
                    "--kubeconfig", kube.kubeconfig(), "--node-name", NODE_NAME, "--log.level", "warn"]
             collector = subprocess.Popen(cmd + (["--no-collector.ebpf"] if args.no_ebpf else []), cwd=REPO)
             wait_ready(url)

@@ -87,7 +87,10 @@ def ready(port: int) -> bool:
 
 
 def start_collector(tree: str, kubeconfig: str, port: int, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "planewatch", "serve", "--web.listen-address", f"127.0.0.1:{port}",
+    # the command moved from a `planewatch` package to `exporters` (issue 14); a
+    # --base checkout from before that still has the old one
+    module = "exporters" if os.path.exists(os.path.join(tree, "exporters", "__main__.py")) else "planewatch"
+    cmd = [sys.executable, "-m", module, "serve", "--web.listen-address", f"127.0.0.1:{port}",
            "--kubeconfig", kubeconfig, "--node-name", "lab-node", "--log.level", "warn"]
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT,

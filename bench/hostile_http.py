@@ -71,7 +71,7 @@ def main() -> None:
     with open(pods, "w") as f:
         f.write("[]")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "planewatch", "serve", "--web.listen-address",
+    proc = subprocess.Popen([sys.executable, "-m", "exporters", "serve", "--web.listen-address",
                              f"127.0.0.1:{port}", "--pods-file", pods, "--node-name", "bench", *NO_KERNEL,
                              "--web.read-timeout", "30", "--web.max-connections", "1100",
                              "--web.max-connections-per-client", "1100"],

@@ -173,7 +173,7 @@ def wait_http(target: Target, timeout: float = 120.0) -> float:
 
 
 def start_planewatch(pods_file: str, port: int, log_path: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "planewatch", "serve", "--web.listen-address", f"127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "exporters", "serve", "--web.listen-address", f"127.0.0.1:{port}",
            "--pods-file", pods_file, "--node-name", "lab-node", "--log.level", "warn", *extra]
     with open(log_path, "wb") as log:       # a file, not a pipe: a full pipe would block the collector
         return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
