@@ -6,7 +6,10 @@ pure functions over it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
+
+from collector.family import render_labels
 
 # The identity of every per-interface series, in this order.
 ATTACHMENT_LABELS = ("namespace", "pod", "network", "interface", "plane")
@@ -158,9 +161,15 @@ class InterfaceView:
             return self.link.name
         return self.attachment.interface or self.attachment.device.pci_address
 
-    @property
+    @cached_property
     def labels(self) -> tuple[str, ...]:
         return self.attachment.label_values(self.interface)
+
+    @cached_property
+    def rendered(self) -> str:
+        """`labels` rendered for a family labelled ATTACHMENT_LABELS (`Family.add_rendered`):
+        views live as long as their pod and links do, so this is done once, not per scrape."""
+        return render_labels(ATTACHMENT_LABELS, self.labels)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import uuid
 import pytest
 
 from collector.sources.ebpf import flow_families, guard_families
+from collector.model import Attachment, InterfaceView
 from exporters.exposition import render
 from kernel.nsenter import in_netns, netns_inode
 from tests.test_ebpf import need_root_and_objects, sh
@@ -214,10 +215,9 @@ def test_flow_flood_evictions_are_counted_per_interface(pairs, loader_factory):
     assert after[attacker][0] >= 2000
     assert after[victim][0] == before[victim][0] and after[victim][1] > 0, after[victim]
 
-    class View:
-        def __init__(self, pod, interface):
-            self.labels = ("ns", pod, "ns/net", interface, "data")
-    index = {victim: View("victim", "eth0"), attacker: View("attacker", "eth0")}
+    def view(pod, interface):
+        return InterfaceView(Attachment("ns", pod, f"uid-{pod}", "ns/net", interface, plane="data"), None)
+    index = {victim: view("victim", "eth0"), attacker: view("attacker", "eth0")}
     text = render(flow_families(index, after)).decode()
     assert (f'planewatch_ebpf_flows_evicted_total{{namespace="ns",pod="victim",network="ns/net",'
             f'interface="eth0",plane="data"}} {after[victim][1]}') in text

@@ -61,11 +61,16 @@ def traffic_families(index: Mapping[Key, InterfaceView],
                 _TRAFFIC_HELP.format(what=what, direction=verb, hook=hook), ATTACHMENT_LABELS)
     # every watched interface gets a series, 0 until its first packet; in snapshot
     # order (netns inodes differ from run to run, pods' order does not)
-    for key, view in index.items():
-        for hook in ("ingress", "egress"):
-            packets, nbytes = traffic.get((*key, hook), (0, 0))
-            fams[(hook, "packets")].add(view.labels, packets)
-            fams[(hook, "bytes")].add(view.labels, nbytes)
+    rx_packets, rx_bytes = fams[("ingress", "packets")], fams[("ingress", "bytes")]
+    tx_packets, tx_bytes = fams[("egress", "packets")], fams[("egress", "bytes")]
+    for (netns, ifindex), view in index.items():
+        labels = view.rendered
+        packets, nbytes = traffic.get((netns, ifindex, "ingress"), (0, 0))
+        rx_packets.add_rendered(labels, packets)
+        rx_bytes.add_rendered(labels, nbytes)
+        packets, nbytes = traffic.get((netns, ifindex, "egress"), (0, 0))
+        tx_packets.add_rendered(labels, packets)
+        tx_bytes.add_rendered(labels, nbytes)
     return list(fams.values())
 
 
@@ -122,8 +127,8 @@ def flow_families(index: Mapping[Key, InterfaceView],
                      "pod's newer flows): asymmetric routing on them is no longer seen.", ATTACHMENT_LABELS)
     for key, view in index.items():
         made, gone = evictions.get(key, (0, 0))
-        created.add(view.labels, made)
-        evicted.add(view.labels, gone)
+        created.add_rendered(view.rendered, made)
+        evicted.add_rendered(view.rendered, gone)
     return [created, evicted]
 
 

@@ -29,6 +29,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
@@ -56,8 +57,11 @@ def state_name(nud: int) -> str:
     return "none"
 
 
+@lru_cache(maxsize=4096)
 def canonical(address: str) -> str:
-    """One spelling per address (annotations may write IPv6 long-hand or with /len)."""
+    """One spelling per address (annotations may write IPv6 long-hand or with /len).
+    Cached: every scrape asks again for every gateway and neighbour entry; a
+    tenant adding addresses only churns the (bounded) cache."""
     try:
         return str(ipaddress.ip_address(address.split("/", 1)[0].strip()))
     except ValueError:

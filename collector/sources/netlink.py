@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from collector.family import COUNTER, GAUGE, Family, render_labels
+from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS
 from collector.registry import Config, Snapshot, register
 
@@ -60,7 +60,7 @@ class NetlinkSource:
                 values = stats.get(link.ifindex) if link is not None and link.name == iv.link.name else None
                 if link is None or values is None:
                     continue
-                labels = render_labels(ATTACHMENT_LABELS, iv.labels)
+                labels = iv.rendered
                 for fam, index in counters:
                     fam.add_rendered(labels, values[index])
                 up.add_rendered(labels, 1 if link.up else 0)
