@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from collector.sources.ebpf import flow_families, guard_families
 from collector.model import Attachment, InterfaceView
+from collector.sources.ebpf import flow_families, guard_families
 from exporters.exposition import render
 from kernel.nsenter import in_netns, netns_inode
 from tests.test_ebpf import need_root_and_objects, sh
