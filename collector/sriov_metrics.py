@@ -75,4 +75,4 @@ def build_families(rows: Iterable[VfRow], errors: dict[tuple, int], refused: Ite
     for labels, fld, reason in sorted(set(refused)):
         refusals.add(labels + (fld, reason), 1)
     fams = [info, *counters.values(), config, min_rate, max_rate, carrier, failed, refusals]
-    return [fam for fam in fams if fam.samples]
+    return [fam for fam in fams if fam.values]

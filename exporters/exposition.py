@@ -32,7 +32,8 @@ def merge(families: Iterable[Family]) -> list[Family]:
         elif seen.type != fam.type or seen.labelnames != fam.labelnames:
             raise ValueError(f"family {fam.name} registered twice with different shape")
         else:
-            seen.samples.extend(fam.samples)
+            seen.series.extend(fam.series)
+            seen.values.extend(fam.values)
     return list(by_name.values())
 
 
@@ -50,7 +51,7 @@ class _Layout:
 
     __slots__ = ("labels", "as_int", "template", "keep")
 
-    def __init__(self, fam: Family, labels: tuple[str, ...], as_int: bool):
+    def __init__(self, fam: Family, labels: list[str], as_int: bool):
         histogram = fam.type == HISTOGRAM
         head = f"# HELP {fam.name} {escape_help(fam.help)}\n# TYPE {fam.name} {fam.type}\n"
         parts = [head.replace("%", "%%")]
@@ -64,7 +65,7 @@ class _Layout:
             keep.append(i)
             parts.append(_series_prefix(fam.name, label, histogram).replace("%", "%%"))
             parts.append(hole)
-        self.labels = labels
+        self.labels = list(labels)      # a copy: the family's list is the scrape's
         self.as_int = as_int
         self.template = "".join(parts).encode()
         self.keep = None if len(keep) == len(labels) else tuple(keep)
@@ -97,10 +98,7 @@ class Renderer:
         out: list[bytes] = []
         layouts: dict[str, _Layout] = {}
         for fam in merge(families):
-            if fam.samples:
-                labels, values = zip(*fam.samples)
-            else:
-                labels, values = (), ()
+            labels, values = fam.series, tuple(fam.values)
             as_int = _INT_ONLY >= set(map(type, values))
             layout = self._layouts.get(fam.name)
             if layout is None or layout.as_int != as_int or layout.labels != labels:

@@ -254,4 +254,4 @@ def build_families(rows, errors: dict[tuple, int], refused) -> list[Family]:
     for labels, fld, reason in sorted(set(refused)):
         refusals.add(labels + (fld, reason), 1)
     fams = [info, state, phys, rate, *(f for f, _ in counters.values()), hw, failed, refusals]
-    return [f for f in fams if f.samples]
+    return [f for f in fams if f.values]
