@@ -53,10 +53,11 @@ test: deps kube-bins
 	$(MAKE) -s lint
 	$(BIN)/python -m pytest -q tests
 
-# The root-free tier (tests not marked `root`): under a minute, no kernel objects;
-# as root it runs as uid 65534 with no capabilities (tests/tools/quick-tier.sh).
+# The root-free tier (tests not marked `root`): under a minute, no kernel objects, in
+# pytest-xdist workers; as root it runs as uid 65534 with no capabilities
+# (tests/tools/quick-tier.sh; extra pytest arguments: make test-quick ARGS='-k http').
 test-quick: venv
-	BIN=$(BIN) tests/tools/quick-tier.sh
+	BIN=$(BIN) tests/tools/quick-tier.sh $(ARGS)
 
 # Kubernetes v1.20.2 binaries for tests/kubeapi.py and the real node (tests/node.py),
 # built once into ~/.cache/planewatch from Debian's source (minutes the first time).

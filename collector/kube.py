@@ -191,8 +191,10 @@ class KubeFeed:
 
     FEED = "kube-pods"
 
-    def __init__(self, store: Store, api, node_name: str, watch_nads: bool = True):
-        """`api`: a KubeClient, or the official client's ApiClient."""
+    def __init__(self, store: Store, api, node_name: str, watch_nads: bool = True,
+                 backoff: Callable[[], Backoff] = Backoff):
+        """`api`: a KubeClient, or the official client's ApiClient; `backoff` makes
+        each watch's Backoff (tests scale its steps down)."""
         if not node_name:
             raise ValueError("--node-name (or NODE_NAME) is needed to watch this node's pods")
         self.store = store
@@ -210,11 +212,11 @@ class KubeFeed:
                                      NAD_GROUP, NAD_VERSION, NAD_PLURAL)
         self.watches = [ListWatch("pods", pods, store.replace_pods, store.upsert_pod, store.delete_pod,
                                   on_listed=lambda: store.mark_ready(self.FEED), stop=self.stop_event,
-                                  page=POD_PAGE)]
+                                  page=POD_PAGE, backoff=backoff())]
         if watch_nads:
             self.watches.append(ListWatch("network-attachment-definitions", nads, store.replace_networks,
                                           store.upsert_network, store.delete_network, stop=self.stop_event,
-                                          page=NAD_PAGE, trim=trim_nad_config))
+                                          page=NAD_PAGE, trim=trim_nad_config, backoff=backoff()))
         self._threads: list[threading.Thread] = []
         store.expect(self.FEED)
 

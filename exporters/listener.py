@@ -121,14 +121,26 @@ def harden_app(app: web.Application) -> None:
     app.on_response_prepare.append(_server_header)
 
 
-def listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+def listen_backlog() -> int:
+    """The kernel's cap (net.core.somaxconn), as Go's net.Listen (node_exporter's)
+    asks for. aiohttp's 128 overflowed under a connection flood: the kernel then
+    drops SYNs, and every client connecting meanwhile, Prometheus included, waits
+    for its SYN's retransmission a second later."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read().split()[0]) or socket.SOMAXCONN
+    except (OSError, ValueError, IndexError):
+        return socket.SOMAXCONN
+
+
+def listen_socket(host: str, port: int, backlog: int | None = None) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        sock.listen(listen_backlog() if backlog is None else backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()

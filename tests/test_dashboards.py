@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import threading
-import time
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -300,6 +300,7 @@ def live_prometheus(tmp_path_factory):
             prometheus.wait_for("namespace_pod_network_plane:planewatch_vf_drops:ratio_rate5m")
             # rule groups evaluate at their own offsets: the reachability group's rates too
             prometheus.wait_for("namespace_pod_network_plane:planewatch_gateway_probe_loss:ratio_rate5m")
+            prometheus.data_since = datetime.now(timezone.utc)   # read by the rule-evaluation test
             yield prometheus
     finally:
         server.shutdown()
@@ -317,8 +318,13 @@ def test_every_dashboard_query_returns_data_from_a_live_prometheus(live_promethe
 @pytest.mark.prometheus
 def test_every_rule_evaluates_without_error_on_the_same_data(live_prometheus):
     # Runtime errors (many-to-many matching, duplicate series) pass promtool check.
-    time.sleep(1.5)   # at least one evaluation of every group after the first data
-    groups = live_prometheus.api("/api/v1/rules")["data"]["groups"]
+    def evaluated_since_the_data():
+        groups = live_prometheus.api("/api/v1/rules")["data"]["groups"]
+        # lastEvaluation: Go's RFC 3339 (nanoseconds; year 1 before the first)
+        done = all(datetime.fromisoformat(g["lastEvaluation"]) > live_prometheus.data_since for g in groups)
+        return groups if done else None
+    groups = live_prometheus.wait_for(evaluated_since_the_data, interval=0.1,
+                                      what="an evaluation of every group after the first data")
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []

@@ -379,12 +379,19 @@ bearer_token_file: {live}/token
     wait_for(lambda: _https_metrics(c.port, ca, "new-token")[0] == 200, timeout=10, what="new token")
     assert _https_metrics(c.port, ca, "old-token")[0] == 401
 
-    # a half-finished renewal (certificate without its key) keeps the working pair
+    # a half-finished renewal (certificate without its key) keeps the working pair;
+    # the files are re-checked at a handshake at most once a second: until the
+    # change is seen and refused (the first failure this process counts)
     _replace(pki / "other.crt", live / "tls.crt")
-    time.sleep(1.5)
+    failure = frozenset({("file", "certificate"), ("result", "failure")})
+
+    def scraped_after_the_refusal() -> str | None:
+        status, text = _https_metrics(c.port, ca, "new-token")
+        assert status == 200
+        counted = series(parse_metrics(text), "planewatch_web_config_reloads_total", file="certificate")
+        return text if counted.get(failure, 0) >= 1 else None
+    text = wait_for(scraped_after_the_refusal, timeout=10, what="the half-finished renewal refused")
     assert _served_cert(c.port, ca) == _der(pki / "renewed.crt")
-    status, text = _https_metrics(c.port, ca, "new-token")
-    assert status == 200
     reloads = series(parse_metrics(text), "planewatch_web_config_reloads_total", file="certificate")
     assert reloads[frozenset({("file", "certificate"), ("result", "success")})] >= 1
     assert reloads[frozenset({("file", "certificate"), ("result", "failure")})] >= 1

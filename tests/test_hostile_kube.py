@@ -6,22 +6,25 @@ Each test counts what reached the fake and what the collector refused.
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 import pytest
 from kubernetes import client
 
 from collector.discovery import Store
-from collector.kube import MAX_NAD_CONFIG_CHARS, NAD_PAGE, KubeFeed
+from collector.kube import MAX_NAD_CONFIG_CHARS, NAD_PAGE, Backoff, KubeFeed
 from collector.kubeclient import Credentials, KubeClient
 from exporters.exposition import render
-from tests.conftest import REPO, parse_metrics, series
+from tests.conftest import REPO, parse_metrics, series, wait_for
 
 NODE = "hostile-node"
 NAD_PATH = "/apis/k8s.cni.cncf.io/v1/network-attachment-definitions"
@@ -35,6 +38,7 @@ class FakeAPI:
         self.watch_mode = watch_mode
         self.nads = nads or []
         self.requests: list[tuple[str, dict]] = []       # (path, query)
+        self.held: Counter[str] = Counter()               # watches held open, by path
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         api = self
@@ -79,7 +83,14 @@ class FakeAPI:
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
-        self.stopping.wait(30)
+        path = urllib.parse.urlsplit(handler.path).path
+        with self.lock:
+            self.held[path] += 1
+        try:
+            self.stopping.wait(30)
+        finally:
+            with self.lock:
+                self.held[path] -= 1
 
     def nad_page(self, query: dict) -> dict:
         limit = int(query.get("limit", len(self.nads) or 1))
@@ -105,8 +116,14 @@ class FakeAPI:
 CLIENTS = ["own", "official"]
 
 
-def _run_source(api: FakeAPI, seconds: float, watch_nads: bool = True,
-                kind: str = "own") -> tuple[KubeFeed, Store]:
+# The watches' backoff, scaled down from Backoff()'s 0.5 s first step: the same
+# doubling schedule (each step drawn from [half, full]), a quarter of the wait.
+BACKOFF_FIRST = 0.125
+
+
+def _run_source(api: FakeAPI, kind: str = "own", watch_nads: bool = True, seconds: float | None = None,
+                until: Callable[[KubeFeed], bool] | None = None) -> tuple[KubeFeed, Store]:
+    """Run the feed against `api` for `seconds`, or until `until(feed)` holds."""
     if kind == "own":
         api_client = KubeClient(Credentials(f"http://127.0.0.1:{api.port}", None))
     else:
@@ -114,10 +131,17 @@ def _run_source(api: FakeAPI, seconds: float, watch_nads: bool = True,
         config.host = f"http://127.0.0.1:{api.port}"
         api_client = client.ApiClient(config)
     store = Store(NODE)
-    source = KubeFeed(store, api_client, NODE, watch_nads=watch_nads)
+    source = KubeFeed(store, api_client, NODE, watch_nads=watch_nads,
+                      backoff=functools.partial(Backoff, first=BACKOFF_FIRST))
     source.start()
-    time.sleep(seconds)
-    source.stop()
+    try:
+        if until is not None:
+            wait_for(lambda: until(source), timeout=30, interval=0.05, what="the feed's condition")
+        else:
+            assert seconds is not None
+            time.sleep(seconds)
+    finally:
+        source.stop()
     return source, store
 
 
@@ -127,14 +151,16 @@ def test_an_api_that_ends_every_watch_at_once_gets_backoff_not_a_storm(mode, kin
     """"close": 200 and an empty body for every WATCH (drew 220 000 requests in
     one second); "gone": every watch answered 410, so every round relists."""
     api = FakeAPI(watch_mode=mode)
+    window = 8 * BACKOFF_FIRST
     try:
-        source, _ = _run_source(api, seconds=4.0, kind=kind)
+        source, _ = _run_source(api, kind=kind, seconds=window)
         pods = "/api/v1/pods"
         watches, lists = api.count(pods, watch=True), api.count(pods, watch=False)
     finally:
         api.close()
-    # backoff 0.25-0.5, 0.5-1, 1-2, 2-4 s: at most ~6 rounds in 4 s
-    assert 2 <= watches <= 8, f"{watches} watches in 4 s"
+    # backoff steps of 1/4-1/2, 1/2-1, 1-2, 2-4 x first (1/4 of Backoff()'s, as is
+    # the window): at most ~6 rounds in 8 x first
+    assert 2 <= watches <= 8, f"{watches} watches in {window} s"
     if mode == "gone":
         assert lists == watches or lists == watches + 1, (lists, watches)
     else:
@@ -163,7 +189,10 @@ def test_nad_lists_are_paged_small_and_huge_configs_dropped(kind):
     nads += [_nad("honest", f"net-{i}", honest) for i in range(15)]
     api = FakeAPI(nads=nads)
     try:
-        source, store = _run_source(api, seconds=3.0, kind=kind)
+        # until both resources are listed and the NAD watch that follows is held open:
+        # from then on nothing is requested until the stop
+        source, store = _run_source(api, kind=kind, until=lambda feed: all(w.relists for w in feed.watches)
+                                    and api.held[NAD_PATH] > 0)
         with api.lock:
             limits = [int(q["limit"]) for p, q in api.requests if p == NAD_PATH and "watch" not in q]
     finally:

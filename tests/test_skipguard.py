@@ -35,12 +35,12 @@ def test_allow_list_matches_test_and_reason_both():
     assert allowed_by(pid1._replace(nodeid="tests/test_sriov.py::test_real_rtnetlink_socket[]")) is None
 
 
-def run_suite(tmp_path, strict: str) -> subprocess.CompletedProcess:
+def run_suite(tmp_path, strict: str, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_configure  # noqa: F401\n")
     (tmp_path / "test_suite.py").write_text(SUITE)
     env = {**os.environ, "PLANEWATCH_STRICT_SKIPS": strict, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), str(tmp_path)],
+                           "--rootdir", str(tmp_path), *args, str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -57,3 +57,16 @@ def test_without_strict_the_skips_are_listed_but_the_run_passes(tmp_path):
     done = run_suite(tmp_path, "")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "unexpected: test_suite.py::test_tool_missing: kubectl missing" in done.stdout
+
+
+def test_strict_run_in_parallel_sees_every_workers_skips(tmp_path):
+    """`make test-quick` runs under pytest-xdist: the skips happen in the workers
+    and must still fail the run (the controller receives every worker's reports)."""
+    (tmp_path / "test_more.py").write_text(
+        "import pytest\n\ndef test_other_tool_missing():\n    pytest.skip('promtool missing')\n")
+    done = run_suite(tmp_path, "1", "-n", "2", "--dist", "loadfile")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 passed, 3 skipped" in done.stdout
+    assert "NOT ALLOWED: test_suite.py::test_tool_missing: kubectl missing" in done.stdout
+    assert "NOT ALLOWED: test_more.py::test_other_tool_missing: promtool missing" in done.stdout
+    assert "3 skip(s) outside the allow-list" in done.stdout

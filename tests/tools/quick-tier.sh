@@ -4,10 +4,17 @@
 # the tier needs no privilege. The venv's interpreter may be one that user cannot run
 # (pyenv's under /root, say): then a venv of Debian's /usr/bin/python3 is made once,
 # in /var/tmp, and used instead.
+#
+# The tests run in pytest-xdist workers, one per CPU (at least 2: much of the tier
+# waits on child processes and sockets, not on the CPU; at most 8), a file per worker
+# at a time so that module fixtures (a Prometheus, kustomize builds) start once.
+# PLANEWATCH_QUICK_WORKERS=0 runs it in one process. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
-PYTEST=(-m pytest -q -p no:cacheprovider -m "not root" tests)
+CPUS=$(nproc)
+WORKERS=${PLANEWATCH_QUICK_WORKERS:-$(( CPUS < 2 ? 2 : CPUS > 8 ? 8 : CPUS ))}
+PYTEST=(-m pytest -q -p no:cacheprovider -m "not root" -n "$WORKERS" --dist loadfile tests "$@")
 if [ "$(id -u)" != 0 ]; then
   exec env PLANEWATCH_QUICK=1 "$BIN/python" "${PYTEST[@]}"
 fi
