@@ -13,6 +13,10 @@
  *                  whose reversed tuple last came in by another interface
  *   flows_created  per-CPU (netns, ifindex) -> flows that interface created
  *   map_refused    per-CPU [map] -> updates a full map refused
+ *   flow_cache     per-CPU slots: the last flows whose lookup found nothing to do
+ *   flows_generation  [0] -> bumped after every write to `flows` that can change
+ *                  what a lookup decides (an insert, which may evict; a changed
+ *                  ingress or egress interface)
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -69,6 +73,33 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } map_refused SEC(".maps");
+
+/* The per-CPU "last flow" cache: established flows, packet after packet on
+ * the same CPU, find their entry unchanged; a slot remembers that the lookup
+ * for (flow key, interface, direction) found nothing to do at generation g,
+ * and while `flows_generation` is still g the next such packet skips the
+ * 44-byte LRU lookup. Any write that could change that outcome (insert and
+ * so eviction, interface change) bumps the generation, which empties every
+ * CPU's slots at once: one atomic add per write rather than one remote write
+ * per CPU. Writes that change nothing a hit relies on (the asymmetric count,
+ * last_seen_ns, request_ifindex of an asymmetric flow, whose packets never
+ * fill a slot) leave it. The collector never writes `flows`; if it ever does,
+ * it must bump the generation too. */
+#define FLOW_CACHE_SLOTS 64     /* per CPU, 64 bytes each */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct flow_cache_slot);
+} flow_cache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flows_generation SEC(".maps");
 
 /* A full map refused an update: count it, per map, for /metrics. */
 static __always_inline void count_refused(__u32 map)
@@ -247,56 +278,143 @@ static __always_inline void reverse_flow(const struct flow_key *key, struct flow
 /* One entry per flow and netns, keyed by the tuple as it *leaves* the pod: an
  * incoming packet records its interface in the entry of its reversed tuple
  * (ingress_ifindex), an outgoing one finds there, in the same lookup as its own
- * entry, where its request came in. One lookup per packet either way, and the
- * steady state writes nothing: an entry is only written when its interfaces
- * change or a packet is asymmetric, so established flows dirty no cache line
- * shared between CPUs. last_seen_ns is only shown for asymmetric flows
- * (/debug/asymmetric), so only they pay for the clock read. */
-static __always_inline void track_ingress(const struct flow_key *key, __u32 ifindex)
-{
-	struct flow_key rev = {};
-	struct flow_value *value;
+ * entry, where its request came in. One lookup per packet either way (none on
+ * a flow_cache hit), and the steady state writes nothing: an entry is only
+ * written when its interfaces change or a packet is asymmetric, so established
+ * flows dirty no cache line shared between CPUs. last_seen_ns is only shown
+ * for asymmetric flows (/debug/asymmetric), so only they pay for the clock
+ * read. Each returns 1 when the lookup found nothing to do (a cacheable
+ * outcome), 0 when it wrote or created. */
 
-	reverse_flow(key, &rev);
-	value = bpf_map_lookup_elem(&flows, &rev);
+static __always_inline __u64 *generation(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&flows_generation, &zero);
+}
+
+/* After a write that may change what a lookup decides: empty every CPU's
+ * slots. A fetching add, fully ordered on every JIT: the write above is
+ * visible to whoever sees the new generation. */
+static __always_inline void flows_written(void)
+{
+	__u64 *gen = generation();
+
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
+}
+
+static __always_inline struct flow_cache_slot *cache_slot(const struct flow_key *key, __u32 direction)
+{
+	/* cheap spread, so a TCP flow's data and acks (two netns, two
+	 * directions) and a few concurrent flows keep their own slots */
+	__u32 index = (((key->netns ^ key->sport ^ key->dport) * 2) + direction) % FLOW_CACHE_SLOTS;
+
+	return bpf_map_lookup_elem(&flow_cache, &index);
+}
+
+static __always_inline bool same_key(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(*a) / 4; i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+static __always_inline int track_ingress(const struct flow_key *rev, __u32 ifindex)
+{
+	struct flow_value *value = bpf_map_lookup_elem(&flows, rev);
+
 	if (value) {
-		if (value->ingress_ifindex != ifindex)
-			value->ingress_ifindex = ifindex;
-		return;
+		if (value->ingress_ifindex == ifindex)
+			return 1;
+		value->ingress_ifindex = ifindex;
+		flows_written();
+		return 0;
 	}
 	struct flow_value first = { .ingress_ifindex = ifindex, .owner_ifindex = ifindex,
 				    .last_seen_ns = bpf_ktime_get_ns() };
-	if (bpf_map_update_elem(&flows, &rev, &first, BPF_NOEXIST) == 0)
-		count_flow_created(key->netns, ifindex);
+	if (bpf_map_update_elem(&flows, rev, &first, BPF_NOEXIST) == 0) {
+		flows_written();
+		count_flow_created(rev->netns, ifindex);
+	}
+	return 0;
 }
 
 /* A packet leaving by `ifindex` whose reversed tuple last came in by another
  * interface is a reply (or the next request) taking another path back. */
-static __always_inline void track_egress(const struct flow_key *key, __u32 ifindex)
+static __always_inline int track_egress(const struct flow_key *key, __u32 ifindex)
 {
 	struct flow_value *value = bpf_map_lookup_elem(&flows, key);
 	__u32 request_ifindex;
+	int quiet = 1;
 
 	if (!value) {
 		struct flow_value first = { .egress_ifindex = ifindex, .owner_ifindex = ifindex,
 					    .last_seen_ns = bpf_ktime_get_ns() };
-		if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0)
+		if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0) {
+			flows_written();
 			count_flow_created(key->netns, ifindex);
-		return;
+		}
+		return 0;
 	}
-	if (value->egress_ifindex != ifindex)
+	if (value->egress_ifindex != ifindex) {
 		value->egress_ifindex = ifindex;
+		flows_written();
+		quiet = 0;
+	}
 	request_ifindex = value->ingress_ifindex;
 	if (!request_ifindex || request_ifindex == ifindex)
-		return;
+		return quiet;
 	if (value->request_ifindex != request_ifindex)
 		value->request_ifindex = request_ifindex;
 	value->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&value->asymmetric_packets, 1);
 	count_asymmetric(key->netns, request_ifindex, ifindex);
+	return 0;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool with_flows)
+/* The flow-table work for one packet: skipped when this CPU's slot says the
+ * same lookup found nothing to do and no write happened since. Ingress works
+ * on the reversed tuple (the entry is keyed as the flow leaves). */
+static __always_inline void track(const struct flow_key *key, __u32 ifindex, __u32 direction, bool cached)
+{
+	struct flow_cache_slot *slot = NULL;
+	struct flow_key rev = {};
+	const struct flow_key *entry = key;
+	__u64 *gen = NULL, seen = 0;
+
+	if (direction == DIRECTION_INGRESS) {
+		reverse_flow(key, &rev);
+		entry = &rev;
+	}
+	if (cached) {
+		slot = cache_slot(entry, direction);
+		gen = generation();
+		if (!slot || !gen)
+			cached = false;
+	}
+	if (cached) {
+		seen = *(volatile __u64 *)gen;
+		if (slot->ifindex == ifindex && slot->generation == seen && same_key(&slot->key, entry))
+			return;
+		/* Filling: a fully ordered read, so the lookup below cannot see
+		 * the table from before a write whose generation we record. */
+		seen = __sync_fetch_and_add(gen, 0);
+	}
+	if (!(direction == DIRECTION_INGRESS ? track_ingress(entry, ifindex) : track_egress(entry, ifindex)))
+		return;
+	if (cached) {
+		__builtin_memcpy(&slot->key, entry, sizeof(slot->key));
+		slot->ifindex = ifindex;
+		slot->generation = seen;
+	}
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool with_flows, bool cached)
 {
 	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
 	__u32 netns = device_netns(kskb);
@@ -305,23 +423,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool w
 	count_traffic(netns, skb->ifindex, direction, skb->len);
 	if (!with_flows || parse_flow(skb, kskb, netns, &key))
 		return TCX_NEXT;
-	if (direction == DIRECTION_INGRESS)
-		track_ingress(&key, skb->ifindex);
-	else
-		track_egress(&key, skb->ifindex);
+	track(&key, skb->ifindex, direction, cached);
 	return TCX_NEXT;
 }
 
 SEC("tc")
 int tcx_ingress(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_INGRESS, true);
+	return handle(skb, DIRECTION_INGRESS, true, true);
 }
 
 SEC("tc")
 int tcx_egress(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_EGRESS, true);
+	return handle(skb, DIRECTION_EGRESS, true, true);
 }
 
 /* Variants for bench/ebpf_prog_test_run.py only; "?" = not loaded unless asked. */
@@ -334,7 +449,7 @@ int bench_noop(struct __sk_buff *skb)
 SEC("?tc")
 int bench_counters(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_INGRESS, false);
+	return handle(skb, DIRECTION_INGRESS, false, false);
 }
 
 char LICENSE[] SEC("license") = "GPL";
@@ -363,4 +478,18 @@ int bench_lookup(struct __sk_buff *skb)
 	if (parse_flow(skb, kskb, netns, &key))
 		return TCX_NEXT;
 	return bpf_map_lookup_elem(&flows, &key) ? TCX_NEXT : TCX_NEXT;
+}
+
+/* The flow path without flow_cache: every packet does its LRU lookup (what a
+ * cache miss costs, and what tcx_* cost before the cache). */
+SEC("?tc")
+int bench_uncached_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_INGRESS, true, false);
+}
+
+SEC("?tc")
+int bench_uncached_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_EGRESS, true, false);
 }

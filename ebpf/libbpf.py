@@ -79,6 +79,7 @@ def _signatures(lib: ctypes.CDLL) -> None:
         "bpf_link_create": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]),
         "bpf_prog_test_run_opts": (ctypes.c_int, [ctypes.c_int, ctypes.POINTER(TestRunOpts)]),
         "libbpf_num_possible_cpus": (ctypes.c_int, []),
+        "bpf_enable_stats": (ctypes.c_int, [ctypes.c_int]),
         "libbpf_set_print": (ctypes.c_void_p, [_PRINT_FN]),
         "btf__new": (_obj_p, [ctypes.c_void_p, ctypes.c_uint32]),
         "btf__parse": (_obj_p, [ctypes.c_char_p, ctypes.c_void_p]),
@@ -315,3 +316,25 @@ def test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
                        data_size_in=len(packet), repeat=repeat)
     _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, opts.duration
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_stats() -> int:
+    """An fd that keeps the kernel's per-program run_cnt / run_time_ns counting
+    (what sysctl kernel.bpf_stats_enabled=1 does) until it is closed: the
+    kernel refcounts it, so closing (or dying) puts back whatever was there."""
+    return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a program, from its fdinfo (counted only
+    while stats are enabled)."""
+    found = {}
+    with open(f"/proc/self/fdinfo/{prog_fd}") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("run_cnt", "run_time_ns"):
+                found[name] = int(value)
+    return found.get("run_cnt", 0), found.get("run_time_ns", 0)
