@@ -8,11 +8,23 @@ alike. Two loads: TCP (GSO-sized segments: throughput) and UDP with 64-byte
 datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
-    sudo python3 bench/datapath.py [--rounds 5] [--seconds 10] [--no-udp] [--objects DIR ...]
+    sudo python3 bench/datapath.py [--rounds 12] [--seconds 4] [--no-udp] [--objects DIR ...]
+                                   [--variants] [--no-profile]
 
 `--objects` compares several builds of the programs (ebpf/build directories of
 two checkouts, say): each round runs "without" and every build, in an order
-rotated round by round; the ratios are each build's median over "without".
+rotated round by round. Many short rounds rather than a few long ones: on a
+shared machine the load drifts over minutes, and the figure that survives it
+is the paired one, each build against the "without" run next to it in the same
+round, as the median of those per-round ratios with its IQR.
+
+Then, for each build, one run per load with the kernel's BPF run-time stats
+on (bpf_enable_stats, the fd form of sysctl kernel.bpf_stats_enabled=1: the
+previous state comes back when it closes): the programs' real ns per run,
+runs per packet (kfree_skb included: UDP at -b 0 overflows the receiver's
+socket buffer, and each dropped datagram runs it) and their share of the CPU
+time. `--variants` does the same with each bench variant attached in place of
+the real programs, step by step as bench/ebpf_prog_test_run.py measures them.
 
 Needs root, iperf3 and `make -C ebpf`. Everything made is removed on exit.
 """
@@ -58,8 +70,13 @@ def summarise(report: dict, udp: bool) -> dict:
     if udp:
         s = end["sum"]
         received = s["packets"] - s.get("lost_packets", 0)
+        sent = end.get("sum_sent", s)
+        # received: what the server's socket took (at -b 0 the receiver, not
+        # the path, is the bottleneck: most of the rest is dropped at its
+        # socket); sent: what the sender's CPU pushed through the whole path
+        # (veth, bridge, the ingress softirq all run on the sending CPU)
         return {"gbps": s["bits_per_second"] / 1e9, "mpps": received / s["seconds"] / 1e6,
-                "packets": s["packets"],
+                "sent_mpps": sent["packets"] / sent["seconds"] / 1e6, "packets": s["packets"],
                 "lost_percent": s.get("lost_percent", 0.0), "cpu_sender": cpu.get("host_total", 0.0),
                 "cpu_receiver": cpu.get("remote_total", 0.0)}
     s = end["sum_received"]
@@ -117,18 +134,24 @@ def run(args) -> None:
         server_ip = state.addresses[k1]["eth0"][0]
         loads = [("tcp", False)] + ([] if args.no_udp else [("udp64", True)])
         builds = {"with" if len(args.objects) < 2 else f"with {d}": d for d in args.objects or [""]}
-        modes = ["without", *builds]
+        modes = ["without", *(["noop"] if args.noop else []), *builds]
         results = {(load, mode): [] for load, _ in loads for mode in modes}
         for r in range(args.rounds):
             # rotate which goes first, so none always runs on a warmer machine
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                if mode != "without":
+                if mode == "noop":
+                    # the hooks and kfree_skb as in "with", the tc programs doing nothing
+                    objects = (args.objects or [""])[-1]
+                    loader = Loader(objects, bench=True) if objects else Loader(bench=True)
+                    loader.ingress_fd = loader.egress_fd = loader.program_fd("bench_noop")
+                    attached = attach_all(loader, [ns0, ns1])
+                elif mode != "without":
                     loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
                 for load, udp in loads:
                     got = iperf3(ns0, ns1, server_ip, args.seconds, udp)
                     results[(load, mode)].append(got)
-                    extra = f", {got['mpps']:.3f} Mpps" if udp else ""
+                    extra = f", {got['mpps']:.3f} Mpps received, {got['sent_mpps']:.3f} sent" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
                           f"{f' (BPF on {attached} interfaces)' if mode != 'without' else ''}"
                           f"  loadavg {loadavg()}", flush=True)
@@ -136,7 +159,7 @@ def run(args) -> None:
                     loader.close()
                     loader = None
         if args.rounds:
-            print_summary(results, loads, list(builds))
+            print_summary(results, loads, modes[1:])
         if args.variants:
             for mode, objects in builds.items():
                 profile_variants(mode, objects, [ns0, ns1], loads,
@@ -160,9 +183,9 @@ def print_summary(results: dict, loads: list, builds: list[str]) -> None:
     """Two views of the same runs. The paired one (each "with" against the
     "without" of its own round, which ran next to it) cancels load that
     drifts over minutes; its IQR says how far one round can be trusted."""
-    print("\nmedians (receiver side), min-max of the rounds in brackets:")
-    for load, udp in loads:
-        key = "mpps" if udp else "gbps"
+    print("\nmedians (gbps: TCP received; mpps: UDP datagrams received; sent_mpps: sent), "
+          "min-max of the rounds in brackets:")
+    for load, key in [(load, k) for load, udp in loads for k in (("mpps", "sent_mpps") if udp else ("gbps",))]:
         without = [g[key] for g in results[(load, "without")]]
         cpu_wo = statistics.median(g["cpu_receiver"] for g in results[(load, "without")])
         print(f"  {load:<6} without {statistics.median(without):.3f} {key} "
@@ -185,18 +208,21 @@ def profile_variants(mode: str, objects: str, namespaces: list[str], loads, one_
     lookup; see bench/ebpf_prog_test_run.py) attached in place of the real
     programs, so each step's cost is seen on the real path (cold caches,
     real skbs) rather than on BPF_PROG_TEST_RUN's one hot packet."""
-    from ebpf.loader import BENCH_PROGRAMS, Loader
+    from ebpf.loader import Loader
 
-    for program in BENCH_PROGRAMS:
+    steps = [(p, p) for p in ("bench_noop", "bench_counters", "bench_parse", "bench_lookup")]
+    steps.append(("bench_uncached_ingress", "bench_uncached_egress"))
+    for ingress, egress in steps:
         loader = Loader(objects, bench=True) if objects else Loader(bench=True)
         try:
             try:
-                loader.ingress_fd = loader.egress_fd = loader.program_fd(program)
-            except OSError:
+                loader.ingress_fd, loader.egress_fd = loader.program_fd(ingress), loader.program_fd(egress)
+            except OSError:             # an older build without this variant
                 continue
             attach_all(loader, namespaces)
+            label = ingress if ingress == egress else f"{ingress} / {egress}"
             for load, udp in loads:
-                profile(loader, f"{mode} [{program} on both hooks]", load, udp, lambda u=udp: one_run(u))
+                profile(loader, f"{mode} [{label}]", load, udp, lambda u=udp: one_run(u))
         finally:
             loader.close()
 
@@ -227,7 +253,8 @@ def profile(loader, mode: str, load: str, udp: bool, one_run) -> None:
     units = got["packets"] if udp else got["bytes"]
     total_ns = 0
     print(f"\nbpf_stats, {mode}, {load} ({got['gbps']:.2f} Gbit/s with stats on; "
-          f"{skbs} skbs through the tc programs, {watched_drops} drops on them; CPU busy {busy / wall:.2f} of {os.cpu_count()} CPUs; "
+          f"{skbs} skbs through the tc programs, {watched_drops} drops on them; "
+          f"CPU busy {busy / wall:.2f} of {os.cpu_count()} CPUs; "
           f"loadavg {loadavg()}):")
     for name, fd in programs.items():
         runs = after[name][0] - before[name][0]
@@ -252,12 +279,14 @@ def prog_test_run(objects: list[str]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--no-udp", action="store_true", help="TCP only")
     p.add_argument("--objects", nargs="+", default=[], help="BPF object directories to compare (default ebpf/build)")
     p.add_argument("--no-prog-test-run", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the bpf_stats runs")
+    p.add_argument("--noop", action="store_true",
+                   help="also a mode with bench_noop on every hook (and kfree_skb): what the hooks cost")
     p.add_argument("--variants", action="store_true",
                    help="bpf_stats runs of each bench variant attached in place of the real programs")
     p.add_argument("--profile-seconds", type=int, default=5, help="length of each bpf_stats run")

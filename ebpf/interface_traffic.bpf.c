@@ -401,9 +401,13 @@ static __always_inline void track(const struct flow_key *key, __u32 ifindex, __u
 		seen = *(volatile __u64 *)gen;
 		if (slot->ifindex == ifindex && slot->generation == seen && same_key(&slot->key, entry))
 			return;
-		/* Filling: a fully ordered read, so the lookup below cannot see
-		 * the table from before a write whose generation we record. */
+		/* Filling: the lookup below must not see the table as it was
+		 * before a write whose generation `seen` already is. x86 keeps
+		 * loads in order (and the writer bumps after writing), so the read
+		 * above does; elsewhere a fully ordered read, paid on misses only. */
+#ifndef __TARGET_ARCH_x86
 		seen = __sync_fetch_and_add(gen, 0);
+#endif
 	}
 	if (!(direction == DIRECTION_INGRESS ? track_ingress(entry, ifindex) : track_egress(entry, ifindex)))
 		return;

@@ -309,13 +309,23 @@ def num_possible_cpus() -> int:
     return _check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
-    """BPF_PROG_TEST_RUN: (return value, average ns per run)."""
+def test_run(prog_fd: int, packet: bytes, repeat: int, ifindex: int = 0) -> tuple[int, int]:
+    """BPF_PROG_TEST_RUN: (return value, average ns per run). With `ifindex`
+    (> 1, a device of the calling thread's netns) the skb comes from that
+    device instead of loopback (the __sk_buff context's ifindex field)."""
     data = ctypes.create_string_buffer(packet, len(packet))
     opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.cast(data, ctypes.c_void_p),
                        data_size_in=len(packet), repeat=repeat)
+    ctx = None
+    if ifindex:
+        ctx = ctypes.create_string_buffer(SKB_CTX_IFINDEX + 4)
+        ctypes.c_uint32.from_buffer(ctx, SKB_CTX_IFINDEX).value = ifindex
+        opts.ctx_in, opts.ctx_size_in = ctypes.cast(ctx, ctypes.c_void_p), len(ctx)
     _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, opts.duration
+
+
+SKB_CTX_IFINDEX = 40        # offsetof(struct __sk_buff, ifindex), uapi: stable
 
 
 BPF_STATS_RUN_TIME = 0
