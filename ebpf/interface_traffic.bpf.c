@@ -22,6 +22,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "planewatch.bpf.h"
+#include "flow_cache.bpf.h"
 
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -73,33 +74,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } map_refused SEC(".maps");
-
-/* The per-CPU "last flow" cache: established flows, packet after packet on
- * the same CPU, find their entry unchanged; a slot remembers that the lookup
- * for (flow key, interface, direction) found nothing to do at generation g,
- * and while `flows_generation` is still g the next such packet skips the
- * 44-byte LRU lookup. Any write that could change that outcome (insert and
- * so eviction, interface change) bumps the generation, which empties every
- * CPU's slots at once: one atomic add per write rather than one remote write
- * per CPU. Writes that change nothing a hit relies on (the asymmetric count,
- * last_seen_ns, request_ifindex of an asymmetric flow, whose packets never
- * fill a slot) leave it. The collector never writes `flows`; if it ever does,
- * it must bump the generation too. */
-#define FLOW_CACHE_SLOTS 64     /* per CPU, 64 bytes each */
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, FLOW_CACHE_SLOTS);
-	__type(key, __u32);
-	__type(value, struct flow_cache_slot);
-} flow_cache SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} flows_generation SEC(".maps");
 
 /* A full map refused an update: count it, per map, for /metrics. */
 static __always_inline void count_refused(__u32 map)
@@ -285,44 +259,6 @@ static __always_inline void reverse_flow(const struct flow_key *key, struct flow
  * for asymmetric flows (/debug/asymmetric), so only they pay for the clock
  * read. Each returns 1 when the lookup found nothing to do (a cacheable
  * outcome), 0 when it wrote or created. */
-
-static __always_inline __u64 *generation(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&flows_generation, &zero);
-}
-
-/* After a write that may change what a lookup decides: empty every CPU's
- * slots. A fetching add, fully ordered on every JIT: the write above is
- * visible to whoever sees the new generation. */
-static __always_inline void flows_written(void)
-{
-	__u64 *gen = generation();
-
-	if (gen)
-		__sync_fetch_and_add(gen, 1);
-}
-
-static __always_inline struct flow_cache_slot *cache_slot(const struct flow_key *key, __u32 direction)
-{
-	/* cheap spread, so a TCP flow's data and acks (two netns, two
-	 * directions) and a few concurrent flows keep their own slots */
-	__u32 index = (((key->netns ^ key->sport ^ key->dport) * 2) + direction) % FLOW_CACHE_SLOTS;
-
-	return bpf_map_lookup_elem(&flow_cache, &index);
-}
-
-static __always_inline bool same_key(const struct flow_key *a, const struct flow_key *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-	__u32 diff = 0;
-
-#pragma unroll
-	for (int i = 0; i < sizeof(*a) / 4; i++)
-		diff |= x[i] ^ y[i];
-	return diff == 0;
-}
 
 static __always_inline int track_ingress(const struct flow_key *rev, __u32 ifindex)
 {
