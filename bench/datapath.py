@@ -19,8 +19,9 @@ is the paired one, each build against the "without" run next to it in the same
 round, as the median of those per-round ratios with its IQR.
 
 Then, for each build, one run per load with the kernel's BPF run-time stats
-on (bpf_enable_stats, the fd form of sysctl kernel.bpf_stats_enabled=1: the
-previous state comes back when it closes): the programs' real ns per run,
+on (bpf_enable_stats: what sysctl kernel.bpf_stats_enabled=1 does, held by
+an fd and refcounted by the kernel, so the sysctl is never written and the
+previous state is back when the fd closes, even if this script dies): the programs' real ns per run,
 runs per packet (kfree_skb included: UDP at -b 0 overflows the receiver's
 socket buffer, and each dropped datagram runs it) and their share of the CPU
 time. `--variants` does the same with each bench variant attached in place of

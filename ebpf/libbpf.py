@@ -333,8 +333,9 @@ BPF_STATS_RUN_TIME = 0
 
 def enable_stats() -> int:
     """An fd that keeps the kernel's per-program run_cnt / run_time_ns counting
-    (what sysctl kernel.bpf_stats_enabled=1 does) until it is closed: the
-    kernel refcounts it, so closing (or dying) puts back whatever was there."""
+    until it is closed (what sysctl kernel.bpf_stats_enabled=1 does, but the
+    sysctl is never written: the kernel refcounts the switch, so closing, or
+    dying, leaves it as it was, and someone else's setting stays on)."""
     return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
