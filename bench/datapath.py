@@ -9,7 +9,7 @@ datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
     sudo python3 bench/datapath.py [--rounds 12] [--seconds 4] [--no-udp] [--objects DIR ...]
-                                   [--variants] [--no-profile]
+                                   [--noop] [--variants] [--no-profile]
 
 `--objects` compares several builds of the programs (ebpf/build directories of
 two checkouts, say): each round runs "without" and every build, in an order
@@ -21,11 +21,16 @@ round, as the median of those per-round ratios with its IQR.
 Then, for each build, one run per load with the kernel's BPF run-time stats
 on (bpf_enable_stats: what sysctl kernel.bpf_stats_enabled=1 does, held by
 an fd and refcounted by the kernel, so the sysctl is never written and the
-previous state is back when the fd closes, even if this script dies): the programs' real ns per run,
-runs per packet (kfree_skb included: UDP at -b 0 overflows the receiver's
-socket buffer, and each dropped datagram runs it) and their share of the CPU
-time. `--variants` does the same with each bench variant attached in place of
-the real programs, step by step as bench/ebpf_prog_test_run.py measures them.
+previous state is back when the fd closes, even if this script dies): the
+programs' real ns per run, runs per packet (kfree_skb included: UDP at -b 0
+overflows the receiver's socket buffer, and each dropped datagram runs it)
+and their share of the CPU time.
+
+`--noop` adds a mode with bench_noop on every hook: what the hooks and the
+kfree_skb program cost with no work in the tc programs, i.e. the noise floor
+of the ratios. `--variants` adds bpf_stats runs with each bench variant
+attached in place of the real programs, step by step as
+bench/ebpf_prog_test_run.py measures them.
 
 Needs root, iperf3 and `make -C ebpf`. Everything made is removed on exit.
 """
