@@ -269,7 +269,11 @@ def profile(loader, mode: str, load: str, udp: bool, one_run) -> None:
             total_ns += ns
         per = f"{runs / units:.3f} runs per datagram" if udp else f"{units / runs if runs else 0:,.0f} bytes per run"
         print(f"  {name:<10} {runs:>10} runs  {ns / runs if runs else 0:6.1f} ns/run  {per}")
-    print(f"  programs: {total_ns / 1e6:.1f} ms of {busy / 1e6:.0f} ms CPU busy = {100 * total_ns / busy:.2f} %"
+    # of one CPU too: the sending CPU runs the whole path (both tc programs
+    # and the drops), so when it is the bottleneck this is the most the
+    # programs can take off the throughput
+    print(f"  programs: {total_ns / 1e6:.1f} ms of {busy / 1e6:.0f} ms CPU busy = {100 * total_ns / busy:.2f} %, "
+          f"{100 * total_ns / wall:.2f} % of one CPU"
           + (f"; {total_ns / units:.1f} ns per datagram sent, {busy / units:.0f} ns busy per datagram"
              if udp else f"; {total_ns / units * 1e3:.2f} ns per KB"))
 
