@@ -14,7 +14,8 @@
  * last_seen_ns, request_ifindex of an asymmetric flow, whose packets never
  * fill a slot) leave it. The collector never writes `flows`; if it ever does,
  * it must bump the generation too. */
-#define FLOW_CACHE_SLOTS 64     /* per CPU, 64 bytes each */
+#define FLOW_CACHE_PAIR_BITS 6
+#define FLOW_CACHE_SLOTS (2 << FLOW_CACHE_PAIR_BITS)   /* 128 per CPU, 64 bytes each: 8 KiB */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -48,12 +49,21 @@ static __always_inline void flows_written(void)
 		__sync_fetch_and_add(gen, 1);
 }
 
+/* Slot of a flow: a multiplicative hash of netns, ports and the first address
+ * words picks a pair, the direction one of the two (a flow's ingress and
+ * egress never evict each other). Measured with iperf3 -P 16 (16 flows, both
+ * pods on this node, 64 (netns, flow) keys a direction): 84 % TCP / 81 % UDP
+ * of packets hit with this and 128 slots, 52 % / 62 % with 64 slots indexed
+ * by (netns ^ ports); one flow: 99.96 % / 100 % either way. */
 static __always_inline struct flow_cache_slot *cache_slot(const struct flow_key *key, __u32 direction)
 {
-	/* cheap spread, so a TCP flow's data and acks (two netns, two
-	 * directions) and a few concurrent flows keep their own slots */
-	__u32 index = (((key->netns ^ key->sport ^ key->dport) * 2) + direction) % FLOW_CACHE_SLOTS;
+	__u32 ports, saddr, daddr, index;
 
+	__builtin_memcpy(&ports, &key->sport, 4);
+	__builtin_memcpy(&saddr, key->saddr, 4);
+	__builtin_memcpy(&daddr, key->daddr, 4);
+	index = (key->netns ^ ports ^ saddr ^ daddr) * 0x9E3779B1u;
+	index = ((index >> (32 - FLOW_CACHE_PAIR_BITS)) << 1) | direction;
 	return bpf_map_lookup_elem(&flow_cache, &index);
 }
 
