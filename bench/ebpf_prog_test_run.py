@@ -4,7 +4,8 @@ BPF_PROG_TEST_RUN (no traffic, no interfaces): the no-op program, counters
 only, counters + header parse, + one flow-table lookup, and counters + flow
 table on ingress and on egress: without the per-CPU flow cache (every packet
 looks the table up: what a cache miss costs) and as attached (the repeated
-packet hits the cache after its first run). Also prints the load time and the RSS after load.
+packet hits the cache after its first run). Also prints the load time and the
+RSS after load.
 
     sudo python3 bench/ebpf_prog_test_run.py [--repeat N] [--rounds R] [--objects DIR ...]
 

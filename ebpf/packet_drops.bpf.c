@@ -55,8 +55,12 @@ int BPF_PROG(count_drop, struct sk_buff *skb, void *location, enum skb_drop_reas
 	__u64 one = 1, *value;
 
 	/* Frees that are not drops (kernels that still trace them here): the
-	 * collector leaves them out anyway, so no lookup for them. */
-	if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_CONSUMED) ||
+	 * collector leaves them out anyway, so no lookup for them. Resolved at
+	 * load time; a kernel without the name skips that test. */
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_CONSUMED) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_CONSUMED))
+		return 0;
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_NOT_DROPPED_YET) &&
 	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_NOT_DROPPED_YET))
 		return 0;
 	/* tp_btf arguments are typed kernel pointers: plain loads, not the
