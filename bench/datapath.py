@@ -8,11 +8,29 @@ alike. Two loads: TCP (GSO-sized segments: throughput) and UDP with 64-byte
 datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
-    sudo python3 bench/datapath.py [--rounds 5] [--seconds 10] [--no-udp] [--objects DIR ...]
+    sudo python3 bench/datapath.py [--rounds 12] [--seconds 4] [--no-udp] [--objects DIR ...]
+                                   [--noop] [--variants] [--no-profile]
 
 `--objects` compares several builds of the programs (ebpf/build directories of
 two checkouts, say): each round runs "without" and every build, in an order
-rotated round by round; the ratios are each build's median over "without".
+rotated round by round. Many short rounds rather than a few long ones: on a
+shared machine the load drifts over minutes, and the figure that survives it
+is the paired one, each build against the "without" run next to it in the same
+round, as the median of those per-round ratios with its IQR.
+
+Then, for each build, one run per load with the kernel's BPF run-time stats
+on (bpf_enable_stats: what sysctl kernel.bpf_stats_enabled=1 does, held by
+an fd and refcounted by the kernel, so the sysctl is never written and the
+previous state is back when the fd closes, even if this script dies): the
+programs' real ns per run, runs per packet (kfree_skb included: UDP at -b 0
+overflows the receiver's socket buffer, and each dropped datagram runs it)
+and their share of the CPU time.
+
+`--noop` adds a mode with bench_noop on every hook: what the hooks and the
+kfree_skb program cost with no work in the tc programs, i.e. the noise floor
+of the ratios. `--variants` adds bpf_stats runs with each bench variant
+attached in place of the real programs, step by step as
+bench/ebpf_prog_test_run.py measures them.
 
 Needs root, iperf3 and `make -C ebpf`. Everything made is removed on exit.
 """
@@ -58,11 +76,17 @@ def summarise(report: dict, udp: bool) -> dict:
     if udp:
         s = end["sum"]
         received = s["packets"] - s.get("lost_packets", 0)
+        sent = end.get("sum_sent", s)
+        # received: what the server's socket took (at -b 0 the receiver, not
+        # the path, is the bottleneck: most of the rest is dropped at its
+        # socket); sent: what the sender's CPU pushed through the whole path
+        # (veth, bridge, the ingress softirq all run on the sending CPU)
         return {"gbps": s["bits_per_second"] / 1e9, "mpps": received / s["seconds"] / 1e6,
+                "sent_mpps": sent["packets"] / sent["seconds"] / 1e6, "packets": s["packets"],
                 "lost_percent": s.get("lost_percent", 0.0), "cpu_sender": cpu.get("host_total", 0.0),
                 "cpu_receiver": cpu.get("remote_total", 0.0)}
     s = end["sum_received"]
-    return {"gbps": s["bits_per_second"] / 1e9, "cpu_sender": cpu.get("host_total", 0.0),
+    return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"], "cpu_sender": cpu.get("host_total", 0.0),
             "cpu_receiver": cpu.get("remote_total", 0.0)}
 
 
@@ -84,6 +108,25 @@ def attach_all(loader, namespaces: list[str]) -> int:
     return count
 
 
+def cpu_busy_ns() -> int:
+    """Busy time of all CPUs since boot (everything but idle and iowait), ns."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def run(args) -> None:
     from ebpf.loader import Loader
     from lab import topology
@@ -97,24 +140,45 @@ def run(args) -> None:
         server_ip = state.addresses[k1]["eth0"][0]
         loads = [("tcp", False)] + ([] if args.no_udp else [("udp64", True)])
         builds = {"with" if len(args.objects) < 2 else f"with {d}": d for d in args.objects or [""]}
-        modes = ["without", *builds]
+        modes = ["without", *(["noop"] if args.noop else []), *builds]
         results = {(load, mode): [] for load, _ in loads for mode in modes}
         for r in range(args.rounds):
             # rotate which goes first, so none always runs on a warmer machine
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-                if mode != "without":
+                if mode == "noop":
+                    # the hooks and kfree_skb as in "with", the tc programs doing nothing
+                    objects = (args.objects or [""])[-1]
+                    loader = Loader(objects, bench=True) if objects else Loader(bench=True)
+                    loader.ingress_fd = loader.egress_fd = loader.program_fd("bench_noop")
+                    attached = attach_all(loader, [ns0, ns1])
+                elif mode != "without":
                     loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
                 for load, udp in loads:
                     got = iperf3(ns0, ns1, server_ip, args.seconds, udp)
                     results[(load, mode)].append(got)
-                    extra = f", {got['mpps']:.3f} Mpps" if udp else ""
+                    extra = f", {got['mpps']:.3f} Mpps received, {got['sent_mpps']:.3f} sent" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
-                          f"{f' (BPF on {attached} interfaces)' if mode != 'without' else ''}", flush=True)
+                          f"{f' (BPF on {attached} interfaces)' if mode != 'without' else ''}"
+                          f"  loadavg {loadavg()}", flush=True)
                 if loader is not None:
                     loader.close()
                     loader = None
-        print_summary(results, loads, list(builds))
+        if args.rounds:
+            print_summary(results, loads, modes[1:])
+        if args.variants:
+            for mode, objects in builds.items():
+                profile_variants(mode, objects, [ns0, ns1], loads,
+                                 lambda u: iperf3(ns0, ns1, server_ip, args.profile_seconds, u))
+        if not args.no_profile:
+            for mode, objects in builds.items():
+                loader = Loader(objects) if objects else Loader()
+                attach_all(loader, [ns0, ns1])
+                for load, udp in loads:
+                    profile(loader, mode, load, udp, lambda u=udp: iperf3(ns0, ns1, server_ip,
+                                                                           args.profile_seconds, u))
+                loader.close()
+                loader = None
     finally:
         if loader is not None:
             loader.close()
@@ -122,9 +186,12 @@ def run(args) -> None:
 
 
 def print_summary(results: dict, loads: list, builds: list[str]) -> None:
-    print("\nmedians (receiver side), min-max of the rounds in brackets:")
-    for load, udp in loads:
-        key = "mpps" if udp else "gbps"
+    """Two views of the same runs. The paired one (each "with" against the
+    "without" of its own round, which ran next to it) cancels load that
+    drifts over minutes; its IQR says how far one round can be trusted."""
+    print("\nmedians (gbps: TCP received; mpps: UDP datagrams received; sent_mpps: sent), "
+          "min-max of the rounds in brackets:")
+    for load, key in [(load, k) for load, udp in loads for k in (("mpps", "sent_mpps") if udp else ("gbps",))]:
         without = [g[key] for g in results[(load, "without")]]
         cpu_wo = statistics.median(g["cpu_receiver"] for g in results[(load, "without")])
         print(f"  {load:<6} without {statistics.median(without):.3f} {key} "
@@ -132,11 +199,83 @@ def print_summary(results: dict, loads: list, builds: list[str]) -> None:
         for mode in builds:
             with_ = [g[key] for g in results[(load, mode)]]
             cpu_w = statistics.median(g["cpu_receiver"] for g in results[(load, mode)])
-            # per-round ratios too: each "with" against the "without" of its own round
             per_round = [w / wo for w, wo in zip(with_, without)]
-            print(f"  {load:<6} {mode} {statistics.median(with_):.3f} {key} [{min(with_):.3f}-{max(with_):.3f}]: "
-                  f"ratio {statistics.median(with_) / statistics.median(without):.3f} "
-                  f"(per round {min(per_round):.3f}-{max(per_round):.3f}); receiver CPU {cpu_w:.0f}%")
+            q1, q2, q3 = quartiles(per_round)
+            below = sum(1 for x in per_round if x < 1)
+            print(f"  {load:<6} {mode} {statistics.median(with_):.3f} {key} [{min(with_):.3f}-{max(with_):.3f}], "
+                  f"receiver CPU {cpu_w:.0f}%\n"
+                  f"         ratio of medians {statistics.median(with_) / statistics.median(without):.3f}; "
+                  f"paired median of per-round ratios {q2:.3f} IQR [{q1:.3f}-{q3:.3f}] "
+                  f"min-max [{min(per_round):.3f}-{max(per_round):.3f}], {below}/{len(per_round)} rounds < 1")
+
+
+def profile_variants(mode: str, objects: str, namespaces: list[str], loads, one_run) -> None:
+    """The bench variants of interface_traffic (no-op, counters, + parse, +
+    lookup; see bench/ebpf_prog_test_run.py) attached in place of the real
+    programs, so each step's cost is seen on the real path (cold caches,
+    real skbs) rather than on BPF_PROG_TEST_RUN's one hot packet."""
+    from ebpf.loader import Loader
+
+    steps = [(p, p) for p in ("bench_noop", "bench_counters", "bench_parse", "bench_lookup")]
+    steps.append(("bench_uncached_ingress", "bench_uncached_egress"))
+    for ingress, egress in steps:
+        loader = Loader(objects, bench=True) if objects else Loader(bench=True)
+        try:
+            try:
+                loader.ingress_fd, loader.egress_fd = loader.program_fd(ingress), loader.program_fd(egress)
+            except OSError:             # an older build without this variant
+                continue
+            attach_all(loader, namespaces)
+            label = ingress if ingress == egress else f"{ingress} / {egress}"
+            for load, udp in loads:
+                profile(loader, f"{mode} [{label}]", load, udp, lambda u=udp: one_run(u))
+        finally:
+            loader.close()
+
+
+def profile(loader, mode: str, load: str, udp: bool, one_run) -> None:
+    """One iperf3 run with the kernel's BPF run-time stats on: real ns per run
+    of each program, runs per packet, and the programs' share of the CPU time
+    the machine spent meanwhile (a lower bound on a shared machine: other
+    work counts in the busy time). Stats cost two clock reads per run, so
+    these runs are not used for the ratios."""
+    from ebpf import libbpf
+
+    programs = {"tc ingress": loader.ingress_fd, "tc egress": loader.egress_fd, "kfree_skb": loader.drop_fd}
+    stats_fd = libbpf.enable_stats()
+    try:
+        before = {name: libbpf.run_stats(fd) for name, fd in programs.items()}
+        traffic_before = sum(p for p, _ in loader.interface_traffic().values())
+        drops_before = sum(loader.packet_drops().values())
+        busy_before, wall_before = cpu_busy_ns(), time.monotonic_ns()
+        got = one_run()
+        busy, wall = cpu_busy_ns() - busy_before, time.monotonic_ns() - wall_before
+        after = {name: libbpf.run_stats(fd) for name, fd in programs.items()}
+        skbs = sum(p for p, _ in loader.interface_traffic().values()) - traffic_before
+        watched_drops = sum(loader.packet_drops().values()) - drops_before
+    finally:
+        os.close(stats_fd)
+    # what one unit of the load is: a datagram sent, or (TCP) a byte received
+    units = got["packets"] if udp else got["bytes"]
+    total_ns = 0
+    print(f"\nbpf_stats, {mode}, {load} ({got['gbps']:.2f} Gbit/s with stats on; "
+          f"{skbs} skbs through the tc programs, {watched_drops} drops on them; "
+          f"CPU busy {busy / wall:.2f} of {os.cpu_count()} CPUs; "
+          f"loadavg {loadavg()}):")
+    for name, fd in programs.items():
+        runs = after[name][0] - before[name][0]
+        ns = after[name][1] - before[name][1]
+        if name != "tc egress" or fd != programs["tc ingress"]:     # one program on both hooks: once
+            total_ns += ns
+        per = f"{runs / units:.3f} runs per datagram" if udp else f"{units / runs if runs else 0:,.0f} bytes per run"
+        print(f"  {name:<10} {runs:>10} runs  {ns / runs if runs else 0:6.1f} ns/run  {per}")
+    # of one CPU too: the sending CPU runs the whole path (both tc programs
+    # and the drops), so when it is the bottleneck this is the most the
+    # programs can take off the throughput
+    print(f"  programs: {total_ns / 1e6:.1f} ms of {busy / 1e6:.0f} ms CPU busy = {100 * total_ns / busy:.2f} %, "
+          f"{100 * total_ns / wall:.2f} % of one CPU"
+          + (f"; {total_ns / units:.1f} ns per datagram sent, {busy / units:.0f} ns busy per datagram"
+             if udp else f"; {total_ns / units * 1e3:.2f} ns per KB"))
 
 
 def prog_test_run(objects: list[str]) -> None:
@@ -150,16 +289,22 @@ def prog_test_run(objects: list[str]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--no-udp", action="store_true", help="TCP only")
     p.add_argument("--objects", nargs="+", default=[], help="BPF object directories to compare (default ebpf/build)")
     p.add_argument("--no-prog-test-run", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="skip the bpf_stats runs")
+    p.add_argument("--noop", action="store_true",
+                   help="also a mode with bench_noop on every hook (and kfree_skb): what the hooks cost")
+    p.add_argument("--variants", action="store_true",
+                   help="bpf_stats runs of each bench variant attached in place of the real programs")
+    p.add_argument("--profile-seconds", type=int, default=5, help="length of each bpf_stats run")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
-    print(f"nproc {os.cpu_count()}, loadavg {open('/proc/loadavg').read().split()[:3]}, "
+    print(f"nproc {os.cpu_count()}, loadavg {loadavg()}, "
           f"{args.rounds} rounds x {args.seconds} s per load and mode")
     run(args)
     if not args.no_prog_test_run:

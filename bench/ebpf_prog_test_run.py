@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """ns/packet of the interface_traffic programs, measured in the kernel with
 BPF_PROG_TEST_RUN (no traffic, no interfaces): the no-op program, counters
-only, and counters + flow table on ingress and on egress (egress also looks up
-the reversed tuple). Also prints the load time and the RSS after load.
+only, counters + header parse, + one flow-table lookup, and counters + flow
+table on ingress and on egress: without the per-CPU flow cache (every packet
+looks the table up: what a cache miss costs) and as attached (the repeated
+packet hits the cache after its first run). Also prints the load time and the
+RSS after load.
 
     sudo python3 bench/ebpf_prog_test_run.py [--repeat N] [--rounds R] [--objects DIR ...]
 
@@ -33,6 +36,8 @@ VARIANTS = (
     ("counters", "bench_counters", False),
     ("counters+parse", "bench_parse", False),
     ("counters+parse+lookup", "bench_lookup", False),
+    ("counters+flows ingress, uncached", "bench_uncached_ingress", False),
+    ("counters+flows egress, uncached", "bench_uncached_egress", False),
     ("counters+flows ingress", "tcx_ingress", False),
     ("counters+flows egress", "tcx_egress", False),
     ("counters+flows egress, reply", "tcx_egress", True),
@@ -94,7 +99,7 @@ def main() -> None:
                 ns = runs.get((name, label))
                 if not ns:
                     continue
-                print(f"{label:<30} {statistics.median(ns):>6.0f} ns/packet  (min {min(ns)}, max {max(ns)}; "
+                print(f"{label:<36} {statistics.median(ns):>6.0f} ns/packet  (min {min(ns)}, max {max(ns)}; "
                       f"{args.rounds} x {args.repeat})")
     finally:
         for loader in loaders.values():

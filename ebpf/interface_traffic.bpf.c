@@ -13,11 +13,16 @@
  *                  whose reversed tuple last came in by another interface
  *   flows_created  per-CPU (netns, ifindex) -> flows that interface created
  *   map_refused    per-CPU [map] -> updates a full map refused
+ *   flow_cache     per-CPU slots: the last flows whose lookup found nothing to do
+ *   flows_generation  [0] -> bumped after every write to `flows` that can change
+ *                  what a lookup decides (an insert, which may evict; a changed
+ *                  ingress or egress interface)
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "planewatch.bpf.h"
+#include "flow_cache.bpf.h"
 
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -247,56 +252,109 @@ static __always_inline void reverse_flow(const struct flow_key *key, struct flow
 /* One entry per flow and netns, keyed by the tuple as it *leaves* the pod: an
  * incoming packet records its interface in the entry of its reversed tuple
  * (ingress_ifindex), an outgoing one finds there, in the same lookup as its own
- * entry, where its request came in. One lookup per packet either way, and the
- * steady state writes nothing: an entry is only written when its interfaces
- * change or a packet is asymmetric, so established flows dirty no cache line
- * shared between CPUs. last_seen_ns is only shown for asymmetric flows
- * (/debug/asymmetric), so only they pay for the clock read. */
-static __always_inline void track_ingress(const struct flow_key *key, __u32 ifindex)
-{
-	struct flow_key rev = {};
-	struct flow_value *value;
+ * entry, where its request came in. One lookup per packet either way (none on
+ * a flow_cache hit), and the steady state writes nothing: an entry is only
+ * written when its interfaces change or a packet is asymmetric, so established
+ * flows dirty no cache line shared between CPUs. last_seen_ns is only shown
+ * for asymmetric flows (/debug/asymmetric), so only they pay for the clock
+ * read. Each returns 1 when the lookup found nothing to do (a cacheable
+ * outcome), 0 when it wrote or created. */
 
-	reverse_flow(key, &rev);
-	value = bpf_map_lookup_elem(&flows, &rev);
+static __always_inline int track_ingress(const struct flow_key *rev, __u32 ifindex)
+{
+	struct flow_value *value = bpf_map_lookup_elem(&flows, rev);
+
 	if (value) {
-		if (value->ingress_ifindex != ifindex)
-			value->ingress_ifindex = ifindex;
-		return;
+		if (value->ingress_ifindex == ifindex)
+			return 1;
+		value->ingress_ifindex = ifindex;
+		flows_written();
+		return 0;
 	}
 	struct flow_value first = { .ingress_ifindex = ifindex, .owner_ifindex = ifindex,
 				    .last_seen_ns = bpf_ktime_get_ns() };
-	if (bpf_map_update_elem(&flows, &rev, &first, BPF_NOEXIST) == 0)
-		count_flow_created(key->netns, ifindex);
+	if (bpf_map_update_elem(&flows, rev, &first, BPF_NOEXIST) == 0) {
+		flows_written();
+		count_flow_created(rev->netns, ifindex);
+	}
+	return 0;
 }
 
 /* A packet leaving by `ifindex` whose reversed tuple last came in by another
  * interface is a reply (or the next request) taking another path back. */
-static __always_inline void track_egress(const struct flow_key *key, __u32 ifindex)
+static __always_inline int track_egress(const struct flow_key *key, __u32 ifindex)
 {
 	struct flow_value *value = bpf_map_lookup_elem(&flows, key);
 	__u32 request_ifindex;
+	int quiet = 1;
 
 	if (!value) {
 		struct flow_value first = { .egress_ifindex = ifindex, .owner_ifindex = ifindex,
 					    .last_seen_ns = bpf_ktime_get_ns() };
-		if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0)
+		if (bpf_map_update_elem(&flows, key, &first, BPF_NOEXIST) == 0) {
+			flows_written();
 			count_flow_created(key->netns, ifindex);
-		return;
+		}
+		return 0;
 	}
-	if (value->egress_ifindex != ifindex)
+	if (value->egress_ifindex != ifindex) {
 		value->egress_ifindex = ifindex;
+		flows_written();
+		quiet = 0;
+	}
 	request_ifindex = value->ingress_ifindex;
 	if (!request_ifindex || request_ifindex == ifindex)
-		return;
+		return quiet;
 	if (value->request_ifindex != request_ifindex)
 		value->request_ifindex = request_ifindex;
 	value->last_seen_ns = bpf_ktime_get_ns();
 	__sync_fetch_and_add(&value->asymmetric_packets, 1);
 	count_asymmetric(key->netns, request_ifindex, ifindex);
+	return 0;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool with_flows)
+/* The flow-table work for one packet: skipped when this CPU's slot says the
+ * same lookup found nothing to do and no write happened since. Ingress works
+ * on the reversed tuple (the entry is keyed as the flow leaves). */
+static __always_inline void track(const struct flow_key *key, __u32 ifindex, __u32 direction, bool cached)
+{
+	struct flow_cache_slot *slot = NULL;
+	struct flow_key rev = {};
+	const struct flow_key *entry = key;
+	__u64 *gen = NULL, seen = 0;
+
+	if (direction == DIRECTION_INGRESS) {
+		reverse_flow(key, &rev);
+		entry = &rev;
+	}
+	if (cached) {
+		slot = cache_slot(entry, direction);
+		gen = generation();
+		if (!slot || !gen)
+			cached = false;
+	}
+	if (cached) {
+		seen = *(volatile __u64 *)gen;
+		if (slot->ifindex == ifindex && slot->generation == seen && same_key(&slot->key, entry))
+			return;
+		/* Filling: the lookup below must not see the table as it was
+		 * before a write whose generation `seen` already is. x86 keeps
+		 * loads in order (and the writer bumps after writing), so the read
+		 * above does; elsewhere a fully ordered read, paid on misses only. */
+#ifndef __TARGET_ARCH_x86
+		seen = __sync_fetch_and_add(gen, 0);
+#endif
+	}
+	if (!(direction == DIRECTION_INGRESS ? track_ingress(entry, ifindex) : track_egress(entry, ifindex)))
+		return;
+	if (cached) {
+		__builtin_memcpy(&slot->key, entry, sizeof(slot->key));
+		slot->ifindex = ifindex;
+		slot->generation = seen;
+	}
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool with_flows, bool cached)
 {
 	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
 	__u32 netns = device_netns(kskb);
@@ -305,23 +363,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 direction, bool w
 	count_traffic(netns, skb->ifindex, direction, skb->len);
 	if (!with_flows || parse_flow(skb, kskb, netns, &key))
 		return TCX_NEXT;
-	if (direction == DIRECTION_INGRESS)
-		track_ingress(&key, skb->ifindex);
-	else
-		track_egress(&key, skb->ifindex);
+	track(&key, skb->ifindex, direction, cached);
 	return TCX_NEXT;
 }
 
 SEC("tc")
 int tcx_ingress(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_INGRESS, true);
+	return handle(skb, DIRECTION_INGRESS, true, true);
 }
 
 SEC("tc")
 int tcx_egress(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_EGRESS, true);
+	return handle(skb, DIRECTION_EGRESS, true, true);
 }
 
 /* Variants for bench/ebpf_prog_test_run.py only; "?" = not loaded unless asked. */
@@ -334,7 +389,7 @@ int bench_noop(struct __sk_buff *skb)
 SEC("?tc")
 int bench_counters(struct __sk_buff *skb)
 {
-	return handle(skb, DIRECTION_INGRESS, false);
+	return handle(skb, DIRECTION_INGRESS, false, false);
 }
 
 char LICENSE[] SEC("license") = "GPL";
@@ -363,4 +418,18 @@ int bench_lookup(struct __sk_buff *skb)
 	if (parse_flow(skb, kskb, netns, &key))
 		return TCX_NEXT;
 	return bpf_map_lookup_elem(&flows, &key) ? TCX_NEXT : TCX_NEXT;
+}
+
+/* The flow path without flow_cache: every packet does its LRU lookup (what a
+ * cache miss costs, and what tcx_* cost before the cache). */
+SEC("?tc")
+int bench_uncached_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_INGRESS, true, false);
+}
+
+SEC("?tc")
+int bench_uncached_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIRECTION_EGRESS, true, false);
 }

@@ -79,6 +79,7 @@ def _signatures(lib: ctypes.CDLL) -> None:
         "bpf_link_create": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]),
         "bpf_prog_test_run_opts": (ctypes.c_int, [ctypes.c_int, ctypes.POINTER(TestRunOpts)]),
         "libbpf_num_possible_cpus": (ctypes.c_int, []),
+        "bpf_enable_stats": (ctypes.c_int, [ctypes.c_int]),
         "libbpf_set_print": (ctypes.c_void_p, [_PRINT_FN]),
         "btf__new": (_obj_p, [ctypes.c_void_p, ctypes.c_uint32]),
         "btf__parse": (_obj_p, [ctypes.c_char_p, ctypes.c_void_p]),
@@ -308,10 +309,43 @@ def num_possible_cpus() -> int:
     return _check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
-    """BPF_PROG_TEST_RUN: (return value, average ns per run)."""
+def test_run(prog_fd: int, packet: bytes, repeat: int, ifindex: int = 0) -> tuple[int, int]:
+    """BPF_PROG_TEST_RUN: (return value, average ns per run). With `ifindex`
+    (> 1, a device of the calling thread's netns) the skb comes from that
+    device instead of loopback (the __sk_buff context's ifindex field)."""
     data = ctypes.create_string_buffer(packet, len(packet))
     opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.cast(data, ctypes.c_void_p),
                        data_size_in=len(packet), repeat=repeat)
+    ctx = None
+    if ifindex:
+        ctx = ctypes.create_string_buffer(SKB_CTX_IFINDEX + 4)
+        ctypes.c_uint32.from_buffer(ctx, SKB_CTX_IFINDEX).value = ifindex
+        opts.ctx_in, opts.ctx_size_in = ctypes.cast(ctx, ctypes.c_void_p), len(ctx)
     _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run_opts")
     return opts.retval, opts.duration
+
+
+SKB_CTX_IFINDEX = 40        # offsetof(struct __sk_buff, ifindex), uapi: stable
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_stats() -> int:
+    """An fd that keeps the kernel's per-program run_cnt / run_time_ns counting
+    until it is closed (what sysctl kernel.bpf_stats_enabled=1 does, but the
+    sysctl is never written: the kernel refcounts the switch, so closing, or
+    dying, leaves it as it was, and someone else's setting stays on)."""
+    return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a program, from its fdinfo (counted only
+    while stats are enabled)."""
+    found = {}
+    with open(f"/proc/self/fdinfo/{prog_fd}") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("run_cnt", "run_time_ns"):
+                found[name] = int(value)
+    return found.get("run_cnt", 0), found.get("run_time_ns", 0)

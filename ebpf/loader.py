@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 OBJECTS_DIR = Path(__file__).resolve().parent / "build"
 TRAFFIC_OBJECT = "interface_traffic.bpf.o"
 DROPS_OBJECT = "packet_drops.bpf.o"
-BENCH_PROGRAMS = ("bench_noop", "bench_counters", "bench_parse", "bench_lookup")
+BENCH_PROGRAMS = ("bench_noop", "bench_counters", "bench_parse", "bench_lookup",
+                  "bench_uncached_ingress", "bench_uncached_egress")
 MAX_TOP_FLOWS = 1000
 ATTACH_MODES = ("auto", "tcx", "clsact")
 
@@ -170,6 +171,7 @@ class Loader:
         self.fds = {name: libbpf.map_fd(libbpf.find_map(obj, name)) for obj, name in (
             (traffic, "iface_traffic"), (traffic, "flows"), (traffic, "asym_packets"), (traffic, "flows_created"),
             (drops, "packet_drops"), (drops, "watched"))}
+        self.drop_fd = libbpf.program_fd(libbpf.find_program(drops, "count_drop"))
         self._refused_fds = [libbpf.map_fd(libbpf.find_map(obj, "map_refused")) for obj in (traffic, drops)]
         try:
             self._drop_link = libbpf.attach_program(libbpf.find_program(drops, "count_drop"))

@@ -49,15 +49,27 @@ static __always_inline void count_refused(__u32 map)
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(count_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	struct net_device *dev;
 	struct interface_key where;
 	struct drop_key key;
 	__u64 one = 1, *value;
 
+	/* Frees that are not drops (kernels that still trace them here): the
+	 * collector leaves them out anyway, so no lookup for them. Resolved at
+	 * load time; a kernel without the name skips that test. */
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_CONSUMED) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_CONSUMED))
+		return 0;
+	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_NOT_DROPPED_YET) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_NOT_DROPPED_YET))
+		return 0;
+	/* tp_btf arguments are typed kernel pointers: plain loads, not the
+	 * bpf_probe_read_kernel calls BPF_CORE_READ makes (four per drop). */
+	dev = skb->dev;
 	if (!dev)
 		return 0;
-	where.netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
-	where.ifindex = BPF_CORE_READ(dev, ifindex);
+	where.netns = dev->nd_net.net->ns.inum;
+	where.ifindex = dev->ifindex;
 	if (!bpf_map_lookup_elem(&watched, &where))
 		return 0;
 

@@ -59,6 +59,17 @@ struct flow_value {            /* "=IIIIQQ", 32 bytes */
 	__u64 asymmetric_packets;
 };
 
+/* One slot of the per-CPU "last flow" cache (interface_traffic.bpf.c): the
+ * flow key, interface and direction of a packet whose flow-table lookup found
+ * nothing to do, and the flows table's generation it was found at. Never
+ * read by the collector. */
+struct flow_cache_slot {
+	struct flow_key key;       /* 44 */
+	__u32 ifindex;             /* 0: empty slot (no device has ifindex 0) */
+	__u64 generation;
+	__u64 pad;                 /* 64 bytes: one cache line a slot */
+};
+
 /* Index in each object's `map_refused` per-CPU array: updates a full map
  * refused (LRU maps never refuse, they evict). */
 enum refused_map {
