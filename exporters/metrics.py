@@ -16,7 +16,7 @@ from collector.discovery import Store
 from collector.family import GAUGE, Family
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from exporters.exposition import Renderer
+from exporters.exposition import render
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ class Scraper:
         # Prometheus makes finds every namespace opened, link tables read, route
         # analyses cached and every interface's BPF counters there.
         self.warm = False
-        self._renderer = Renderer()
 
     def snapshot(self) -> Snapshot:
         view = self.store.view()
@@ -125,8 +124,7 @@ class Scraper:
 
     def scrape(self) -> bytes:
         families, _ = self.collect()
-        with self._lock:            # the renderer keeps the last layouts: one scrape at a time
-            return self._renderer.render(families)
+        return render(families)
 
     def close(self) -> None:
         with self._lock:

@@ -92,6 +92,11 @@ class RecordingSocket:
         self._current.append(_b64(buf))
         return buf
 
+    def recv_into(self, buffer) -> int:
+        n = self._sock.recv_into(buffer)
+        self._current.append(_b64(bytes(buffer[:n])))
+        return n
+
     def __getattr__(self, name):
         return getattr(self._sock, name)
 
@@ -120,6 +125,11 @@ class ReplaySocket:
             raise OSError(errno.EBADMSG, f"{self._where}: recording ran out")
         return self._pending.pop(0)
 
+    def recv_into(self, buffer) -> int:
+        data = self.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
     def fileno(self) -> int:
         return -1
 
@@ -143,6 +153,9 @@ class QuietSocket:
     """A subscription on which nothing ever changes: a recording is one instant."""
 
     def recv(self, size: int) -> bytes:
+        raise BlockingIOError(errno.EAGAIN, "nothing pending")
+
+    def recv_into(self, buffer) -> int:
         raise BlockingIOError(errno.EAGAIN, "nothing pending")
 
     def close(self) -> None:

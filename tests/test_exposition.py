@@ -84,3 +84,27 @@ def test_counter_name_and_label_count_are_checked():
                                         (float("-inf"), "-Inf"), (1e20, "1e+20")])
 def test_format_value(value, text):
     assert format_value(value) == text
+
+
+def test_percent_signs_and_mixed_values_render_as_text():
+    """A family's lines are one `%` formatting: label values are arguments, so a
+    tenant's `%d` or `%s` stays text; ints and floats in one family each keep
+    their own spelling, and a value that is not an int never goes into `%d`."""
+    fam = Family("planewatch_test_mixed", "gauge", "h", ("a",))
+    fam.add(("%d%s%%",), 7)
+    fam.add(("x",), 0.25)
+    fam.add(("y",), True)
+    fam.add(("z",), float("nan"))
+    fam.add(("%d%s%%",), 9)             # duplicate: the first one stays
+    ints = Family("planewatch_test_ints_total", "counter", "h", ("a",))
+    ints.add(("%(name)s",), 2 ** 64 - 1)
+    plain = Family("planewatch_test_plain", "gauge", "no labels")
+    plain.add((), 3)
+    text = render([fam, ints, plain]).decode()
+    assert 'planewatch_test_mixed{a="%d%s%%"} 7\n' in text
+    assert 'planewatch_test_mixed{a="x"} 0.25\n' in text
+    assert 'planewatch_test_mixed{a="y"} 1\n' in text
+    assert 'planewatch_test_mixed{a="z"} NaN\n' in text
+    assert " 9\n" not in text
+    assert f'planewatch_test_ints_total{{a="%(name)s"}} {2 ** 64 - 1}\n' in text
+    assert "planewatch_test_plain 3\n" in text
