@@ -84,8 +84,25 @@ def sum_percpu(raw: bytes, layout: Layout, ncpus: int) -> tuple[int, ...]:
 
 def decode_counters(entries: Iterable[tuple[bytes, bytes]], layout: Layout,
                     ncpus: int) -> dict[tuple[int, ...], tuple[int, ...]]:
-    """key tuple -> summed value tuple, for a per-CPU counter map."""
-    return {layout.key.unpack(k): sum_percpu(v, layout, ncpus) for k, v in entries}
+    """key tuple -> summed value tuple, for a per-CPU counter map.
+
+    Values of u64s only (every counter map) are summed column by column over
+    one memoryview of all the entries: a strided slice per (CPU, field), added
+    up entry by entry in C, instead of a slice and a sum per entry (the per-entry
+    way was ~9 % of a scrape at 1 000 interfaces)."""
+    entries = list(entries)
+    vsize = layout.value_size(ncpus)
+    if not layout.u64_fields or not entries or any(len(v) != vsize for _, v in entries):
+        return {layout.key.unpack(k): sum_percpu(v, layout, ncpus) for k, v in entries}
+    keys = layout.key.iter_unpack(b"".join([k for k, _ in entries]))
+    words = memoryview(b"".join([v for _, v in entries])).cast("Q")
+    step, per_entry = layout.stride // 8, vsize // 8
+    count = len(entries)
+    fields = []
+    for field in range(layout.u64_fields):
+        columns = [words[cpu * step + field::per_entry][:count] for cpu in range(ncpus)]
+        fields.append(list(columns[0]) if ncpus == 1 else list(map(sum, zip(*columns))))
+    return dict(zip(keys, zip(*fields)))
 
 
 def traffic_by_direction(counters: dict) -> dict[tuple[int, int, str], tuple[int, int]]:

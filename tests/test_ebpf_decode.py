@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import re
 import struct
 
@@ -282,3 +283,20 @@ def test_label_flow():
     assert (got["pod"], got["network"], got["ingress_interface"], got["egress_interface"]) == \
         ("p", "ns1/sig", "net1", "eth0")
     assert "pod" not in label_flow({**flow, "netns": 77}, INDEX)
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 3, 128])
+@pytest.mark.parametrize("layout", [maps.TRAFFIC, maps.DROPS], ids=["traffic", "drops"])
+def test_decode_counters_columns_equal_the_per_entry_sums(layout, ncpus):
+    """The column-wise sum over all entries gives what summing each entry's
+    per-CPU copies one by one gives (independent arithmetic on the same bytes)."""
+    rng = random.Random(ncpus)
+    entries, expected = [], {}
+    for i in range(50):
+        key = (4026531000 + i % 7, i, i % 2)
+        per_cpu = [[rng.randrange(1 << 62) for _ in range(layout.u64_fields)] for _ in range(ncpus)]
+        entries.append((layout.key.pack(*key), b"".join(layout.value.pack(*v).ljust(layout.stride, b"\0")
+                                                      for v in per_cpu)))
+        expected[key] = tuple(sum(cpu[f] for cpu in per_cpu) for f in range(layout.u64_fields))
+    assert maps.decode_counters(entries, layout, ncpus) == expected
+    assert maps.decode_counters([], layout, ncpus) == {}
