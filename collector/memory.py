@@ -7,11 +7,7 @@ heap, and the heap's free pages stay resident: measured at 250 pods × 4
 interfaces, RSS 58 MiB after the first collection, 81 MiB after 15 scrapes.
 A fixed threshold (big buffers mmapped, unmapped on free), two arenas for our
 few threads, and a trim after each collection (on the scrape worker, after the answer) kept it at
-~59 MiB (bench/RESULTS.md); without the trim ~63 MiB. Since a scrape stopped
-allocating a tuple per sample and 1 MiB per netlink datagram, ~1.3 MiB lies free
-after one (measured at 250 pods x 4, a trim then returns ~0.7 MiB in 0.1 ms):
-the trim runs only past TRIM_MIN_FREE, i.e. after something unusual (a burst of
-pods, a /debug dump) left the arenas holding more.
+~59 MiB (bench/RESULTS.md); without the trim ~63 MiB.
 """
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 THRESHOLD = 128 * 1024          # glibc's initial default, made fixed
-TRIM_MIN_FREE = 4 << 20         # trim only when this much lies free in the arenas
 
 _libc = None
 
@@ -50,30 +45,8 @@ def tune_malloc() -> bool:
     return ok
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def free_bytes() -> int | None:
-    """Bytes free inside malloc's arenas (mallinfo2 `fordblks`, glibc >= 2.33)."""
+def trim() -> None:
+    """Give the heap's free pages back (after a collection dropped its garbage)."""
     libc = _glibc()
-    if not libc or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
-
-
-def trim(min_free: int = TRIM_MIN_FREE) -> bool:
-    """Give the heap's free pages back (after a collection dropped its garbage),
-    when at least `min_free` bytes lie free in the arenas: a trim walks every free
-    chunk and the pages it returns fault back in at the next collection, so one
-    that could return little costs more than it saves. True when it trimmed."""
-    libc = _glibc()
-    if not libc:
-        return False
-    free = free_bytes()
-    if free is not None and free < min_free:
-        return False
-    libc.malloc_trim(0)
-    return True
+    if libc:
+        libc.malloc_trim(0)
