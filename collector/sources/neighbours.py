@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from collector.family import COUNTER, GAUGE, HISTOGRAM, Family
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
@@ -190,6 +190,13 @@ class HopCache:
             self._by_inode.pop(inode)[0].close()
 
 
+@lru_cache(maxsize=2048)
+def _state_series(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The rendered label sets of one gateway's state series, one per STATE_NAMES:
+    nine series a gateway every scrape, the same strings as long as it exists."""
+    return tuple(render_labels(GW_LABELS + ("state",), labels + (name,)) for name in STATE_NAMES)
+
+
 def neighbour_families(gateways: list[Gateway]) -> list[Family]:
     state = Family("planewatch_gateway_neighbour_state", GAUGE,
                    "Neighbour (ARP/NDP) state of a gateway the attachment routes through, in the pod's "
@@ -203,8 +210,8 @@ def neighbour_families(gateways: list[Gateway]) -> list[Family]:
     for gw in gateways:
         labels = gw.labels + (gw.address,)
         current = gw.state
-        for name in STATE_NAMES:
-            state.add(labels + (name,), 1 if name == current else 0)
+        for name, rendered in zip(STATE_NAMES, _state_series(labels)):
+            state.add_rendered(rendered, 1 if name == current else 0)
         n = gw.neighbour
         if n is not None and n.confirmed_age is not None:
             for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
