@@ -181,6 +181,10 @@ class RoutesSource:
         self._clock = clock
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
+        # uid -> (view, its attached interfaces): a view the resolver handed out
+        # again (the same object: pod and links unchanged) keeps the same tuple,
+        # so the fingerprint comparison is one identity check
+        self._attached: dict[str, tuple[PodView, tuple[Attached, ...]]] = {}
         self.watch = ChangeWatch()
         self.read_pod = read_pod            # replaced by tests/replay.py with recorded replies
         self._lock = threading.Lock()       # collect() and findings() may come from two threads
@@ -216,11 +220,14 @@ class RoutesSource:
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
         """uid -> (view, namespace, attachments, fingerprint) of every pod to analyse."""
         live = {}
+        known, self._attached = self._attached, {}
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network:
                 continue
-            atts = attached_interfaces(view)
+            seen = known.get(view.pod.uid)
+            atts = seen[1] if seen is not None and seen[0] is view else attached_interfaces(view)
+            self._attached[view.pod.uid] = (view, atts)
             if atts:
                 live[view.pod.uid] = (view, ns, atts, (view.netns_inode, atts))
         return live
