@@ -311,9 +311,14 @@ class RtnlSocket:
         """Send one non-dump request per body, yield (index, buf, start, end) of
         each answer; an absent object (ENODEV and the like) yields nothing."""
         first = self._seq + 1
+        if not bodies:
+            return
+        out = []
         for i, body in enumerate(bodies):
             self._seq = (first + i) & 0xFFFFFFFF
-            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST, self._seq, 0) + body)
+            out.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST, self._seq, 0) + body)
+        # one datagram: the kernel answers its messages one after the other
+        self._sock.send(b"".join(out))
         waiting = {(first + i) & 0xFFFFFFFF: i for i in range(len(bodies))}
         while waiting:
             buf = receive(self._sock)

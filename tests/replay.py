@@ -69,10 +69,35 @@ def without_durations(text: str) -> str:
 # --- rtnetlink -----------------------------------------------------------------------
 
 def _request_key(msg: bytes) -> str:
-    """A request without its sequence number and port: two dumps of one type (routes
-    of each family, route lookups of each address) are different requests."""
-    kind = _NLMSGHDR.unpack_from(msg)[1]
-    return f"{kind}:{msg[_NLMSGHDR.size:].hex()}"
+    """A request without its sequence numbers and port: two dumps of one type (routes
+    of each family, route lookups of each address) are different requests. A
+    datagram of several requests (kernel/rtnl.py `_requests`) keys them all."""
+    parts = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(msg):
+        length, kind = _NLMSGHDR.unpack_from(msg, off)[:2]
+        end = len(msg) if length < _NLMSGHDR.size else off + length
+        parts.append(f"{kind}:{msg[off + _NLMSGHDR.size:end].hex()}")
+        off += max((length + 3) & ~3, _NLMSGHDR.size)
+    return "+".join(parts)
+
+
+def _first_seq(msg: bytes) -> int:
+    return _NLMSGHDR.unpack_from(msg)[3]
+
+
+def _rebase_seqs(buf: bytes, delta: int) -> bytes:
+    """Every message's sequence number plus `delta` (mod 2**32): recordings store
+    them relative to the request's first, replays add the new request's first."""
+    out = bytearray(buf)
+    off = 0
+    while off + _NLMSGHDR.size <= len(out):
+        length, _kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(out, off)
+        struct.pack_into("=I", out, off + 8, (seq + delta) & 0xFFFFFFFF)
+        if length < _NLMSGHDR.size:
+            break
+        off += (length + 3) & ~3
+    return bytes(out)
 
 
 class RecordingSocket:
@@ -82,19 +107,21 @@ class RecordingSocket:
         self._sock = sock
         self._replies = replies
         self._current: list[str] = []
+        self._first = 0
 
     def send(self, msg: bytes) -> int:
         self._current = self._replies[_request_key(msg)] = []
+        self._first = _first_seq(msg)
         return self._sock.send(msg)
 
     def recv(self, size: int) -> bytes:
         buf = self._sock.recv(size)
-        self._current.append(_b64(buf))
+        self._current.append(_b64(_rebase_seqs(buf, -self._first)))
         return buf
 
     def recv_into(self, buffer) -> int:
         n = self._sock.recv_into(buffer)
-        self._current.append(_b64(bytes(buffer[:n])))
+        self._current.append(_b64(_rebase_seqs(bytes(buffer[:n]), -self._first)))
         return n
 
     def __getattr__(self, name):
@@ -117,7 +144,7 @@ class ReplaySocket:
             key = str(kind)             # a hand-made table answers every request of a type
         if key not in self._replies:
             raise OSError(errno.EOPNOTSUPP, f"{self._where}: no recorded reply to netlink message type {kind}")
-        self._pending = [_with_seq(_raw(b), seq) for b in self._replies[key]]
+        self._pending = [_rebase_seqs(_raw(b), seq) for b in self._replies[key]]
         return len(msg)
 
     def recv(self, size: int) -> bytes:
@@ -135,18 +162,6 @@ class ReplaySocket:
 
     def close(self) -> None:
         pass
-
-
-def _with_seq(buf: bytes, seq: int) -> bytes:
-    out = bytearray(buf)
-    off = 0
-    while off + _NLMSGHDR.size <= len(out):
-        length = _NLMSGHDR.unpack_from(out, off)[0]
-        struct.pack_into("=I", out, off + 8, seq)
-        if length < _NLMSGHDR.size:
-            break
-        off += (length + 3) & ~3
-    return bytes(out)
 
 
 class QuietSocket:

@@ -26,7 +26,7 @@ from collector.sources.neighbours import (
 from exporters.exposition import render
 from kernel.nsenter import in_netns
 from kernel.rtnl import RtnlSocket
-from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, neighbours_of, next_hops
 from tests.conftest import parse_metrics, unique_prefix, wait_for
 
 A_MAC = "02:52:00:00:00:01"
@@ -97,6 +97,28 @@ def test_neighbours_and_next_hops_match_pyroute2(two_ns):
                         (eth0, "fd00:252::2", "fd99::/64", 254, False)}
     finally:
         ipr.close()
+        sock.close()
+
+
+def test_neighbour_gets_return_the_dumped_entries_asked_for(two_ns):
+    """The per-scrape read asks for the gateways' entries one get each, all in one
+    datagram: the same entries the dump holds, and nothing for an address with no
+    entry (or an unknown interface) while the other answers still come."""
+    a, _ = two_ns
+    sock = RtnlSocket.open(f"/run/netns/{a}")
+    try:
+        table = {(n.ifindex, n.address): n for n in neighbours(sock)}
+        eth0 = next(i for i, addr in table if addr == "10.252.0.5")
+        wanted = [(eth0, "10.252.0.5"), (eth0, "10.252.0.77"), (eth0, "10.252.0.6"), (999, "10.252.0.5"),
+                  (eth0, "fd00:252::99")]
+        got = neighbours_of(sock, wanted)
+        assert [(n.ifindex, n.address) for n in got] == [(eth0, "10.252.0.5"), (eth0, "10.252.0.6")]
+        for n in got:
+            dumped = table[(n.ifindex, n.address)]
+            assert (n.state, n.lladdr) == (dumped.state, dumped.lladdr)
+            assert n.updated_age is not None and abs(n.updated_age - dumped.updated_age) < 2
+        assert neighbours_of(sock, []) == []
+    finally:
         sock.close()
 
 

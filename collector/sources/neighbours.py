@@ -14,8 +14,10 @@ is sent keeps a STALE entry whose confirmed age only grows; that is what the
 active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
-Per pod netns per scrape, one neighbour dump on the socket kept open there
-(collector/netns_pool.py), decoded by kernel/rtnl_neighbours.py. The routes' next
+Per pod netns per scrape, one RTM_GETNEIGH get per gateway, sent together on
+the socket kept open there (collector/netns_pool.py) and decoded by
+kernel/rtnl_neighbours.py: a dump would walk the kernel's whole neighbour table,
+every namespace's entries, once per pod. The routes' next
 hops are dumped again only when the kernel announced a route change in that
 netns (`HopCache`): the dump of every table (local routes included) is larger
 than the neighbour table, and routes rarely change.
@@ -33,11 +35,11 @@ from functools import lru_cache
 
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
-from collector.model import ATTACHMENT_LABELS, PodView
+from collector.model import ATTACHMENT_LABELS, InterfaceView, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from kernel.nsenter import in_netns
 from kernel.rtnl import NETLINK_ROUTE, LinkEvents
-from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours, next_hops
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours_of, next_hops
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,8 @@ class Gateway:
         return state_name(self.neighbour.state) if self.neighbour else "none"
 
 
-def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> list[Gateway]:
-    """Every gateway each live attachment of the pod routes through, with its entry."""
-    by_key = {(n.ifindex, canonical(n.address)): n for n in table}
+def gateway_addresses(view: PodView, hops: list[NextHop]) -> list[tuple[InterfaceView, dict[str, list]]]:
+    """Per live interface of the pod: gateway address -> [sources, on-link route]."""
     out = []
     for iv in view.interfaces:
         if iv.link is None:
@@ -101,6 +102,17 @@ def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> l
                 entry = found.setdefault(address, [[], False])
                 entry[0].append(f"route {hop.destination} table {hop.table}")
                 entry[1] = entry[1] or hop.onlink
+        out.append((iv, found))
+    return out
+
+
+def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour],
+                addresses: list[tuple[InterfaceView, dict[str, list]]] | None = None) -> list[Gateway]:
+    """Every gateway each live attachment of the pod routes through, with its entry."""
+    by_key = {(n.ifindex, canonical(n.address)): n for n in table}
+    out = []
+    for iv, found in addresses if addresses is not None else gateway_addresses(view, hops):
+        assert iv.link is not None
         for address, (sources, onlink) in found.items():
             out.append(Gateway(iv.labels, iv.link.ifindex, iv.link.name, address, tuple(sources), onlink,
                                by_key.get((iv.link.ifindex, address))))
@@ -273,7 +285,10 @@ class NeighboursSource:
                 continue
             live.add(ns.inode)
             try:
-                found = gateways_of(view, self.hop_cache.hops(ns), neighbours(ns.rtnl))
+                hops = self.hop_cache.hops(ns)
+                addresses = gateway_addresses(view, hops)
+                wanted = sorted({(iv.link.ifindex, a) for iv, found in addresses for a in found if iv.link})
+                found = gateways_of(view, hops, neighbours_of(ns.rtnl, wanted), addresses)
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
