@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 from collector import vfinfo
 from collector.sysfs_safe import SysfsError, as_sysfs
 from kernel.nsenter import in_netns
-from kernel.rtnl import new_socket, pack_attr, pack_message
+from kernel.rtnl import new_socket, pack_attr, pack_message, receive
 
 INTEL, MELLANOX, NETLINK, NONE = "sysfs-intel", "sysfs-mellanox", "netlink", "none"
 DEFAULT_READERS = (INTEL, MELLANOX, NETLINK)
@@ -170,8 +170,6 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _U32 = struct.Struct("=I")
 _ERRNO = struct.Struct("=i")
 
-RECV_BUF = 1 << 20      # a PF with 128 VFs answers with ~60 KB
-
 
 class PfNotFound(LookupError):
     """The PF netdev is not in the queried network namespace."""
@@ -226,7 +224,6 @@ class RtnlGetlink:
         self._sock: socket.socket | None = None
         self._seq = 0
         self._lock = threading.Lock()
-        self._buf = bytearray(RECV_BUF)
 
     def __call__(self, pf: str) -> bytes:
         with self._lock:
@@ -235,9 +232,8 @@ class RtnlGetlink:
             try:
                 sock.send(build_getlink_request(pf, self._seq))
                 while True:
-                    n = sock.recv_into(self._buf)
-                    reply = bytes(self._buf[:n])
-                    if n >= _NLMSGHDR.size and _NLMSGHDR.unpack_from(reply)[3] == self._seq:
+                    reply = receive(sock)           # a PF with 128 VFs answers with ~60 KB
+                    if len(reply) >= _NLMSGHDR.size and _NLMSGHDR.unpack_from(reply)[3] == self._seq:
                         return reply
             except OSError:
                 self.close()        # a broken socket is reopened on the next call

@@ -64,11 +64,16 @@ def receive(sock: socket.socket) -> bytes:
     Here each thread receives into one anonymous mapping of RECV_BUF, resident
     only as far as the largest datagram reached (dumps come in <= 32 KiB parts),
     and copies out the datagram."""
+    buf = _receive_buffer()
+    n = sock.recv_into(buf)
+    return buf[:n]
+
+
+def _receive_buffer() -> mmap.mmap:
     buf = getattr(_receive, "buf", None)
     if buf is None:
         buf = _receive.buf = mmap.mmap(-1, RECV_BUF)
-    n = sock.recv_into(buf)
-    return buf[:n]
+    return buf
 # Why a bounded dump stopped early.
 CUT_LIMIT, CUT_TIME = "limit", "time"
 # The time budget applies only past this many messages: a small (honest)
@@ -133,7 +138,7 @@ def drain(sock: socket.socket) -> bool:
     seen = False
     while True:
         try:
-            if not receive(sock):
+            if not sock.recv_into(_receive_buffer()):      # read and dropped: no copy
                 return seen
             seen = True
         except BlockingIOError:
@@ -316,7 +321,7 @@ class RtnlSocket:
         out = []
         for i, body in enumerate(bodies):
             self._seq = (first + i) & 0xFFFFFFFF
-            out.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), request, NLM_F_REQUEST, self._seq, 0) + body)
+            out.append(pack_message(request, NLM_F_REQUEST, self._seq, body))
         # one datagram: the kernel answers its messages one after the other
         self._sock.send(b"".join(out))
         waiting = {(first + i) & 0xFFFFFFFF: i for i in range(len(bodies))}
@@ -356,7 +361,7 @@ class RtnlSocket:
     def send_request(self, msg_type: int, flags: int, body: bytes) -> int:
         """Send one request; its sequence number, for `replies`."""
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body)
+        self._sock.send(pack_message(msg_type, flags, seq, body))
         return seq
 
     def replies(self, seq: int, reply: int):

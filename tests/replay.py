@@ -41,7 +41,7 @@ import threading
 
 from collector.netns import Resolver
 from collector.netns_pool import NetnsPool, open_sockets
-from kernel.rtnl import LinkEvents, RtnlSocket
+from kernel.rtnl import LinkEvents, RtnlSocket, messages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDED = os.path.join(HERE, "fixtures", "recorded")
@@ -72,14 +72,7 @@ def _request_key(msg: bytes) -> str:
     """A request without its sequence numbers and port: two dumps of one type (routes
     of each family, route lookups of each address) are different requests. A
     datagram of several requests (kernel/rtnl.py `_requests`) keys them all."""
-    parts = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(msg):
-        length, kind = _NLMSGHDR.unpack_from(msg, off)[:2]
-        end = len(msg) if length < _NLMSGHDR.size else off + length
-        parts.append(f"{kind}:{msg[off + _NLMSGHDR.size:end].hex()}")
-        off += max((length + 3) & ~3, _NLMSGHDR.size)
-    return "+".join(parts)
+    return "+".join(f"{kind}:{msg[start:end].hex()}" for kind, _seq, start, end in messages(msg))
 
 
 def _first_seq(msg: bytes) -> int:
@@ -90,13 +83,8 @@ def _rebase_seqs(buf: bytes, delta: int) -> bytes:
     """Every message's sequence number plus `delta` (mod 2**32): recordings store
     them relative to the request's first, replays add the new request's first."""
     out = bytearray(buf)
-    off = 0
-    while off + _NLMSGHDR.size <= len(out):
-        length, _kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(out, off)
-        struct.pack_into("=I", out, off + 8, (seq + delta) & 0xFFFFFFFF)
-        if length < _NLMSGHDR.size:
-            break
-        off += (length + 3) & ~3
+    for _kind, seq, start, _end in messages(buf):
+        struct.pack_into("=I", out, start - _NLMSGHDR.size + 8, (seq + delta) & 0xFFFFFFFF)
     return bytes(out)
 
 
