@@ -43,9 +43,22 @@ _INT_ONLY = frozenset((int,))
 _chain = itertools.chain.from_iterable
 
 
+def _unique(fam: Family) -> tuple[list[str], list]:
+    """The family's series and values, each series once (its first value): a
+    duplicate series would make Prometheus reject the whole scrape."""
+    series, values = fam.series, fam.values
+    if len(set(series)) != len(series):
+        first: dict[str, int] = {}
+        for i, labels in enumerate(series):
+            first.setdefault(labels, i)
+        keep = sorted(first.values())
+        series, values = [series[i] for i in keep], [values[i] for i in keep]
+    return series, values
+
+
 def _histogram_lines(fam: Family) -> str:
     lines = []
-    for labels, value in zip(fam.series, fam.values):
+    for labels, value in zip(*_unique(fam)):
         suffix, _, labels = labels.partition("\0")        # Family.add_histogram
         lines.append(f"{fam.name}{suffix}{{{labels}}} {format_value(value)}\n" if labels
                      else f"{fam.name}{suffix} {format_value(value)}\n")
@@ -58,15 +71,9 @@ def _lines(fam: Family) -> str:
     per series in Python. Integers (the kernel's counters) go into `%d`, anything
     else through format_value. Label strings are arguments, never part of the
     format, so a `%` in a label value is just text."""
-    series, values = fam.series, fam.values
+    series, values = _unique(fam)
     if not series:
         return ""
-    if len(set(series)) != len(series):     # a duplicate series would make Prometheus reject the scrape
-        first: dict[str, int] = {}
-        for i, labels in enumerate(series):
-            first.setdefault(labels, i)
-        keep = sorted(first.values())
-        series, values = [series[i] for i in keep], [values[i] for i in keep]
     args: list = values
     if _INT_ONLY >= set(map(type, values)):
         hole = "%d\n"

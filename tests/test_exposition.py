@@ -108,3 +108,13 @@ def test_percent_signs_and_mixed_values_render_as_text():
     assert " 9\n" not in text
     assert f'planewatch_test_ints_total{{a="%(name)s"}} {2 ** 64 - 1}\n' in text
     assert "planewatch_test_plain 3\n" in text
+
+
+def test_duplicate_histogram_series_written_once():
+    rtt = Family("planewatch_test_dup_seconds", HISTOGRAM, "h", ("a",))
+    rtt.add_histogram(("x",), (0.1,), (1,), 0.05, 1)
+    rtt.add_histogram(("x",), (0.1,), (2,), 0.07, 2)       # the same series again: the first stays
+    text = render([rtt]).decode()
+    assert text.count('planewatch_test_dup_seconds_count{a="x"}') == 1
+    assert 'planewatch_test_dup_seconds_count{a="x"} 1\n' in text
+    assert 'planewatch_test_dup_seconds_bucket{a="x",le="0.1"} 1\n' in text
