@@ -16,12 +16,12 @@ from collector.sources.neighbours import (
     STATE_NAMES,
     Gateway,
     canonical,
-    gateway_addresses,
     gateways_of,
     neighbour_families,
     on_link_source,
     probe_families,
     probe_targets,
+    read_gateways,
     state_name,
 )
 from exporters.exposition import render
@@ -124,7 +124,7 @@ def test_neighbour_gets_return_the_dumped_entries_asked_for(two_ns):
 
 
 def test_gateway_states_read_from_the_kernel_per_gateway(two_ns):
-    """What NeighboursSource.read does for a pod, on a real netns: the gateways of
+    """NeighboursSource.read's reading of one pod, on a real netns: the gateways of
     the annotation and the routes, their entries fetched one get each: a gateway
     that answered is reachable, a hand-set stale one stale, one never resolved none,
     with the route it came from."""
@@ -135,11 +135,7 @@ def test_gateway_states_read_from_the_kernel_per_gateway(two_ns):
         links = {l.name: l for l in sock.links()}
         eth0 = Link(links["eth0"].ifindex, "eth0")
         pv = view((att("default", "eth0", "management", ["10.252.0.2", "10.252.0.6"]), eth0))
-        hops = next_hops(sock)
-        addresses = gateway_addresses(pv, hops)
-        wanted = sorted({(iv.link.ifindex, a) for iv, found in addresses for a in found if iv.link})
-        got = {g.address: (g.state, g.sources) for g in
-               gateways_of(pv, hops, neighbours_of(sock, wanted), addresses)}
+        got = {g.address: (g.state, g.sources) for g in read_gateways(pv, next_hops(sock), sock)}
         assert got["10.252.0.2"] == ("reachable", ("annotation", "route default table 254"))
         assert got["10.252.0.6"] == ("stale", ("annotation",))
         assert got["10.252.0.3"] == ("none", ("route 10.99.0.0/16 table 100",))

@@ -35,7 +35,7 @@ from functools import lru_cache
 
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
-from collector.model import ATTACHMENT_LABELS, InterfaceView, PodView
+from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from kernel.nsenter import in_netns
 from kernel.rtnl import NETLINK_ROUTE, LinkEvents
@@ -85,7 +85,7 @@ class Gateway:
         return state_name(self.neighbour.state) if self.neighbour else "none"
 
 
-def gateway_addresses(view: PodView, hops: list[NextHop]) -> list[tuple[InterfaceView, dict[str, list]]]:
+def gateway_addresses(view: PodView, hops: list[NextHop]) -> list[tuple[InterfaceView, Link, dict[str, list]]]:
     """Per live interface of the pod: gateway address -> [sources, on-link route]."""
     out = []
     for iv in view.interfaces:
@@ -102,21 +102,30 @@ def gateway_addresses(view: PodView, hops: list[NextHop]) -> list[tuple[Interfac
                 entry = found.setdefault(address, [[], False])
                 entry[0].append(f"route {hop.destination} table {hop.table}")
                 entry[1] = entry[1] or hop.onlink
-        out.append((iv, found))
+        out.append((iv, iv.link, found))
     return out
 
 
-def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour],
-                addresses: list[tuple[InterfaceView, dict[str, list]]] | None = None) -> list[Gateway]:
-    """Every gateway each live attachment of the pod routes through, with its entry."""
+def _with_entries(addresses: list[tuple[InterfaceView, Link, dict[str, list]]],
+                  table: list[Neighbour]) -> list[Gateway]:
     by_key = {(n.ifindex, canonical(n.address)): n for n in table}
-    out = []
-    for iv, found in addresses if addresses is not None else gateway_addresses(view, hops):
-        assert iv.link is not None
-        for address, (sources, onlink) in found.items():
-            out.append(Gateway(iv.labels, iv.link.ifindex, iv.link.name, address, tuple(sources), onlink,
-                               by_key.get((iv.link.ifindex, address))))
-    return out
+    return [Gateway(iv.labels, link.ifindex, link.name, address, tuple(sources), onlink,
+                    by_key.get((link.ifindex, address)))
+            for iv, link, found in addresses for address, (sources, onlink) in found.items()]
+
+
+def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> list[Gateway]:
+    """Every gateway each live attachment of the pod routes through, with its entry
+    in `table` (a neighbour table, or part of one)."""
+    return _with_entries(gateway_addresses(view, hops), table)
+
+
+def read_gateways(view: PodView, hops: list[NextHop], rtnl) -> list[Gateway]:
+    """`gateways_of` with the entries read from the pod's netns (`rtnl` open there):
+    one RTM_GETNEIGH get per gateway, all in one datagram."""
+    addresses = gateway_addresses(view, hops)
+    wanted = sorted({(link.ifindex, address) for _, link, found in addresses for address in found})
+    return _with_entries(addresses, neighbours_of(rtnl, wanted))
 
 
 def on_link_source(gateway: Gateway, addresses: list[tuple[int, str, int]]) -> str:
@@ -285,10 +294,7 @@ class NeighboursSource:
                 continue
             live.add(ns.inode)
             try:
-                hops = self.hop_cache.hops(ns)
-                addresses = gateway_addresses(view, hops)
-                wanted = sorted({(iv.link.ifindex, a) for iv, found in addresses for a in found if iv.link})
-                found = gateways_of(view, hops, neighbours_of(ns.rtnl, wanted), addresses)
+                found = read_gateways(view, self.hop_cache.hops(ns), ns.rtnl)
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
