@@ -121,16 +121,12 @@ def harden_app(app: web.Application) -> None:
     app.on_response_prepare.append(_server_header)
 
 
-def listen_backlog() -> int:
-    """The kernel's cap (net.core.somaxconn), as Go's net.Listen (node_exporter's)
-    asks for. aiohttp's 128 overflowed under a connection flood: the kernel then
-    drops SYNs, and every client connecting meanwhile, Prometheus included, waits
-    for its SYN's retransmission a second later."""
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read().split()[0]) or socket.SOMAXCONN
-    except (OSError, ValueError, IndexError):
-        return socket.SOMAXCONN
+# listen() caps its backlog at net.core.somaxconn: asking for the most an int holds
+# gets the kernel's cap, as Go's net.Listen (node_exporter's) does by reading it.
+# aiohttp's 128 overflowed under a connection flood: the kernel then drops SYNs, and
+# every client connecting meanwhile, Prometheus included, waits for its SYN's
+# retransmission a second later.
+LISTEN_BACKLOG = 0x7FFFFFFF
 
 
 def listen_socket(host: str, port: int, backlog: int | None = None) -> socket.socket:
@@ -140,7 +136,7 @@ def listen_socket(host: str, port: int, backlog: int | None = None) -> socket.so
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(listen_backlog() if backlog is None else backlog)
+        sock.listen(LISTEN_BACKLOG if backlog is None else backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
