@@ -177,6 +177,10 @@ class Resolver:
         self._conflicts: dict[str, tuple[tuple[str, str], ...]] = {}   # uid -> contested claims
         # uid -> (inode, refresh time, names missing right after that refresh)
         self._missing_seen: dict[str, tuple[int, float, frozenset]] = {}
+        # uid -> the view handed out last: handed out again while nothing in it
+        # changed, so what sources keep per view (routes' attached interfaces)
+        # is recognised by identity
+        self._views: dict[str, PodView] = {}
         self._lock = threading.Lock()
 
     def resolve(self, pods: list[Pod]) -> list[PodView]:
@@ -202,20 +206,29 @@ class Resolver:
 
         views = []
         used: set[int] = set()
+        known, self._views = self._views, {}
         for pod in pods:
             found = self._resolved.get(pod.uid)
             ns = self.pool.get(found[0]) if found else None
+            last = known.get(pod.uid)
             if found is None or ns is None:
-                views.append(PodView(pod, interfaces=tuple(InterfaceView(a, None) for a in pod.attachments),
-                                     conflicts=self._conflicts.get(pod.uid, ())))
-                continue
-            used.add(ns.inode)
-            try:
-                self._refresh_if_needed(pod, ns, now)
-            except OSError as err:
-                log.debug("refresh of %s failed: %s", ns.path, err)
-            views.append(PodView(pod, ns.path, ns.inode, found[1], self._interfaces(pod, ns),
-                                 addresses=ns.addresses))
+                conflicts = self._conflicts.get(pod.uid, ())
+                if last is None or last.pod is not pod or last.netns_inode or last.conflicts != conflicts:
+                    last = PodView(pod, interfaces=tuple(InterfaceView(a, None) for a in pod.attachments),
+                                   conflicts=conflicts)
+            else:
+                used.add(ns.inode)
+                try:
+                    self._refresh_if_needed(pod, ns, now)
+                except OSError as err:
+                    log.debug("refresh of %s failed: %s", ns.path, err)
+                interfaces = self._interfaces(pod, ns)
+                if (last is None or last.pod is not pod or last.interfaces is not interfaces
+                        or last.addresses is not ns.addresses or last.netns_inode != ns.inode
+                        or last.netns_path != ns.path or last.resolved_by != found[1]):
+                    last = PodView(pod, ns.path, ns.inode, found[1], interfaces, addresses=ns.addresses)
+            views.append(last)
+            self._views[pod.uid] = last
         self.pool.keep_only(used)
         self._matched = {uid: m for uid, m in self._matched.items() if uid in live_uids}
         self._missing_seen = {uid: m for uid, m in self._missing_seen.items() if uid in live_uids}

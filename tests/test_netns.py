@@ -191,3 +191,31 @@ def test_unconfirmable_netns_dir_match_is_checked_with_backoff(namespaces, tmp_p
         assert len(checks) <= 6 and gaps == sorted(gaps), checks   # 5, 10, 20, 40, 80 ... s apart
     finally:
         r.close()
+
+
+def test_a_view_is_handed_out_again_until_something_in_it_changes(namespaces):
+    """Sources keep per-view results (routes' attached interfaces) and recognise a
+    view by identity: an unchanged pod must get the same object, a changed pod, a
+    link change in its netns or a lost namespace a new one."""
+    r = Resolver("/run/netns", "/nonexistent-procfs")
+    try:
+        p0, p1, stranger = pod(0), pod(1), pod(7)
+        first = r.resolve([p0, p1, stranger])
+        again = r.resolve([p0, p1, stranger])
+        assert all(a is b for a, b in zip(first, again))
+        # a new Pod object (the store saw a change): a new view
+        p1b = pod(1)
+        third = r.resolve([p0, p1b, stranger])
+        assert third[0] is first[0] and third[1] is not first[1] and third[1].pod is p1b
+        assert third[2] is first[2] and third[2].netns_inode == 0
+        # a link change in pod0's netns, announced on its link-event socket:
+        # the table is re-read, the interfaces matched again, a new view
+        sh("ip", "-n", namespaces[0], "link", "set", "net1", "mtu", "1400")
+        fourth = r.resolve([p0, p1b, stranger])
+        assert fourth[0] is not third[0] and fourth[0].interfaces[1].link.mtu == 1400
+        assert fourth[1] is third[1]
+        subprocess.run(["ip", "netns", "del", namespaces[0]], check=True)
+        fifth = r.resolve([p0, p1b, stranger])
+        assert fifth[0].netns_inode == 0 and fifth[0] is not fourth[0]
+    finally:
+        r.close()
