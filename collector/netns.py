@@ -189,6 +189,7 @@ class Resolver:
 
     def _resolve(self, pods: list[Pod]) -> list[PodView]:
         now = self._clock()
+        self.pool.poll()        # notifications since the last scrape: who is stale
         pinned = list_netns_dir(self.netns_dir)
         live_uids = {p.uid for p in pods}
         for uid in list(self._resolved):

@@ -1,8 +1,9 @@
 """Pod network namespaces kept open across scrapes: an fd (so the inode stays
-valid), a netlink socket bound inside, a link-event socket, and the link and
-address tables, re-read within the netns budgets (collector/budgets.py) when the
-kernel announces a change. The resolver (collector/netns.py) decides which pod
-a namespace belongs to; sources read it through `Snapshot.netns_of`.
+valid), a netlink socket bound inside, its notification socket
+(kernel/rtnl_events.py), and the link and address tables, re-read within the
+netns budgets (collector/budgets.py) when the kernel announces a change. The
+resolver (collector/netns.py) decides which pod a namespace belongs to; sources
+read it through `Snapshot.netns_of`.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 from collector.budgets import Budgets
-from kernel.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkEvents, LinkStats, RtnlSocket
+from kernel.rtnl import CUT_TIME, TIME_CUT_AFTER, LinkStats, RtnlSocket
+from kernel.rtnl_events import EventPoller, NetnsEvents
 
-LINKS_TTL = 300.0          # link events keep the interface table fresh; this is a safety net
+LINKS_TTL = 300.0          # notifications keep the tables fresh; this is a safety net
 
 # Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
 # read only in part (the budget in links, addresses or time ran out), or a
@@ -36,21 +38,20 @@ class Namespace:
     inode: int
     fd: int
     rtnl: RtnlSocket
-    events: LinkEvents
+    events: NetnsEvents
     budgets: Budgets = field(default_factory=Budgets)
     links: list[LinkStats] = field(default_factory=list)
     by_index: dict[int, LinkStats] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
     refreshed: float = 0.0
+    read_generation: int = -1           # events.generation the tables were read at
     cost: float = 0.0                   # seconds the last refresh took
-    pending: bool = False               # a link event arrived since the last refresh
     short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
 
     def refresh(self, now: float) -> None:
         """Re-read links and addresses within the netns budgets (collector/budgets.py):
         a pod holding thousands of links costs a bounded share of the scrape."""
-        self.events.changed()                   # what we are about to read covers them
-        self.pending = False
+        self.read_generation = self.events.update()     # what we are about to read covers them
         started = time.monotonic()
         deadline = started + self.budgets.netns_refresh_seconds
         short: dict[str, int] = {}
@@ -84,17 +85,17 @@ class Namespace:
                     self.by_index[link.ifindex] = link
 
     def stale(self, now: float) -> bool:
-        """Never read, past the TTL, or a link changed since (kernel notification)
-        and the refresh share allows it now: a netns whose refreshes are costly
-        (a pod flapping one of thousands of links) is re-read less often."""
-        if self.events.changed():
-            self.pending = True
+        """Never read, past the TTL, or something changed since (a notification
+        NetnsPool.poll found) and the refresh share allows it now: a netns whose
+        refreshes are costly (a pod flapping one of thousands of links) is re-read
+        less often."""
         if not self.refreshed or now - self.refreshed > LINKS_TTL:
             return True
-        if self.pending and now - self.refreshed < self.backoff():
+        pending = self.events.generation != self.read_generation
+        if pending and now - self.refreshed < self.backoff():
             self.short[SHORT_DEFERRED] = 1
             return False
-        return self.pending
+        return pending
 
     def backoff(self) -> float:
         """Least time between two event-driven refreshes: the refresh share for a
@@ -124,11 +125,11 @@ class Namespace:
         os.close(self.fd)
 
 
-def open_sockets(fd: int) -> tuple[RtnlSocket, LinkEvents]:
+def open_sockets(fd: int) -> tuple[RtnlSocket, NetnsEvents]:
     """The two netlink sockets a kept namespace needs, made inside it."""
     rtnl = RtnlSocket.open(fd)
     try:
-        return rtnl, LinkEvents.open(fd)
+        return rtnl, NetnsEvents.open(fd)
     except BaseException:
         rtnl.close()
         raise
@@ -145,6 +146,12 @@ class NetnsPool:
         self.budgets = budgets or Budgets()
         self._by_inode: dict[int, Namespace] = {}
         self._sockets = sockets or (lambda fd, path: open_sockets(fd))
+        self._events = EventPoller()
+
+    def poll(self) -> None:
+        """Once a scrape, before the namespaces are read: which of them the kernel
+        announced a change in (their events.generation goes up)."""
+        self._events.poll()
 
     def open(self, path: str) -> Namespace:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -154,6 +161,7 @@ class NetnsPool:
             if known is None:
                 rtnl, events = self._sockets(fd, path)
                 known = self._by_inode[inode] = Namespace(path, inode, fd, rtnl, events, self.budgets)
+                self._events.add(events)
                 return known
         except BaseException:
             os.close(fd)
@@ -167,7 +175,9 @@ class NetnsPool:
     def keep_only(self, inodes: set[int]) -> None:
         for inode in list(self._by_inode):
             if inode not in inodes:
-                self._by_inode.pop(inode).close()
+                ns = self._by_inode.pop(inode)
+                self._events.remove(ns.events)
+                ns.close()
 
     def close(self) -> None:
         self.keep_only(set())

@@ -32,7 +32,6 @@ RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 IFLA_STATS_LINK_64 = 1
-RTMGRP_LINK = 0x1
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_STATS64, IFLA_EXT_MASK = 16, 18, 23, 29
@@ -206,28 +205,6 @@ def parse_stats(buf: bytes, off: int, end: int) -> tuple[int, tuple[int, ...]]:
         if kind == IFLA_STATS_LINK_64 and ve - vs >= _STATS8.size:
             return ifindex, _STATS8.unpack_from(buf, vs)
     return ifindex, (0,) * 8
-
-
-class LinkEvents:
-    """A socket subscribed to RTMGRP_LINK in one netns: tells whether any link was
-    added, removed or changed (state, MTU, name, address) since the last look, so
-    link attributes are re-read only then."""
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-
-    @classmethod
-    def open(cls, netns: str | int) -> "LinkEvents":
-        with in_netns(netns):
-            sock = new_socket(RTMGRP_LINK, nonblocking=True, rcvbuf=1 << 16)
-        return cls(sock)
-
-    def changed(self) -> bool:
-        """Drain pending notifications; True when there were any (or some were lost)."""
-        return drain(self._sock)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 class RtnlSocket:

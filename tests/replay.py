@@ -41,7 +41,8 @@ import threading
 
 from collector.netns import Resolver
 from collector.netns_pool import NetnsPool, open_sockets
-from kernel.rtnl import LinkEvents, RtnlSocket, messages
+from kernel.rtnl import RtnlSocket, messages
+from kernel.rtnl_events import NetnsEvents
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDED = os.path.join(HERE, "fixtures", "recorded")
@@ -150,23 +151,6 @@ class ReplaySocket:
 
     def close(self) -> None:
         pass
-
-
-class QuietSocket:
-    """A subscription on which nothing ever changes: a recording is one instant."""
-
-    def recv(self, size: int) -> bytes:
-        raise BlockingIOError(errno.EAGAIN, "nothing pending")
-
-    def recv_into(self, buffer) -> int:
-        raise BlockingIOError(errno.EAGAIN, "nothing pending")
-
-    def close(self) -> None:
-        pass
-
-
-def quiet_events(*_args) -> LinkEvents:
-    return LinkEvents(QuietSocket())
 
 
 # --- routes source ---------------------------------------------------------------------
@@ -332,15 +316,12 @@ class Replay:
 
         def sockets(fd: int, path: str):
             name = os.path.basename(path)
-            return RtnlSocket(ReplaySocket(netns[name]["replies"], name)), quiet_events()
+            # a recording is one instant: nothing is ever announced
+            return RtnlSocket(ReplaySocket(netns[name]["replies"], name)), NetnsEvents.quiet()
         scraper.resolver = Resolver(netns_dir, procfs, pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
         sources = scraper.sources
-        if "neighbours" in sources:
-            from collector.sources.neighbours import HopCache
-            sources["neighbours"].hop_cache = HopCache(subscribe=quiet_events)
         if "routes" in sources:
             sources["routes"].read_pod = replay_read_pod(kernel["routes"])
-            sources["routes"].watch = QuietWatch()
         if "sriov" in sources:
             sources["sriov"].netlink.transport = ReplayTransport(kernel["sriov_pf"])
         if "ebpf" in sources:
@@ -354,21 +335,6 @@ class Replay:
         for feed in self.feeds:
             feed.stop()
         self.server.scraper.close()
-
-
-class QuietWatch:
-    """routes.ChangeWatch with no kernel: each netns is new once, then unchanged."""
-
-    def __init__(self):
-        self._seen: set[int] = set()
-
-    def changed(self, inode: int, netns_fd: int) -> bool:
-        new = inode not in self._seen
-        self._seen.add(inode)
-        return new
-
-    def keep_only(self, inodes: set[int]) -> None:
-        self._seen &= inodes
 
 
 def record(prefix: str, out_dir: str = RECORDED) -> None:

@@ -386,25 +386,34 @@ def test_probe_refuses_a_reused_netns_path(two_ns):
 
 
 def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
-    from types import SimpleNamespace
-
     import collector.sources.neighbours as nb
+    from collector.netns_pool import NetnsPool
     a, _ = two_ns
     path = f"/run/netns/{a}"
-    fd = os.open(path, os.O_RDONLY)
-    ns = SimpleNamespace(inode=os.fstat(fd).st_ino, fd=fd, rtnl=RtnlSocket.open(path))
     dumps = []
     real = nb.next_hops
     monkeypatch.setattr(nb, "next_hops", lambda sock: dumps.append(1) or real(sock))
-    cache = nb.HopCache()
+    cache, pool, other = nb.HopCache(), NetnsPool(), NetnsPool()
     try:
+        ns = pool.open(path)
         first = {h.gateway for h in cache.hops(ns)}
         assert "10.252.0.2" in first and len(dumps) == 1
+        pool.poll()
         assert {h.gateway for h in cache.hops(ns)} == first and len(dumps) == 1     # nothing changed
         subprocess.run(["ip", "-n", a, "route", "add", "10.97.0.0/16", "via", "10.252.0.4"], check=True)
+        pool.poll()                             # the scrape's one look at every netns
         assert {h.gateway for h in cache.hops(ns)} == first | {"10.252.0.4"} and len(dumps) == 2
+        pool.poll()
+        assert len(cache.hops(ns)) and len(dumps) == 2
+        # the same inode with other events (the netns was closed and reopened
+        # between two scrapes): read again, even at an equal generation
+        again = other.open(path)
+        again.events.generation = ns.events.generation
+        assert again.inode == ns.inode
+        cache.hops(again)
+        assert len(dumps) == 3
         cache.keep_only(set())
         assert cache._by_inode == {}
     finally:
-        ns.rtnl.close()
-        os.close(fd)
+        pool.close()
+        other.close()

@@ -7,7 +7,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from kernel.nsenter import in_netns
-from kernel.rtnl import RtnlSocket, parse_link
+from kernel.rtnl import RtnlSocket, new_socket, parse_link
 from lab.traffic import udp_exchange
 from tests.conftest import unique_prefix
 
@@ -129,16 +129,74 @@ def test_getstats_matches_getlink_counters(two_ns):
     assert stats[eth0][0] >= 15 and stats[eth0][2] >= 15 * 500
 
 
-def test_link_events_tell_a_change_once(two_ns):
-    from kernel.rtnl import LinkEvents
-    a, _ = two_ns
-    events = LinkEvents.open(f"/run/netns/{a}")
+def test_netns_events_count_what_changes_a_reader(two_ns):
+    """One socket per netns, polled through one epoll: a link, an address, a route,
+    a rule and an rp_filter change each move the generation once they are polled;
+    nothing pending moves nothing; neighbour traffic is not subscribed."""
+    from kernel.rtnl_events import EventPoller, NetnsEvents
+    a, b = two_ns
+    poller = EventPoller()
+    events = {ns: NetnsEvents.open(f"/run/netns/{ns}") for ns in (a, b)}
+    quiet = NetnsEvents.quiet()
     try:
-        assert events.changed() is False
-        subprocess.run(["ip", "-n", a, "link", "set", "dummyish", "mtu", "1400"], check=True)
-        assert events.changed() is True
-        assert events.changed() is False          # drained
-        subprocess.run(["ip", "-n", a, "link", "set", "dummyish", "up"], check=True)
-        assert events.changed() is True
+        for e in (*events.values(), quiet):
+            poller.add(e)
+        ea, eb = events[a], events[b]
+
+        def moved(*cmd) -> tuple[int, int]:
+            before = ea.generation, eb.generation
+            if cmd:
+                subprocess.run(["ip", "-n", a, *cmd], check=True, capture_output=True)
+            poller.poll()
+            return ea.generation - before[0], eb.generation - before[1]
+
+        assert moved() == (0, 0)
+        assert moved("link", "set", "dummyish", "mtu", "1400") == (1, 0)
+        assert moved() == (0, 0)                       # drained
+        assert moved("addr", "add", "10.252.9.1/32", "dev", "dummyish") == (1, 0)
+        assert moved("route", "add", "10.97.0.0/16", "via", "10.252.0.2") == (1, 0)
+        assert moved("rule", "add", "from", "10.252.9.1", "table", "100") == (1, 0)
+        assert moved("neigh", "add", "10.252.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0") == (0, 0)
+        with in_netns(f"/run/netns/{a}"):
+            with open("/proc/sys/net/ipv4/conf/eth0/rp_filter", "w") as f:
+                f.write("2")
+        assert moved() == (1, 0)
+        assert quiet.generation == 0
+        # what a reader drains itself (update) is not counted twice by the next poll
+        subprocess.run(["ip", "-n", b, "link", "set", "eth0", "mtu", "1300"], check=True)
+        assert eb.update() == 1 and moved() == (0, 0)
+        # removed before close: the poller forgets it, the others still work
+        poller.remove(ea)
+        ea.close()
+        subprocess.run(["ip", "-n", b, "link", "set", "eth0", "mtu", "1280"], check=True)
+        poller.poll()
+        assert eb.generation == 2 and len(poller) == 2
+    finally:
+        for e in (*events.values(), quiet):
+            e.close()
+        poller.close()
+
+
+def test_netns_events_overflow_counts_as_a_change(two_ns):
+    """More notifications than the receive buffer holds: the kernel drops them and
+    reports ENOBUFS (EPOLLERR); that is a change, not an error, and the socket
+    goes on working."""
+    from kernel.rtnl_events import EventPoller, NetnsEvents
+    a, _ = two_ns
+    with in_netns(f"/run/netns/{a}"):
+        sock = new_socket(1, nonblocking=True, rcvbuf=1024)      # RTNLGRP_LINK, a tiny buffer
+    events, poller = NetnsEvents(sock), EventPoller()
+    try:
+        poller.add(events)
+        batch = "".join(f"link set dummyish mtu {1300 + i}\n" for i in range(200))
+        subprocess.run(["ip", "-n", a, "-batch", "-"], input=batch, text=True, check=True)
+        poller.poll()
+        assert events.generation == 1
+        poller.poll()
+        assert events.generation == 1                 # drained, error cleared
+        subprocess.run(["ip", "-n", a, "link", "set", "dummyish", "mtu", "1500"], check=True)
+        poller.poll()
+        assert events.generation == 2
     finally:
         events.close()
+        poller.close()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,8 +36,7 @@ from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
-from kernel.nsenter import in_netns
-from kernel.rtnl import NETLINK_ROUTE, LinkEvents
+from kernel.rtnl_events import NetnsEvents
 from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours_of, next_hops
 
 log = logging.getLogger(__name__)
@@ -166,49 +164,36 @@ def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: fro
 
 
 GW_LABELS = ATTACHMENT_LABELS + ("gateway",)
-RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
-HOPS_TTL = 300.0            # a safety net: route events trigger the re-read
-
-
-def route_events(ns) -> LinkEvents:
-    """Route change notifications of both families in the namespace `ns`."""
-    with in_netns(ns.fd):
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
-    sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-    return LinkEvents(sock)
+HOPS_TTL = 300.0            # a safety net: route notifications trigger the re-read
 
 
 class HopCache:
-    """Next hops per pod netns, re-read when a route event arrived (or past the TTL)."""
+    """Next hops per pod netns, re-read when the kernel announced a change there
+    (the netns's events.generation moved, kernel/rtnl_events.py) or past the TTL."""
 
-    def __init__(self, clock=time.monotonic, subscribe=None):
+    def __init__(self, clock=time.monotonic):
         self._clock = clock
-        self._subscribe = subscribe or route_events     # tests/replay.py passes a quiet one
-        self._by_inode: dict[int, tuple[LinkEvents, list[NextHop], float]] = {}
+        # inode -> (the netns's events, generation read at, hops, when)
+        self._by_inode: dict[int, tuple[NetnsEvents, int, list[NextHop], float]] = {}
 
     def hops(self, ns) -> list[NextHop]:
         known = self._by_inode.get(ns.inode)
         now = self._clock()
-        if known is None:
-            events = self._subscribe(ns)    # subscribed before the dump: no change is missed
-        else:
-            events, hops, at = known
-            if not events.changed() and now - at <= HOPS_TTL:
-                return hops
+        if (known is not None and known[0] is ns.events and known[1] == ns.events.generation
+                and now - known[3] <= HOPS_TTL):
+            return known[2]
+        generation = ns.events.update()     # before the dump: no change is missed
         try:
             hops = next_hops(ns.rtnl)
         except OSError:
-            if known is None:
-                events.close()
             self._by_inode.pop(ns.inode, None)
             raise
-        self._by_inode[ns.inode] = (events, hops, now)
+        self._by_inode[ns.inode] = (ns.events, generation, hops, now)
         return hops
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._by_inode if i not in inodes]:
-            self._by_inode.pop(inode)[0].close()
+            del self._by_inode[inode]
 
 
 @lru_cache(maxsize=2048)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
 from kernel import rtnl_routes
 from kernel.nsenter import in_netns
-from kernel.rtnl import NetlinkError, RtnlSocket, drain, new_socket
+from kernel.rtnl import NetlinkError, RtnlSocket
+from kernel.rtnl_events import NetnsEvents
 
 log = logging.getLogger(__name__)
 
@@ -119,32 +119,25 @@ def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod:
 
 # --- knowing when to look again ---------------------------------------------------
 
-# rtnetlink multicast groups whose events can change the analysis: links, addresses,
-# routes and rules of both families, and netconf (rp_filter changes are announced there).
-WATCHED_GROUPS = (1, 5, 7, 8, 9, 11, 19, 24, 25)
-
-
 class ChangeWatch:
-    """A non-blocking rtnetlink socket per pod netns, subscribed to route, rule,
-    address, link and netconf events: a pod whose routing changed is analysed at
-    the next scrape instead of when its cached result expires."""
+    """Which pod netns the kernel announced a route, rule, address, link or netconf
+    change in since the last look (kernel/rtnl_events.py): a pod whose routing
+    changed is analysed at the next scrape instead of when its cached result expires."""
 
     def __init__(self):
-        self._socks: dict[int, socket.socket] = {}      # netns inode -> socket
+        self._seen: dict[int, tuple[NetnsEvents, int]] = {}     # netns inode -> (its events, generation)
 
-    def changed(self, inode: int, netns_fd: int) -> bool:
+    def changed(self, ns) -> bool:
         """True when something changed since the last call (or this netns is new)."""
-        sock = self._socks.get(inode)
-        if sock is None:
-            with in_netns(netns_fd):
-                sock = new_socket(sum(1 << (g - 1) for g in WATCHED_GROUPS), nonblocking=True, rcvbuf=None)
-            self._socks[inode] = sock
-            return True
-        return drain(sock)
+        seen = self._seen.get(ns.inode)
+        if seen is not None and seen[0] is ns.events and seen[1] == ns.events.generation:
+            return False
+        self._seen[ns.inode] = (ns.events, ns.events.update())
+        return True
 
     def keep_only(self, inodes: set[int]) -> None:
-        for inode in [i for i in self._socks if i not in inodes]:
-            self._socks.pop(inode).close()
+        for inode in [i for i in self._seen if i not in inodes]:
+            del self._seen[inode]
 
 
 # --- the source ----------------------------------------------------------------------
@@ -202,7 +195,7 @@ class RoutesSource:
         self._dirty &= set(live)
         for uid, (view, ns, _, _) in live.items():
             try:
-                if self.watch.changed(ns.inode, ns.fd):
+                if self.watch.changed(ns):
                     self._dirty.add(uid)
             except OSError as err:
                 log.debug("pod %s: change watch: %s", view.pod.key, err)
