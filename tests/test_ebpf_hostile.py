@@ -117,10 +117,15 @@ def fill(fd: int, key_struct, keys, value: bytes) -> None:
 
 
 def test_full_traffic_map_refusals_are_counted_and_exported(pairs, loader_factory):
+    """The iface_traffic hash counts the interfaces without a counter slot:
+    here the one slot is taken by the peer, so eth0 of `path` is counted there."""
     from ebpf import maps
-    path, ifindex, _ = pairs.add(1)
-    loader = loader_factory()
+    path, ifindex, ns = pairs.add(1)
+    loader = loader_factory(counter_slots=1)
+    peer = json.loads(sh("ip", "-n", ns[1], "-j", "link", "show", "eth0"))[0]["ifindex"]
+    loader.attach(f"/run/netns/{ns[1]}", peer)
     loader.attach(path, ifindex)
+    assert loader.slots.claim((netns_inode(path), ifindex)) is None and loader.slots.refused >= 1
     assert loader.map_refused() == {"iface_traffic": 0, "asym_packets": 0, "packet_drops": 0,
                                     "flows_created": 0, "watched": 0}
     # Another tenant's interfaces took every slot (8192) of the counter map.
