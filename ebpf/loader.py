@@ -159,7 +159,10 @@ class Loader:
     def _load(self, objects_dir: Path, flow_entries: int, counter_slots: int, bench: bool) -> None:
         def tune(obj: int) -> None:
             libbpf.set_max_entries(libbpf.find_map(obj, "flows"), flow_entries)
-            libbpf.set_max_entries(libbpf.find_map(obj, "traffic_slots"), counter_slots)
+            try:
+                libbpf.set_max_entries(libbpf.find_map(obj, "traffic_slots"), counter_slots)
+            except FileNotFoundError:       # a build from before the slots: see below
+                pass
             for name in BENCH_PROGRAMS if bench else ():
                 try:                        # an older object may lack a variant
                     libbpf.set_autoload(libbpf.find_program(obj, name), True)
@@ -172,8 +175,8 @@ class Loader:
         self.ingress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_ingress"))
         self.egress_fd = libbpf.program_fd(libbpf.find_program(traffic, "tcx_egress"))
         self.fds = {name: libbpf.map_fd(libbpf.find_map(obj, name)) for obj, name in (
-            (traffic, "traffic_index"), (traffic, "traffic_slots"), (traffic, "iface_traffic"), (traffic, "flows"),
-            (traffic, "asym_packets"), (traffic, "flows_created"), (drops, "packet_drops"), (drops, "watched"))}
+            (traffic, "iface_traffic"), (traffic, "flows"), (traffic, "asym_packets"), (traffic, "flows_created"),
+            (drops, "packet_drops"), (drops, "watched"))}
         self.drop_fd = libbpf.program_fd(libbpf.find_program(drops, "count_drop"))
         self._refused_fds = [libbpf.map_fd(libbpf.find_map(obj, "map_refused")) for obj in (traffic, drops)]
         try:
@@ -181,7 +184,14 @@ class Loader:
         except OSError as err:
             raise LoadError(load_failure_reason(err), f"attach tp_btf/kfree_skb: {err}") from None
         self.ncpus = libbpf.num_possible_cpus()
-        self.slots = TrafficSlots(self.fds["traffic_index"], self.fds["traffic_slots"], counter_slots, self.ncpus)
+        try:
+            index_fd, slots_fd = (libbpf.map_fd(libbpf.find_map(traffic, name))
+                                  for name in ("traffic_index", "traffic_slots"))
+        except FileNotFoundError:
+            # objects built before the counter slots (bench --objects of an
+            # older checkout) count every interface in iface_traffic: no slots
+            index_fd, slots_fd, counter_slots = -1, -1, 0
+        self.slots = TrafficSlots(index_fd, slots_fd, counter_slots, self.ncpus)
 
     def kernel_ids(self) -> dict[str, set[int]]:
         """Ids of our programs and links, as `bpftool prog/link show` lists them."""
