@@ -359,27 +359,25 @@ static __always_inline int track_egress(const struct flow_key *key, __u32 ifinde
 
 /* The flow-table work for one packet: skipped when this CPU's slot says the
  * same lookup found nothing to do and no write happened since. Ingress works
- * on the reversed tuple (the entry is keyed as the flow leaves). */
+ * on the reversed tuple (the entry is keyed as the flow leaves), but its
+ * slots hold the tuple as it came in: one to one with the reversed one, and a
+ * hit then needs no reversal (reverse_flow writes every byte of `rev`). */
 static __always_inline void track(const struct flow_key *key, __u32 ifindex, __u32 direction, bool cached)
 {
 	struct flow_cache_slot *slot = NULL;
-	struct flow_key rev = {};
+	struct flow_key rev;
 	const struct flow_key *entry = key;
 	__u64 *gen = NULL, seen = 0;
 
-	if (direction == DIRECTION_INGRESS) {
-		reverse_flow(key, &rev);
-		entry = &rev;
-	}
 	if (cached) {
-		slot = cache_slot(entry, direction);
+		slot = cache_slot(key, direction);
 		gen = generation();
 		if (!slot || !gen)
 			cached = false;
 	}
 	if (cached) {
 		seen = *(volatile __u64 *)gen;
-		if (slot->ifindex == ifindex && slot->generation == seen && same_key(&slot->key, entry))
+		if (slot->ifindex == ifindex && slot->generation == seen && same_key(&slot->key, key))
 			return;
 		/* Filling: the lookup below must not see the table as it was
 		 * before a write whose generation `seen` already is. x86 keeps
@@ -389,10 +387,14 @@ static __always_inline void track(const struct flow_key *key, __u32 ifindex, __u
 		seen = __sync_fetch_and_add(gen, 0);
 #endif
 	}
+	if (direction == DIRECTION_INGRESS) {
+		reverse_flow(key, &rev);
+		entry = &rev;
+	}
 	if (!(direction == DIRECTION_INGRESS ? track_ingress(entry, ifindex) : track_egress(entry, ifindex)))
 		return;
 	if (cached) {
-		__builtin_memcpy(&slot->key, entry, sizeof(slot->key));
+		__builtin_memcpy(&slot->key, key, sizeof(slot->key));
 		slot->ifindex = ifindex;
 		slot->generation = seen;
 	}
