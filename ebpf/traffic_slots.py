@@ -23,8 +23,8 @@ Only this module writes the two maps, and only between a slot's owners:
   is rewritten sees either the old owner with its own slot or a free way,
   never a mix that counts in another interface's slot. TCX detach waits for
   running programs (synchronize_rcu); a clsact filter may still finish a
-  packet after the delete, which lands in the slot before the next claim
-  zeroes it.
+  packet after the delete: it adds to the released slot, and the next claim
+  zeroes that (unless the claim falls inside that packet's run).
 Free slots are reused lowest first, so a scrape reads only the slots below
 the highest one in use (slots x CPUs x 32 bytes), not the whole array.
 """
