@@ -51,14 +51,16 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 4096);     /* the loader may resize before load */
+	__uint(max_entries, 2048);     /* the loader may resize before load */
 	__type(key, __u32);
 	__type(value, struct traffic_slot);
 } traffic_slots SEC(".maps");
 
+/* 2048 slots + 4096 keys here (2048 interfaces): 4096 interfaces as the hash
+ * alone held before, in the same 128 KiB per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 4096);
 	__type(key, struct traffic_key);
 	__type(value, struct traffic_value);
 } iface_traffic SEC(".maps");

@@ -96,7 +96,7 @@ class Loader:
     """Loads both objects at construction; raises LoadError (with a reason)."""
 
     def __init__(self, objects_dir: str | Path = OBJECTS_DIR, *, btf_path: str = btf.VMLINUX_BTF,
-                 attach_mode: str = "auto", flow_entries: int = 16384, counter_slots: int = 4096,
+                 attach_mode: str = "auto", flow_entries: int = 16384, counter_slots: int = 2048,
                  bench: bool = False):
         if attach_mode not in ATTACH_MODES:
             raise ValueError(f"attach_mode {attach_mode!r} not in {ATTACH_MODES}")
