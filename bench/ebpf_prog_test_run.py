@@ -4,8 +4,11 @@ BPF_PROG_TEST_RUN (no traffic, no interfaces): the no-op program, counters
 only, counters + header parse, + one flow-table lookup, and counters + flow
 table on ingress and on egress: without the per-CPU flow cache (every packet
 looks the table up: what a cache miss costs) and as attached (the repeated
-packet hits the cache after its first run). Also prints the load time and the
-RSS after load.
+packet hits the cache after its first run). The test packets come from
+loopback, whose (netns, ifindex) gets a counter slot as an attached interface
+does (ebpf/traffic_slots.py); "counters, no slot" is the same program with the
+slot released: what an interface counted in the iface_traffic hash costs.
+Also prints the load time and the RSS after load.
 
     sudo python3 bench/ebpf_prog_test_run.py [--repeat N] [--rounds R] [--objects DIR ...]
 
@@ -28,11 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ebpf import libbpf  # noqa: E402
 from ebpf.loader import Loader  # noqa: E402
+from kernel.nsenter import netns_inode  # noqa: E402
 
 # (label, program, prime): `prime` first runs tcx_ingress once on the reversed
-# frame, so the egress run finds its request in the flow table.
+# frame, so the egress run finds its request in the flow table. Rows marked
+# NO_SLOT run while loopback has no counter slot.
+NO_SLOT = "counters, no slot (iface_traffic hash)"
 VARIANTS = (
     ("no-op", "bench_noop", False),
+    (NO_SLOT, "bench_counters", False),
     ("counters", "bench_counters", False),
     ("counters+parse", "bench_parse", False),
     ("counters+parse+lookup", "bench_lookup", False),
@@ -80,10 +87,16 @@ def main() -> None:
             print(f"{objects or 'ebpf/build'}: load (both objects + BTF reasons) {load_ms:.0f} ms; "
                   f"RSS {rss_before:.1f} -> {rss_mib():.1f} MiB")
         frame = udp_frame()
+        loopback = (netns_inode("/proc/self/ns/net"), 1)      # the test run's skb->dev
         runs: dict[tuple[str, str], list[int]] = {}
         for _ in range(args.rounds):
             for name, loader in loaders.items():
                 for label, program, prime in VARIANTS:
+                    slots = getattr(loader, "slots", None)      # older builds have none
+                    if slots is not None and label == NO_SLOT:
+                        slots.release(loopback)
+                    elif slots is not None:
+                        slots.claim(loopback)
                     try:
                         fd = loader.program_fd(program)
                     except OSError:         # a variant this object does not have
@@ -99,7 +112,7 @@ def main() -> None:
                 ns = runs.get((name, label))
                 if not ns:
                     continue
-                print(f"{label:<36} {statistics.median(ns):>6.0f} ns/packet  (min {min(ns)}, max {max(ns)}; "
+                print(f"{label:<40} {statistics.median(ns):>6.0f} ns/packet  (min {min(ns)}, max {max(ns)}; "
                       f"{args.rounds} x {args.repeat})")
     finally:
         for loader in loaders.values():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebpf import btf, libbpf, maps, tc
+from ebpf.traffic_slots import TrafficSlots
 from kernel.nsenter import in_netns, netns_inode
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Loader:
     """Loads both objects at construction; raises LoadError (with a reason)."""
 
     def __init__(self, objects_dir: str | Path = OBJECTS_DIR, *, btf_path: str = btf.VMLINUX_BTF,
-                 attach_mode: str = "auto", flow_entries: int = 16384, bench: bool = False):
+                 attach_mode: str = "auto", flow_entries: int = 16384, counter_slots: int = 2048,
+                 bench: bool = False):
         if attach_mode not in ATTACH_MODES:
             raise ValueError(f"attach_mode {attach_mode!r} not in {ATTACH_MODES}")
         self.mode = attach_mode
@@ -112,7 +114,7 @@ class Loader:
         started = time.monotonic()
         self._preflight(Path(objects_dir), btf_path)
         try:
-            self._load(Path(objects_dir), flow_entries, bench)
+            self._load(Path(objects_dir), flow_entries, counter_slots, bench)
         except BaseException:
             self.close()
             raise
@@ -154,9 +156,13 @@ class Loader:
                 raise LoadError(load_failure_reason(err), f"{path.name}: {err}; {tail}") from None
         return obj
 
-    def _load(self, objects_dir: Path, flow_entries: int, bench: bool) -> None:
+    def _load(self, objects_dir: Path, flow_entries: int, counter_slots: int, bench: bool) -> None:
         def tune(obj: int) -> None:
             libbpf.set_max_entries(libbpf.find_map(obj, "flows"), flow_entries)
+            try:
+                libbpf.set_max_entries(libbpf.find_map(obj, "traffic_slots"), counter_slots)
+            except FileNotFoundError:       # a build from before the slots: see below
+                pass
             for name in BENCH_PROGRAMS if bench else ():
                 try:                        # an older object may lack a variant
                     libbpf.set_autoload(libbpf.find_program(obj, name), True)
@@ -178,6 +184,14 @@ class Loader:
         except OSError as err:
             raise LoadError(load_failure_reason(err), f"attach tp_btf/kfree_skb: {err}") from None
         self.ncpus = libbpf.num_possible_cpus()
+        try:
+            index_fd, slots_fd = (libbpf.map_fd(libbpf.find_map(traffic, name))
+                                  for name in ("traffic_index", "traffic_slots"))
+        except FileNotFoundError:
+            # objects built before the counter slots (bench --objects of an
+            # older checkout) count every interface in iface_traffic: no slots
+            index_fd, slots_fd, counter_slots = -1, -1, 0
+        self.slots = TrafficSlots(index_fd, slots_fd, counter_slots, self.ncpus)
 
     def kernel_ids(self) -> dict[str, set[int]]:
         """Ids of our programs and links, as `bpftool prog/link show` lists them."""
@@ -204,9 +218,14 @@ class Loader:
             key = (netns_inode(netns_path), ifindex)
             if key in self.hooks:
                 return self.hooks[key]
-            with in_netns(netns_path):
-                self.stale_filters_removed += tc.remove_stale(key[1])
-                hook = self._attach_here(netns_path, key)
+            self.slots.claim(key)           # before the programs: their first packet counts there
+            try:
+                with in_netns(netns_path):
+                    self.stale_filters_removed += tc.remove_stale(key[1])
+                    hook = self._attach_here(netns_path, key)
+            except BaseException:
+                self.slots.release(key)
+                raise
             try:
                 maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
             except OSError as err:
@@ -215,6 +234,7 @@ class Loader:
                 if err.errno == errno.E2BIG:
                     self.refused["watched"] += 1
                 self._unhook(hook)
+                self.slots.release(key)
                 raise
             self.hooks[key] = hook
             return hook
@@ -276,6 +296,7 @@ class Loader:
         (netns inodes and ifindexes are reused) starts from zero. Traffic keys
         are known exactly; drop and asymmetry keys need one pass over small maps."""
         maps.remove(self.fds["watched"], maps.WATCHED, (netns, ifindex))
+        self.slots.release((netns, ifindex))
         for direction in range(len(maps.DIRECTIONS)):
             maps.remove(self.fds["iface_traffic"], maps.TRAFFIC, (netns, ifindex, direction))
         maps.remove(self.fds["flows_created"], maps.CREATED, (netns, ifindex))
@@ -321,7 +342,10 @@ class Loader:
 
     def _entries(self, name: str, layout: maps.Layout, ncpus: int) -> list[tuple[bytes, bytes]]:
         """The raw (key, value) bytes of one map: the only map read the decoders see
-        (tests/replay.py feeds recorded dumps here)."""
+        (tests/replay.py feeds recorded dumps here). traffic_slots is read as
+        its owners' entries (ebpf/traffic_slots.py), keyed like the other maps."""
+        if name == "traffic_slots":
+            return self.slots.entries()
         return maps.read_entries(self.fds[name], layout, ncpus)
 
     def _counters(self, name: str, layout: maps.Layout) -> dict:
@@ -329,7 +353,8 @@ class Loader:
 
     def interface_traffic(self) -> dict[tuple[int, int, str], tuple[int, int]]:
         """(netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
-        return maps.traffic_by_direction(self._counters("iface_traffic", maps.TRAFFIC))
+        return maps.traffic_by_direction(self._counters("iface_traffic", maps.TRAFFIC),
+                                         self._counters("traffic_slots", maps.SLOTTED_TRAFFIC))
 
     def packet_drops(self) -> dict[tuple[int, int, str], int]:
         """(netns, ifindex, drop reason name) -> packets."""

@@ -1,7 +1,7 @@
 """BPF map layouts (mirroring ebpf/planewatch.bpf.h) and their decoding.
 
 Decoding is pure (bytes in, tuples out) and tested without a kernel; only
-`read_entries`, `delete_where` and `put` touch a map fd. Per-CPU values are
+`read_entries`, `read_array`, `delete_where`, `put` and `remove` touch a map fd. Per-CPU values are
 summed from a fresh bytes copy of each lookup, never from a reused ctypes
 buffer: list()-ing a ctypes array aliases it.
 """
@@ -44,6 +44,9 @@ class Layout:
 
 
 TRAFFIC = Layout(struct.Struct("=III"), struct.Struct("=QQ"), percpu=True)
+# traffic_slots as ebpf/traffic_slots.py hands it out: keyed by the slot's owner
+# (netns, ifindex), values per CPU ingress packets, bytes, egress packets, bytes
+SLOTTED_TRAFFIC = Layout(struct.Struct("=II"), struct.Struct("=QQQQ"), percpu=True)
 DROPS = Layout(struct.Struct("=III"), struct.Struct("=Q"), percpu=True)
 ASYMMETRIC = Layout(struct.Struct("=III"), struct.Struct("=Q"), percpu=True)
 WATCHED = Layout(struct.Struct("=II"), struct.Struct("=B"))
@@ -105,10 +108,16 @@ def decode_counters(entries: Iterable[tuple[bytes, bytes]], layout: Layout,
     return dict(zip(keys, zip(*fields)))
 
 
-def traffic_by_direction(counters: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
-    """(netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
-    return {(netns, ifindex, DIRECTIONS[d]): value
-            for (netns, ifindex, d), value in counters.items() if d < len(DIRECTIONS)}
+def traffic_by_direction(counters: dict, slotted: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
+    """(netns, ifindex, "ingress"|"egress") -> (packets, bytes): the iface_traffic
+    hash's `counters` and the `slotted` ones (SLOTTED_TRAFFIC) added up per key."""
+    out = {(netns, ifindex, DIRECTIONS[d]): value
+           for (netns, ifindex, d), value in counters.items() if d < len(DIRECTIONS)}
+    for (netns, ifindex), fields in slotted.items():
+        for d, name in enumerate(DIRECTIONS):
+            packets, nbytes = out.get((netns, ifindex, name), (0, 0))
+            out[(netns, ifindex, name)] = (packets + fields[2 * d], nbytes + fields[2 * d + 1])
+    return out
 
 
 def drops_by_reason(counters: dict, reasons: dict[int, str]) -> dict[tuple[int, int, str], int]:
@@ -181,6 +190,29 @@ def read_entries(fd: int, layout: Layout, ncpus: int) -> list[tuple[bytes, bytes
         if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):     # 524: ENOTSUPP
             raise
         return _read_one_by_one(fd, layout, ncpus)
+
+
+def read_array(fd: int, layout: Layout, ncpus: int, count: int) -> list[bytes]:
+    """The values of indexes [0, count) of an array map, in one batch (or one
+    lookup each on kernels without batch lookups of arrays)."""
+    if count <= 0:
+        return []
+    vsize = layout.value_size(ncpus)
+    values = ctypes.create_string_buffer(vsize * count)
+    try:
+        got, _ = libbpf.lookup_batch(fd, None, ctypes.create_string_buffer(4),
+                                     ctypes.create_string_buffer(4 * count), values, count)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):     # 524: ENOTSUPP
+            raise
+        value = ctypes.create_string_buffer(vsize)
+        out = []
+        for index in range(count):
+            libbpf.lookup(fd, ctypes.create_string_buffer(struct.pack("=I", index), 4), value)
+            out.append(value.raw)
+        return out
+    raw = values.raw
+    return [raw[i * vsize:(i + 1) * vsize] for i in range(got)]
 
 
 def _read_batched(fd: int, layout: Layout, ncpus: int) -> list[tuple[bytes, bytes]]:

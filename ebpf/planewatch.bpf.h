@@ -26,6 +26,36 @@ struct traffic_value {         /* "=QQ" per CPU */
 	__u64 bytes;
 };
 
+/* Per-interface counters without a hash lookup (interface_traffic.bpf.c):
+ * the loader gives each interface it attaches to a slot of `traffic_slots`
+ * and writes (netns, ifindex) -> slot into one of the TRAFFIC_WAYS ways of
+ * its bucket in `traffic_index`; the program finds the bucket with
+ * traffic_bucket_of(), compares at most four ways and counts in the slot.
+ * ebpf/traffic_slots.py computes the same bucket. */
+#define TRAFFIC_BUCKET_BITS 10
+#define TRAFFIC_BUCKETS (1 << TRAFFIC_BUCKET_BITS)
+#define TRAFFIC_WAYS 4
+
+struct traffic_way {           /* "=IIII" */
+	__u32 netns;           /* 0: a free way (no netns has inode 0) */
+	__u32 ifindex;
+	__u32 slot;            /* kept when the way is freed: see traffic_slots.py */
+	__u32 pad;
+};
+
+struct traffic_bucket {        /* TRAFFIC_WAYS ways: one cache line */
+	struct traffic_way way[TRAFFIC_WAYS];
+};
+
+struct traffic_slot {          /* "=QQQQ" per CPU: [DIRECTION_INGRESS], [DIRECTION_EGRESS] */
+	struct traffic_value direction[2];
+};
+
+static __always_inline __u32 traffic_bucket_of(__u32 netns, __u32 ifindex)
+{
+	return ((netns ^ (ifindex * 0x85EBCA6Bu)) * 0x9E3779B1u) >> (32 - TRAFFIC_BUCKET_BITS);
+}
+
 struct drop_key {              /* "=III" */
 	__u32 netns;
 	__u32 ifindex;

@@ -20,7 +20,7 @@ from collector.sources.ebpf import (
     traffic_families,
     wanted_attachments,
 )
-from ebpf import btf, maps, tc
+from ebpf import btf, maps, tc, traffic_slots
 from ebpf.loader import KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED, load_failure_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +128,8 @@ def test_layouts_match_the_c_structs():
     assert (maps.TRAFFIC.key.size, maps.TRAFFIC.stride) == (12, 16)
     assert (maps.FLOWS.key.size, maps.FLOWS.value.size) == (44, 32)
     assert maps.WATCHED.value_size(4) == 1 and maps.DROPS.value_size(4) == 32
+    assert (maps.SLOTTED_TRAFFIC.key.size, maps.SLOTTED_TRAFFIC.stride) == (8, 32)     # struct traffic_slot
+    assert traffic_slots.WAY.size * traffic_slots.WAYS == 64                            # struct traffic_bucket
 
 
 def test_counters_are_summed_over_cpus():
@@ -135,7 +137,21 @@ def test_counters_are_summed_over_cpus():
                (maps.TRAFFIC.key.pack(7, 2, 1), percpu(maps.TRAFFIC, (0, 0), (0, 0), (5, 70))),
                (maps.TRAFFIC.key.pack(7, 3, 9), percpu(maps.TRAFFIC, (1, 1), (0, 0), (0, 0)))]
     counters = maps.decode_counters(entries, maps.TRAFFIC, 3)
-    assert maps.traffic_by_direction(counters) == {(7, 2, "ingress"): (3, 400), (7, 2, "egress"): (5, 70)}
+    assert maps.traffic_by_direction(counters, {}) == {(7, 2, "ingress"): (3, 400), (7, 2, "egress"): (5, 70)}
+
+
+def test_slot_and_hash_counts_of_one_interface_add_up():
+    """An interface counted in a slot and in the hash (or in a slot only) is
+    the sum of both places, direction by direction."""
+    hashed = maps.decode_counters([(maps.TRAFFIC.key.pack(7, 2, 0), percpu(maps.TRAFFIC, (1, 100), (2, 300)))],
+                                  maps.TRAFFIC, 2)
+    slotted = maps.decode_counters(
+        [(maps.SLOTTED_TRAFFIC.key.pack(7, 2), percpu(maps.SLOTTED_TRAFFIC, (4, 40, 1, 10), (5, 50, 0, 0))),
+         (maps.SLOTTED_TRAFFIC.key.pack(8, 2), percpu(maps.SLOTTED_TRAFFIC, (0, 0, 6, 60), (0, 0, 0, 0)))],
+        maps.SLOTTED_TRAFFIC, 2)
+    assert maps.traffic_by_direction(hashed, slotted) == {
+        (7, 2, "ingress"): (12, 490), (7, 2, "egress"): (1, 10),
+        (8, 2, "ingress"): (0, 0), (8, 2, "egress"): (6, 60)}
 
 
 @pytest.mark.parametrize("layout", [maps.TRAFFIC, maps.Layout(struct.Struct("=I"), struct.Struct("=IH"), True)])

@@ -117,15 +117,20 @@ def fill(fd: int, key_struct, keys, value: bytes) -> None:
 
 
 def test_full_traffic_map_refusals_are_counted_and_exported(pairs, loader_factory):
+    """The iface_traffic hash counts the interfaces without a counter slot:
+    here the one slot is taken by the peer, so eth0 of `path` is counted there."""
     from ebpf import maps
-    path, ifindex, _ = pairs.add(1)
-    loader = loader_factory()
+    path, ifindex, ns = pairs.add(1)
+    loader = loader_factory(counter_slots=1)
+    peer = json.loads(sh("ip", "-n", ns[1], "-j", "link", "show", "eth0"))[0]["ifindex"]
+    loader.attach(f"/run/netns/{ns[1]}", peer)
     loader.attach(path, ifindex)
+    assert loader.slots.claim((netns_inode(path), ifindex)) is None and loader.slots.refused >= 1
     assert loader.map_refused() == {"iface_traffic": 0, "asym_packets": 0, "packet_drops": 0,
                                     "flows_created": 0, "watched": 0}
-    # Another tenant's interfaces took every slot (8192) of the counter map.
+    # Another tenant's interfaces took every key (4096) of the counter map.
     stride = maps.TRAFFIC.stride * loader.ncpus
-    fill(loader.fds["iface_traffic"], maps.TRAFFIC.key, ((1, i, 0) for i in range(8192)), b"\0" * stride)
+    fill(loader.fds["iface_traffic"], maps.TRAFFIC.key, ((1, i, 0) for i in range(4096)), b"\0" * stride)
     send_udp(path, "10.250.1.2", range(40000, 40010), per_port=3)
     refused = loader.map_refused()
     assert refused["iface_traffic"] >= 30, refused       # every egress packet lost its count

@@ -47,6 +47,8 @@ BAD_PROGRAM = r"""
 #include <bpf/bpf_helpers.h>
 struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 16);
          __type(key, int); __type(value, int); } flows SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 16);
+         __type(key, int); __type(value, int); } traffic_slots SEC(".maps");   /* both resized before load */
 /* reads packet data without a bounds check: the verifier must refuse it */
 SEC("tc") int tcx_ingress(struct __sk_buff *skb) { return *(int *)(long)skb->data; }
 SEC("tc") int tcx_egress(struct __sk_buff *skb) { return -1; }
