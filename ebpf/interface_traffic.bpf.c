@@ -129,6 +129,9 @@ static __always_inline struct traffic_value *slot_counters(__u32 netns, __u32 if
 		if (bucket->way[i].netns != netns || bucket->way[i].ifindex != ifindex)
 			continue;
 		index = bucket->way[i].slot;
+		if (!index)
+			return NULL;     /* released, or caught half-written: the hash counts it */
+		index--;
 		slot = bpf_map_lookup_elem(&traffic_slots, &index);
 		return slot ? &slot->direction[direction] : NULL;
 	}

@@ -39,7 +39,7 @@ struct traffic_value {         /* "=QQ" per CPU */
 struct traffic_way {           /* "=IIII" */
 	__u32 netns;           /* 0: a free way (no netns has inode 0) */
 	__u32 ifindex;
-	__u32 slot;            /* kept when the way is freed: see traffic_slots.py */
+	__u32 slot;            /* slot + 1; 0: none (a freed way, or one being written) */
 	__u32 pad;
 };
 

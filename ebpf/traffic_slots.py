@@ -18,13 +18,15 @@ Only this module writes the two maps, and only between a slot's owners:
   counters go from one owner to the next only through zero, never from a
   departed interface to a new one (even one with the same netns inode and
   ifindex).
-- release (after the programs are detached): the way's (netns, ifindex) is
-  cleared and its slot number left, so a program reading the bucket while it
-  is rewritten sees either the old owner with its own slot or a free way,
-  never a mix that counts in another interface's slot. TCX detach waits for
-  running programs (synchronize_rcu); a clsact filter may still finish a
-  packet after the delete: it adds to the released slot, and the next claim
-  zeroes that (unless the claim falls inside that packet's run).
+- release (after the programs are detached): the way is cleared whole. A
+  way holds its slot number plus one, so a cleared way (all zero) names no
+  slot, and a program reading a way while it is being written (the kernel
+  copies the bucket field by field) either fails the (netns, ifindex) compare
+  or finds "no slot" and counts that packet in the hash for its interface:
+  never in another interface's slot. TCX detach waits for running programs
+  (synchronize_rcu); a clsact filter may still finish a packet after the
+  delete: it adds to the released slot, and the next claim zeroes that
+  (unless the claim falls inside that packet's run).
 Free slots are reused lowest first, so a scrape reads only the slots below
 the highest one in use (slots x CPUs x 32 bytes), not the whole array.
 """
@@ -38,7 +40,8 @@ from ebpf import libbpf, maps
 BUCKET_BITS = 10            # TRAFFIC_BUCKET_BITS
 BUCKETS = 1 << BUCKET_BITS
 WAYS = 4                    # TRAFFIC_WAYS
-WAY = struct.Struct("=IIII")        # struct traffic_way: netns, ifindex, slot, pad
+WAY = struct.Struct("=IIII")        # struct traffic_way: netns, ifindex, slot + 1, pad
+FREE = (0, 0, -1)           # a way naming no interface and no slot
 INDEX = struct.Struct("=I")
 Key = tuple[int, int]       # (netns inode, ifindex)
 
@@ -69,7 +72,7 @@ class TrafficSlots:
             if key in self._slot_of:
                 return self._slot_of[key]
             bucket = bucket_of(*key)
-            ways = self._ways.setdefault(bucket, [(0, 0, 0)] * WAYS)
+            ways = self._ways.setdefault(bucket, [FREE] * WAYS)
             free_ways = [i for i, (netns, _, _) in enumerate(ways) if not netns]
             if not free_ways or (not self._free and self._high >= self.nslots):
                 self.refused += 1
@@ -92,7 +95,7 @@ class TrafficSlots:
             del self._owner[slot]
             bucket = bucket_of(*key)
             ways = self._ways[bucket]
-            ways[ways.index((key[0], key[1], slot))] = (0, 0, slot)
+            ways[ways.index((key[0], key[1], slot))] = FREE
             self._write(bucket, ways)
             self._free.add(slot)
             while self._high - 1 in self._free:     # the top is free: reads stop lower
@@ -100,7 +103,8 @@ class TrafficSlots:
                 self._high -= 1
 
     def _write(self, bucket: int, ways: list[tuple[int, int, int]]) -> None:
-        libbpf.update(self.index_fd, INDEX.pack(bucket), b"".join(WAY.pack(*way, 0) for way in ways))
+        libbpf.update(self.index_fd, INDEX.pack(bucket),
+                      b"".join(WAY.pack(netns, ifindex, slot + 1, 0) for netns, ifindex, slot in ways))
 
     def entries(self) -> list[tuple[bytes, bytes]]:
         """(netns, ifindex) -> its slot's per-CPU counters, as raw (key, value)

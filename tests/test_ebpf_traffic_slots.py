@@ -273,3 +273,27 @@ def test_reads_only_the_slots_below_the_highest_in_use(netns, loader_factory):
     finally:
         maps.read_array = real
     assert read == [5, 2, 2]
+
+
+def test_a_way_caught_half_written_counts_in_the_hash(netns, loader_factory):
+    """The kernel copies a bucket into the array field by field, so a program can
+    read a way whose (netns, ifindex) is already its new owner's while its slot
+    field is still zero. Zero means "no slot": that packet goes to the hash for
+    its own interface, never into slot 0, which another interface owns."""
+    from ebpf.traffic_slots import bucket_of
+    loader = loader_factory(counter_slots=4)
+    first, second = netns.add(811), netns.add(812)
+    loader.attach(netns.path, first)
+    loader.attach(netns.path, second)
+    assert loader.slots.claim((netns.inode, first)) == 0
+    slots = loader.slots
+    bucket = bucket_of(netns.inode, second)
+    ways = slots._ways[bucket]
+    i = next(n for n, way in enumerate(ways) if way[:2] == (netns.inode, second))
+    ways[i] = (netns.inode, second, -1)          # key written, slot field not yet: 0 in the map
+    slots._write(bucket, ways)
+    counter = Counter(loader, netns)
+    counter.run(first, INGRESS, 3)
+    counter.run(second, INGRESS, 5)
+    assert counter.got() == counter.want
+    assert hashed_keys(loader) == {(netns.inode, second)}
