@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
 
-from collector.family import COUNTER, GAUGE, Family
+from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, InterfaceView
 from collector.registry import Config, NoData, Option, Snapshot, register
 
@@ -79,11 +80,17 @@ def drop_family(index: Mapping[Key, InterfaceView], drops: Mapping[tuple[int, in
                  "Packets the kernel dropped (kfree_skb) on the pod interface, by skb_drop_reason "
                  "name without the SKB_DROP_REASON_ prefix; interface = skb->dev at drop time.",
                  ATTACHMENT_LABELS + ("reason",))
-    for (netns, ifindex, reason), packets in sorted(drops.items()):
-        view = index.get((netns, ifindex))
+    for key in sorted(drops):
+        view = index.get(key[:2])
         if view is not None:
-            fam.add(view.labels + (reason,), packets)
+            fam.add_rendered(view.rendered + _reason_label(key[2]), drops[key])
     return fam
+
+
+@lru_cache(maxsize=512)
+def _reason_label(reason: str) -> str:
+    """The `reason` label appended to a view's rendered labels (a few dozen names)."""
+    return "," + render_labels(("reason",), (reason,))
 
 
 def asymmetric_family(index: Mapping[Key, InterfaceView],
