@@ -62,6 +62,42 @@ def list_netns_dir(path: str) -> dict[int, str]:
     return found
 
 
+# A directory changed this recently is listed at every look (see PinnedDir).
+PIN_SETTLE_NS = 2_000_000_000
+PIN_TTL = 60.0
+
+
+class PinnedDir:
+    """`list_netns_dir` of one directory, listed again only when the directory
+    changed: one stat a scrape instead of one per pinned namespace. Pinning
+    (`ip netns add`, the CRI's /run/netns) creates a file, then mounts the
+    namespace over it, and the mount does not change the directory: so a
+    directory changed in the last PIN_SETTLE_NS is listed at every look, and a
+    listing is kept at most PIN_TTL seconds (a name unmounted or re-mounted in
+    place)."""
+
+    def __init__(self, path: str, clock=time.monotonic, wall_ns=time.time_ns):
+        self.path = path
+        self._clock, self._wall_ns = clock, wall_ns
+        self._seen: tuple[int, int, int] | None = None      # (inode, mtime, ctime) of a settled listing
+        self._at = 0.0
+        self._found: dict[int, str] = {}
+
+    def list(self) -> dict[int, str]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._seen, self._found = None, {}
+            return {}
+        seen, now = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns), self._clock()
+        if seen != self._seen or now - self._at > PIN_TTL:
+            settled = self._wall_ns() - st.st_mtime_ns >= PIN_SETTLE_NS
+            self._found, self._at = list_netns_dir(self.path), now
+            # kept only when listed after the change settled
+            self._seen = seen if settled else None
+        return self._found
+
+
 def match_interfaces(pod: Pod, links: list[LinkStats], addresses: dict[str, int]) -> tuple[InterfaceView, ...]:
     """Pair each attachment with its interface: by name, else MAC, else IP.
 
@@ -165,6 +201,7 @@ class Resolver:
     def __init__(self, netns_dir: str, procfs: str, pool: NetnsPool | None = None,
                  clock=time.monotonic, budgets: Budgets | None = None):
         self.netns_dir = netns_dir
+        self._pinned = PinnedDir(netns_dir, clock)
         self.procfs = procfs
         self.pool = pool if pool is not None else NetnsPool(budgets)     # an empty pool is falsy (__len__)
         self._clock = clock
@@ -190,7 +227,7 @@ class Resolver:
     def _resolve(self, pods: list[Pod]) -> list[PodView]:
         now = self._clock()
         self.pool.poll()        # notifications since the last scrape: who is stale
-        pinned = list_netns_dir(self.netns_dir)
+        pinned = self._pinned.list()
         live_uids = {p.uid for p in pods}
         for uid in list(self._resolved):
             inode, _ = self._resolved[uid]

@@ -219,3 +219,37 @@ def test_a_view_is_handed_out_again_until_something_in_it_changes(namespaces):
         assert fifth[0].netns_inode == 0 and fifth[0] is not fourth[0]
     finally:
         r.close()
+
+
+def test_pinned_dir_is_listed_again_only_when_it_changed(tmp_path, monkeypatch):
+    """Root-free: plain files stand in for pins. A listing is reused while the
+    directory is unchanged and settled; an added or removed name, a recent change
+    (a mount over a new pin changes nothing the directory shows) and the TTL each
+    make the next look list it again."""
+    import collector.netns as netns_mod
+    from collector.netns import PIN_SETTLE_NS, PIN_TTL, PinnedDir
+    listings = []
+    real = netns_mod.list_netns_dir
+    monkeypatch.setattr(netns_mod, "list_netns_dir", lambda path: listings.append(path) or real(path))
+    now, wall = [100.0], [0]
+    pins = PinnedDir(str(tmp_path), clock=lambda: now[0], wall_ns=lambda: wall[0])
+    (tmp_path / "a").write_text("")
+    wall[0] = os.stat(tmp_path).st_mtime_ns + PIN_SETTLE_NS // 2         # changed a moment ago
+    first = pins.list()
+    assert set(first.values()) == {str(tmp_path / "a")} and len(listings) == 1
+    assert pins.list() == first and len(listings) == 2                # not settled: listed again
+    wall[0] += PIN_SETTLE_NS
+    assert pins.list() == first and len(listings) == 3                # the first listing once settled
+    assert pins.list() == first and len(listings) == 3                # settled and unchanged: reused
+    (tmp_path / "b").write_text("")
+    wall[0] = os.stat(tmp_path).st_mtime_ns + 2 * PIN_SETTLE_NS
+    assert set(pins.list().values()) == {str(tmp_path / "a"), str(tmp_path / "b")} and len(listings) == 4
+    (tmp_path / "a").unlink()
+    wall[0] = os.stat(tmp_path).st_mtime_ns + 2 * PIN_SETTLE_NS
+    assert set(pins.list().values()) == {str(tmp_path / "b")} and len(listings) == 5
+    assert len(listings) == 5 and pins.list() and len(listings) == 5
+    now[0] += PIN_TTL + 1
+    pins.list()
+    assert len(listings) == 6
+    os.rename(tmp_path, tmp_path.with_name(tmp_path.name + "-gone"))
+    assert pins.list() == {}
