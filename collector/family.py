@@ -22,9 +22,10 @@ def escape_label_value(value: str) -> str:
 # Sized for a busy node's live label sets (~1000 interfaces x a few label shapes);
 # 65536 entries measured +30 MiB RSS under pod churn (bench/RESULTS.md).
 @lru_cache(maxsize=1 << 13)
-def render_labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    """`a="x",b="y"` for the given names and values (values escaped)."""
-    return ",".join(f'{n}="{escape_label_value(str(v))}"' for n, v in zip(names, values))
+def render_labels(names: tuple[str, ...], values: tuple[str, ...]) -> bytes:
+    """`a="x",b="y"` for the given names and values (values escaped), UTF-8: the
+    exposition is bytes from the first formatting on (exporters/exposition.py)."""
+    return ",".join(f'{n}="{escape_label_value(str(v))}"' for n, v in zip(names, values)).encode()
 
 
 def format_value(value: float | int) -> str:
@@ -59,13 +60,13 @@ class Family:
         self.labelnames = tuple(labelnames)
         # Two parallel lists, not a list of (labels, value) pairs: no tuple to allocate
         # (and for the cyclic GC to track) per sample, ~24 000 of them a scrape.
-        self.series: list[str] = []         # rendered label sets
+        self.series: list[bytes] = []       # rendered label sets (render_labels)
         self.values: list[float | int] = []
 
     @property
     def samples(self) -> list[tuple[str, float | int]]:
         """(rendered labels, value) pairs, for reading (tests, `inspect`)."""
-        return list(zip(self.series, self.values))
+        return [(labels.decode(), value) for labels, value in zip(self.series, self.values)]
 
     def add(self, labelvalues: Sequence[str], value: float | int) -> None:
         if len(labelvalues) != len(self.labelnames):
@@ -73,7 +74,7 @@ class Family:
         self.series.append(render_labels(self.labelnames, tuple(labelvalues)))
         self.values.append(value)
 
-    def add_rendered(self, labels: str, value: float | int) -> None:
+    def add_rendered(self, labels: bytes, value: float | int) -> None:
         """Add with a label string from `render_labels(self.labelnames, ...)`."""
         self.series.append(labels)
         self.values.append(value)
@@ -85,12 +86,12 @@ class Family:
         if self.type != HISTOGRAM:
             raise ValueError(f"{self.name} is not a histogram")
         base = render_labels(self.labelnames, tuple(labelvalues))
-        sep = "," if base else ""
+        bucket = b"_bucket\0" + base + (b"," if base else b"")
         for bound, n in zip(bounds, cumulative):
-            self.add_rendered(f"_bucket\0{base}{sep}le=\"{format_value(float(bound))}\"", n)
-        self.add_rendered(f"_bucket\0{base}{sep}le=\"+Inf\"", count)
-        self.add_rendered(f"_sum\0{base}", total)
-        self.add_rendered(f"_count\0{base}", count)
+            self.add_rendered(b'%sle="%s"' % (bucket, format_value(float(bound)).encode()), n)
+        self.add_rendered(bucket + b'le="+Inf"', count)
+        self.add_rendered(b"_sum\0" + base, total)
+        self.add_rendered(b"_count\0" + base, count)
 
     def __len__(self) -> int:
         return len(self.values)

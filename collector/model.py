@@ -166,7 +166,7 @@ class InterfaceView:
         return self.attachment.label_values(self.interface)
 
     @cached_property
-    def rendered(self) -> str:
+    def rendered(self) -> bytes:
         """`labels` rendered for a family labelled ATTACHMENT_LABELS (`Family.add_rendered`):
         views live as long as their pod and links do, so this is done once, not per scrape."""
         return render_labels(ATTACHMENT_LABELS, self.labels)

@@ -4,8 +4,8 @@
 Why not prometheus_client's `generate_latest`: on a busy node (1000 pod
 interfaces, ~24 000 series) formatting dominated the scrape. Here a label set is
 rendered once per distinct tuple of values (an LRU keyed by the tuple, or once
-per interface view), and a family's lines are one `%` formatting in C
-(bench/codecs.py). A variant that kept each family's text between scrapes was
+per interface view), and a family's lines are one `%` formatting in C, bytes
+throughout (bench/codecs.py). A variant that kept each family's text between scrapes was
 ~2 ms faster at 24 000 series and held ~3 MiB more: not kept.
 The output is checked against prometheus_client's parser and `promtool check
 metrics` in tests/test_exposition.py, including hostile label values.
@@ -43,12 +43,12 @@ _INT_ONLY = frozenset((int,))
 _chain = itertools.chain.from_iterable
 
 
-def _unique(fam: Family) -> tuple[list[str], list]:
+def _unique(fam: Family) -> tuple[list[bytes], list]:
     """The family's series and values, each series once (its first value): a
     duplicate series would make Prometheus reject the whole scrape."""
     series, values = fam.series, fam.values
     if len(set(series)) != len(series):
-        first: dict[str, int] = {}
+        first: dict[bytes, int] = {}
         for i, labels in enumerate(series):
             first.setdefault(labels, i)
         keep = sorted(first.values())
@@ -56,16 +56,17 @@ def _unique(fam: Family) -> tuple[list[str], list]:
     return series, values
 
 
-def _histogram_lines(fam: Family) -> str:
-    lines = []
+def _histogram_lines(fam: Family) -> bytes:
+    name, lines = fam.name.encode(), []
     for labels, value in zip(*_unique(fam)):
-        suffix, _, labels = labels.partition("\0")        # Family.add_histogram
-        lines.append(f"{fam.name}{suffix}{{{labels}}} {format_value(value)}\n" if labels
-                     else f"{fam.name}{suffix} {format_value(value)}\n")
-    return "".join(lines)
+        suffix, _, labels = labels.partition(b"\0")        # Family.add_histogram
+        text = format_value(value).encode()
+        lines.append(b"%s%s{%s} %s\n" % (name, suffix, labels, text) if labels
+                     else b"%s%s %s\n" % (name, suffix, text))
+    return b"".join(lines)
 
 
-def _lines(fam: Family) -> str:
+def _lines(fam: Family) -> bytes:
     """The family's sample lines. One `%` over a format of n identical lines and
     the interleaved (labels, value) tuple: the loop runs in C, not one f-string
     per series in Python. Integers (the kernel's counters) go into `%d`, anything
@@ -73,23 +74,32 @@ def _lines(fam: Family) -> str:
     format, so a `%` in a label value is just text."""
     series, values = _unique(fam)
     if not series:
-        return ""
+        return b""
     args: list = values
     if _INT_ONLY >= set(map(type, values)):
-        hole = "%d\n"
+        hole = b"%d\n"
     else:
-        hole, args = "%s\n", [format_value(v) for v in values]
+        hole, args = b"%s\n", [format_value(v).encode() for v in values]
+    name = fam.name.encode()
     if series[0]:
-        fmt = f"{fam.name}{{%s}} {hole}" * len(series)
-        return fmt % tuple(_chain(zip(series, args)))
+        return (name + b"{%s} " + hole) * len(series) % tuple(_chain(zip(series, args)))
     # no labels: one series (more would be duplicates)
-    return f"{fam.name} {hole}" % args[0]
+    return name + b" " + hole % args[0]
+
+
+def render_parts(families: Iterable[Family]) -> list[bytes]:
+    """The exposition in pieces (a family's HELP/TYPE, then its lines), bytes
+    from the first `%` on: at 1 000 interfaces the body is ~3 MB and every copy
+    of it is fresh pages (collector/memory.py maps big buffers and trims after
+    every collection). Formatting str, encoding and joining made four copies and
+    ~3 700 page faults a scrape; the HTTP server writes these pieces as they are
+    (bench/RESULTS.md)."""
+    out: list[bytes] = []
+    for fam in merge(families):
+        out.append(f"# HELP {fam.name} {escape_help(fam.help)}\n# TYPE {fam.name} {fam.type}\n".encode())
+        out.append(_histogram_lines(fam) if fam.type == HISTOGRAM else _lines(fam))
+    return out
 
 
 def render(families: Iterable[Family]) -> bytes:
-    out: list[bytes] = []
-    for fam in merge(families):
-        head = f"# HELP {fam.name} {escape_help(fam.help)}\n# TYPE {fam.name} {fam.type}\n"
-        body = _histogram_lines(fam) if fam.type == HISTOGRAM else _lines(fam)
-        out.append((head + body).encode())
-    return b"".join(out)
+    return b"".join(render_parts(families))

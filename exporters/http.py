@@ -118,7 +118,7 @@ class Server:
             fut.add_done_callback(lambda _done: self._debug.pop(kind, None))
         return await asyncio.shield(fut)
 
-    async def _scrape(self) -> bytes:
+    async def _scrape(self) -> list[bytes]:
         if self._inflight is None:
             return await asyncio.shield(self._start_collection())
         if self._next is None:          # the running one started before we arrived
@@ -126,7 +126,7 @@ class Server:
         return await asyncio.shield(self._next)
 
     def _start_collection(self) -> asyncio.Future:
-        fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape))
+        fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape_parts))
         self._inflight = fut
         fut.add_done_callback(self._clear_inflight)
         # The collection's garbage is freed: give its pages back, on the worker
@@ -135,7 +135,7 @@ class Server:
         fut.add_done_callback(lambda _: self._executor.submit(trim))
         return fut
 
-    async def _after(self, running: asyncio.Future) -> bytes:
+    async def _after(self, running: asyncio.Future) -> list[bytes]:
         await asyncio.wait([running])
         self._next = None
         return await self._start_collection()
@@ -144,13 +144,21 @@ class Server:
         if self._inflight is fut:
             self._inflight = None
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = await self._scrape()
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        parts = await self._scrape()
         headers = {"Content-Type": CONTENT_TYPE}
         if "gzip" in request.headers.get("Accept-Encoding", ""):
-            body = await self._in_worker(_gzip, body)
             headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
+            return web.Response(body=await self._in_worker(_gzip, parts), headers=headers)
+        # The pieces as they are, each after the last one drained below aiohttp's
+        # buffer limit: no joined copy of the ~3 MB body, nor one in the transport.
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = sum(map(len, parts))
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
 
     async def landing(self, request):
         return web.Response(text=LANDING, content_type="text/html")
@@ -210,9 +218,9 @@ class Server:
         self._executor.shutdown(wait=True)
 
 
-def _gzip(body: bytes) -> bytes:
+def _gzip(parts: list[bytes]) -> bytes:
     c = zlib.compressobj(1, zlib.DEFLATED, 31)
-    return c.compress(body) + c.flush()
+    return b"".join([c.compress(part) for part in parts] + [c.flush()])
 
 
 def describe_pod(view: PodView) -> dict:

@@ -16,7 +16,7 @@ from collector.discovery import Store
 from collector.family import GAUGE, Family
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from exporters.exposition import render
+from exporters.exposition import render_parts
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,13 @@ class Scraper:
                 log.exception("reconciling collector %s", name)
 
     def scrape(self) -> bytes:
+        return b"".join(self.scrape_parts())
+
+    def scrape_parts(self) -> list[bytes]:
+        """The exposition as exporters/exposition.py's pieces (the HTTP server
+        writes them without joining them into one more copy)."""
         families, _ = self.collect()
-        return render(families)
+        return render_parts(families)
 
     def close(self) -> None:
         with self._lock:

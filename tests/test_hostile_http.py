@@ -600,11 +600,11 @@ class HangingScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape(self) -> bytes:
+    def scrape_parts(self) -> list[bytes]:
         self.collections += 1
         self.release.wait()
         time.sleep(0.05)
-        return b"planewatch_test 1\n"
+        return [b"planewatch_test 1\n"]
 
     def snapshot(self):
         self.snapshots += 1

@@ -20,12 +20,12 @@ class SlowScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape(self) -> bytes:
+    def scrape_parts(self) -> list[bytes]:
         with self.lock:
             self.started.append(time.monotonic())
             n = len(self.started)
         time.sleep(0.3)
-        return f"planewatch_test_collection {n}\n".encode()
+        return [b"planewatch_test_collection ", b"%d\n" % n]
 
     def reconcile(self):
         pass
@@ -97,3 +97,37 @@ def test_ready_only_after_a_complete_collection_following_the_pod_list():
     assert seen[0] == (503, "waiting for the first pod list\n")
     assert (503, "waiting for the first complete collection\n") in seen[1:]
     assert len(collected) == 1 and listed < collected[0] <= ready_at
+
+
+def test_the_body_is_the_pieces_in_order_plain_or_gzip():
+    """/metrics writes the exposition's pieces one after the other: the client
+    reads exactly their concatenation, with its Content-Length; gzip (what
+    Prometheus asks for) decompresses to the same bytes. Pieces big enough that
+    the writer has to wait for the socket between them."""
+    import gzip
+    import random
+
+    rng = random.Random(16)
+    parts = [bytes(rng.choice(b"abcdefgh{}=,\n ") for _ in range(rng.choice((0, 17, 70_000, 400_000))))
+             for _ in range(24)]
+
+    class Pieces(SlowScraper):
+        def scrape_parts(self) -> list[bytes]:
+            return parts
+
+    async def run():
+        server = Server(Pieces(), reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)) as client:
+            plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+            plain_body = await plain.read()
+            zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+            zipped_body = await zipped.read()
+        return plain, plain_body, zipped, zipped_body
+    plain, plain_body, zipped, zipped_body = asyncio.run(run())
+    want = b"".join(parts)
+    assert len(want) > 2_000_000
+    assert plain.status == 200 and plain_body == want
+    assert int(plain.headers["Content-Length"]) == len(want)
+    assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert zipped.headers["Content-Encoding"] == "gzip" and gzip.decompress(zipped_body) == want
+    assert len(zipped_body) < len(want)

@@ -88,9 +88,9 @@ def drop_family(index: Mapping[Key, InterfaceView], drops: Mapping[tuple[int, in
 
 
 @lru_cache(maxsize=512)
-def _reason_label(reason: str) -> str:
+def _reason_label(reason: str) -> bytes:
     """The `reason` label appended to a view's rendered labels (a few dozen names)."""
-    return "," + render_labels(("reason",), (reason,))
+    return b"," + render_labels(("reason",), (reason,))
 
 
 def asymmetric_family(index: Mapping[Key, InterfaceView],

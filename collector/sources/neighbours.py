@@ -197,7 +197,7 @@ class HopCache:
 
 
 @lru_cache(maxsize=2048)
-def _state_series(labels: tuple[str, ...]) -> tuple[str, ...]:
+def _state_series(labels: tuple[str, ...]) -> tuple[bytes, ...]:
     """The rendered label sets of one gateway's state series, one per STATE_NAMES:
     nine series a gateway every scrape, the same strings as long as it exists."""
     return tuple(render_labels(GW_LABELS + ("state",), labels + (name,)) for name in STATE_NAMES)
