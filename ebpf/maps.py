@@ -111,12 +111,16 @@ def decode_counters(entries: Iterable[tuple[bytes, bytes]], layout: Layout,
 def traffic_by_direction(counters: dict, slotted: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
     """(netns, ifindex, "ingress"|"egress") -> (packets, bytes): the iface_traffic
     hash's `counters` and the `slotted` ones (SLOTTED_TRAFFIC) added up per key."""
-    out = {(netns, ifindex, DIRECTIONS[d]): value
-           for (netns, ifindex, d), value in counters.items() if d < len(DIRECTIONS)}
-    for (netns, ifindex), fields in slotted.items():
-        for d, name in enumerate(DIRECTIONS):
-            packets, nbytes = out.get((netns, ifindex, name), (0, 0))
-            out[(netns, ifindex, name)] = (packets + fields[2 * d], nbytes + fields[2 * d + 1])
+    ingress, egress = DIRECTIONS
+    out = {}
+    for (netns, ifindex), fields in slotted.items():        # nearly every interface
+        out[(netns, ifindex, ingress)] = fields[:2]
+        out[(netns, ifindex, egress)] = fields[2:]
+    for (netns, ifindex, d), value in counters.items():     # the few without a slot
+        if d < len(DIRECTIONS):
+            key = (netns, ifindex, DIRECTIONS[d])
+            seen = out.get(key)
+            out[key] = value if seen is None else (seen[0] + value[0], seen[1] + value[1])
     return out
 
 
