@@ -60,3 +60,28 @@ def test_ip_claims_say_whether_the_kernel_backs_them():
     m = metrics([holder, spoofer, unresolved, bridged])
     got = {dict(k)["pod"]: dict(k)["verified"] for k in series(m, "planewatch_pod_ip_info", ip="10.40.9.9")}
     assert got == {"du-6": "true", "du-7": "false", "du-8": "unknown", "du-9": "unknown"}
+
+
+def test_interface_series_follow_a_new_view_and_only_then():
+    """The source keeps a pod's interface and IP series for as long as the
+    resolver hands out the same view (collector/netns.py): a new view (here
+    the pod's namespace now holds the address, and a new MAC) is rendered
+    again; the same view object is not, and gives the same series."""
+    link = Link(7, "net1", "02:00:00:00:00:07", 1500, True, "macvlan")
+    source = AttachmentsSource(Config())
+
+    def scrape(v):
+        m = parse_metrics(render(source.collect(Snapshot((v,)))).decode())
+        ip = {dict(k)["verified"] for k in series(m, "planewatch_pod_ip_info", ip="10.40.9.9")}
+        mac = {dict(k)["mac"] for k in series(m, "planewatch_pod_interface_info")}
+        return ip, mac
+
+    before = view(6, dict(ips=("10.40.9.9/24",)), link=link, inode=11, addresses={})
+    assert scrape(before) == ({"false"}, {"02:00:00:00:00:07"})
+    moved = Link(7, "net1", "02:00:00:00:00:99", 1500, True, "macvlan")
+    after = PodView(before.pod, before.netns_path, before.netns_inode, before.resolved_by,
+                    (InterfaceView(before.pod.attachments[0], moved),), addresses={"10.40.9.9": 7})
+    assert scrape(after) == ({"true"}, {"02:00:00:00:00:99"})
+    rows = source._rows[before.pod.uid]
+    assert scrape(after) == ({"true"}, {"02:00:00:00:00:99"}) and source._rows[before.pod.uid] is rows
+    assert scrape(before) == ({"false"}, {"02:00:00:00:00:07"})

@@ -12,11 +12,12 @@ from functools import lru_cache
 from collector.annotations import ERROR_REASONS
 from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
-from collector.family import COUNTER, GAUGE, Family
-from collector.model import ATTACHMENT_LABELS
+from collector.family import COUNTER, GAUGE, Family, render_labels
+from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, Snapshot, register
 
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
+IP_LABELS = ATTACHMENT_LABELS[:4] + ("ip", "verified")
 
 
 @lru_cache(maxsize=1 << 13)
@@ -28,10 +29,29 @@ def canonical_ip(text: str) -> str:
         return ""
 
 
+def interface_rows(view: PodView) -> tuple[list[bytes], list[bytes]]:
+    """The rendered label sets of a pod's planewatch_pod_interface_info and
+    planewatch_pod_ip_info series."""
+    info, ips = [], []
+    for iv in view.interfaces:
+        att = iv.attachment
+        mac = (att.mac or (iv.link.mac if iv.link else "")).lower()
+        info.append(render_labels(INFO_LABELS, iv.labels + (mac, ",".join(att.ips), att.device.type,
+                                                            att.device.pci_address)))
+        if att.default or att.cluster:     # cluster IPs are not secondary-network IPs
+            continue
+        for ip in sorted({canonical_ip(a) for a in att.ips} - {""}):
+            ips.append(render_labels(IP_LABELS, iv.labels[:4] + (ip, ip_verification(view, iv, ip))))
+    return info, ips
+
+
 @register("attachments", help="Attachments, missing networks, pod IPs and NADs as the API describes them.")
 class AttachmentsSource:
     def __init__(self, config: Config):
         self.config = config
+        # uid -> (view, its info series, its IP series): the resolver hands out the
+        # same view while nothing in it changed, and these depend on the view alone
+        self._rows: dict[str, tuple[PodView, list[bytes], list[bytes]]] = {}
 
     def collect(self, snapshot: Snapshot):
         info = Family("planewatch_pod_interface_info", GAUGE,
@@ -39,7 +59,7 @@ class AttachmentsSource:
         ips = Family("planewatch_pod_ip_info", GAUGE,
                      "One series per IP of a pod on a secondary network (value 1), for conflict rules; "
                      "verified: the pod's namespace holds it (true), does not (false), cannot be checked (unknown).",
-                     ATTACHMENT_LABELS[:4] + ("ip", "verified"))
+                     IP_LABELS)
         identity = Family("planewatch_pod_identity_conflict", GAUGE,
                           "A namespace (kind=netns) or SR-IOV VF (kind=vf, claim=PCI address) this pod's "
                           "annotation claims as another pod's does: given to neither (value 1).",
@@ -58,6 +78,7 @@ class AttachmentsSource:
                        "1 when the pod's netns was read only in part (links, addresses or time budget "
                        "spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
                        ("namespace", "pod", "reason"))
+        known, self._rows = self._rows, {}
         for view in snapshot.pods:
             pod = view.pod
             ns = snapshot.netns_of(view)
@@ -70,14 +91,14 @@ class AttachmentsSource:
                 identity.add((pod.namespace, pod.name, kind, claim), 1)
             for network in pod.missing:
                 missing.add((pod.namespace, pod.name, network), 1)
-            for iv in view.interfaces:
-                att = iv.attachment
-                mac = (att.mac or (iv.link.mac if iv.link else "")).lower()
-                info.add(iv.labels + (mac, ",".join(att.ips), att.device.type, att.device.pci_address), 1)
-                if att.default or att.cluster:     # cluster IPs are not secondary-network IPs
-                    continue
-                for ip in sorted({canonical_ip(a) for a in att.ips} - {""}):
-                    ips.add(iv.labels[:4] + (ip, ip_verification(view, iv, ip)), 1)
+            rows = known.get(pod.uid)
+            if rows is None or rows[0] is not view:
+                rows = (view, *interface_rows(view))
+            self._rows[pod.uid] = rows
+            for labels in rows[1]:
+                info.add_rendered(labels, 1)
+            for labels in rows[2]:
+                ips.add_rendered(labels, 1)
 
         errors = Family("planewatch_annotation_errors_total", COUNTER,
                         "Malformed network annotations seen, by reason (each distinct annotation counted once).",
