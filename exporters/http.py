@@ -213,7 +213,12 @@ class Server:
     async def _cleanup(self, app) -> None:
         if self._reconciler:
             self._reconciler.cancel()
-        self._reconcile_executor.shutdown(wait=True)
+        # A cold start's pass attaches to every interface (~30 s at 1 000): ask it
+        # to stop between two attaches, or SIGTERM would wait for all of them
+        stop = getattr(self.scraper, "stop", None)
+        if stop is not None:
+            stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._reconcile_executor.shutdown, True)
         await self._in_worker(self.scraper.close)
         self._executor.shutdown(wait=True)
 

@@ -122,6 +122,14 @@ class Scraper:
             except Exception:
                 log.exception("reconciling collector %s", name)
 
+    def stop(self) -> None:
+        """Shutdown comes next: sources with a long pass running (BPF attaching)
+        end it at the next step."""
+        for source in self.sources.values():
+            stop = getattr(source, "stop", None)
+            if stop is not None:
+                stop()
+
     def scrape(self) -> bytes:
         return b"".join(self.scrape_parts())
 

@@ -131,3 +131,37 @@ def test_the_body_is_the_pieces_in_order_plain_or_gzip():
     assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert zipped.headers["Content-Encoding"] == "gzip" and gzip.decompress(zipped_body) == want
     assert len(zipped_body) < len(want)
+
+
+def test_shutdown_ends_a_running_reconcile_pass():
+    """A cold start's reconcile pass attaches BPF to every interface, ~30 s at
+    1 000: on shutdown the server asks it to stop at the next step instead of
+    waiting for all of them (a pod's termination grace period is 30 s)."""
+    class Attaching(SlowScraper):
+        def __init__(self):
+            super().__init__()
+            self.stopped = threading.Event()
+            self.running = threading.Event()
+            self.attached = 0
+
+        def reconcile(self):
+            self.running.set()
+            while not self.stopped.is_set() and self.attached < 300:
+                time.sleep(0.1)             # one TCX attach
+                self.attached += 1
+
+        def stop(self):
+            self.stopped.set()
+
+    scraper = Attaching()
+
+    async def run():
+        server = Server(scraper, reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)):
+            while not scraper.running.is_set():
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+        return time.monotonic() - started
+    took = asyncio.run(run())
+    assert scraper.stopped.is_set() and scraper.attached < 30, scraper.attached
+    assert took < 3, took

@@ -267,6 +267,11 @@ class EbpfSource:
                 return []
             return [label_flow(flow, self.index) for flow in self.loader.top_asymmetric_flows(n)]
 
+    def stop(self) -> None:
+        """End a running reconcile pass before its next attach (close() follows):
+        not under the lock, which that pass's attaches take."""
+        self._closed = True
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
