@@ -155,9 +155,15 @@ class Server:
         resp = web.StreamResponse(headers=headers)
         resp.content_length = sum(map(len, parts))
         await resp.prepare(request)
-        for part in parts:
-            await resp.write(part)
-        await resp.write_eof()
+        if request.method == "HEAD":        # the length, no body (aiohttp would send it)
+            await resp.write_eof()
+            return resp
+        try:
+            for part in parts:
+                await resp.write(part)
+            await resp.write_eof()
+        except ConnectionResetError:        # the scraper went away mid-body (its timeout)
+            log.debug("/metrics: the client went away mid-body")
         return resp
 
     async def landing(self, request):

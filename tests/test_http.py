@@ -165,3 +165,37 @@ def test_shutdown_ends_a_running_reconcile_pass():
     took = asyncio.run(run())
     assert scraper.stopped.is_set() and scraper.attached < 30, scraper.attached
     assert took < 3, took
+
+
+def test_head_has_the_length_and_no_body_and_a_client_may_leave_mid_body(caplog):
+    """HEAD answers the headers alone (a body after them would be read as the
+    next response on a kept-alive connection); a scraper that gives up half-way
+    through a big body (its scrape timeout) costs no error and no later scrape."""
+    parts = [b"x" * 300_000 + b"\n" for _ in range(10)]
+
+    class Pieces(SlowScraper):
+        def scrape_parts(self) -> list[bytes]:
+            return parts
+
+    async def run():
+        server = Server(Pieces(), reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)) as client:
+            head = await client.head("/metrics", headers={"Accept-Encoding": "identity"})
+            head_body = await head.read()
+            after = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+            after_body = await after.read()
+            reader, writer = await asyncio.open_connection(client.host, client.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await reader.readexactly(1000)
+            writer.transport.abort()            # gone, with ~3 MB unsent
+            await asyncio.sleep(0.5)
+            last = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+            last_body = await last.read()
+        return head, head_body, after_body, last_body
+    with caplog.at_level("DEBUG"):
+        head, head_body, after_body, last_body = asyncio.run(run())
+    want = b"".join(parts)
+    assert head.status == 200 and head_body == b"" and int(head.headers["Content-Length"]) == len(want)
+    assert after_body == want and last_body == want
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
