@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import asdict
 
-from aiohttp import web
+from aiohttp import payload, web
 
 from collector.memory import trim
 from collector.model import PodView
@@ -144,27 +144,13 @@ class Server:
         if self._inflight is fut:
             self._inflight = None
 
-    async def metrics(self, request: web.Request) -> web.StreamResponse:
+    async def metrics(self, request: web.Request) -> web.Response:
         parts = await self._scrape()
         headers = {"Content-Type": CONTENT_TYPE}
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             headers["Content-Encoding"] = "gzip"
             return web.Response(body=await self._in_worker(_gzip, parts), headers=headers)
-        # The pieces as they are, each after the last one drained below aiohttp's
-        # buffer limit: no joined copy of the ~3 MB body, nor one in the transport.
-        resp = web.StreamResponse(headers=headers)
-        resp.content_length = sum(map(len, parts))
-        await resp.prepare(request)
-        if request.method == "HEAD":        # the length, no body (aiohttp would send it)
-            await resp.write_eof()
-            return resp
-        try:
-            for part in parts:
-                await resp.write(part)
-            await resp.write_eof()
-        except ConnectionResetError:        # the scraper went away mid-body (its timeout)
-            log.debug("/metrics: the client went away mid-body")
-        return resp
+        return web.Response(body=ExpositionPayload(parts), headers=headers)
 
     async def landing(self, request):
         return web.Response(text=LANDING, content_type="text/html")
@@ -227,6 +213,25 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(None, self._reconcile_executor.shutdown, True)
         await self._in_worker(self.scraper.close)
         self._executor.shutdown(wait=True)
+
+
+class ExpositionPayload(payload.Payload):
+    """exporters/exposition.py's pieces as a response body, written one after the
+    other as the socket drains: no joined copy of the ~3 MB body, nor one in
+    the transport. aiohttp writes it in finish_response, so the listener's write
+    timeout (exporters/listener.py) bounds it like any body, and HEAD gets the
+    length alone."""
+
+    def __init__(self, parts: list[bytes]):
+        super().__init__(parts, content_type=CONTENT_TYPE)
+        self._size = sum(map(len, parts))
+
+    async def write(self, writer) -> None:
+        for part in self._value:
+            await writer.write(part)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._value).decode(encoding, errors)
 
 
 def _gzip(parts: list[bytes]) -> bytes:

@@ -508,9 +508,31 @@ def test_silent_tls_clients_are_dropped_after_the_handshake_timeout(pki):
     assert counted == 40
 
 
-def test_a_client_that_never_reads_its_response_is_cut_off():
+class PiecesScraper:
+    """Serves `parts` as the exposition's pieces (Server writes them one by one)."""
+
+    def __init__(self, parts: list[bytes]):
+        self.parts = parts
+        self.store = type("S", (), {"ready": True, "node_name": "n"})()
+        self.sources: dict = {}
+
+    def scrape_parts(self) -> list[bytes]:
+        return self.parts
+
+    def reconcile(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("app_kind", ["one body", "planewatch pieces"])
+def test_a_client_that_never_reads_its_response_is_cut_off(app_kind):
     """Ten clients ask for a 24 MB /metrics and never read: each would keep its
-    slot and a copy of the body in the transport's buffer forever."""
+    slot and a copy of the body in the transport's buffer forever. Both for a
+    plain aiohttp body and for planewatch's /metrics, which writes the
+    exposition's pieces as the socket drains (the write timeout must bound
+    that too)."""
     from aiohttp import web
 
     from exporters.httpstats import Refusals
@@ -519,10 +541,14 @@ def test_a_client_that_never_reads_its_response_is_cut_off():
     body = b"planewatch_padding 1\n" * (24 * MIB // 21)
 
     async def run():
-        async def metrics(request):
-            return web.Response(body=body)
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
+        if app_kind == "one body":
+            async def metrics(request):
+                return web.Response(body=body)
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+        else:
+            app = Server(PiecesScraper([body[i:i + MIB] for i in range(0, len(body), MIB)]),
+                         reconcile_seconds=3600).app
         runner = web.AppRunner(app)
         await runner.setup()
         refusals = Refusals()
