@@ -227,7 +227,11 @@ class ExpositionPayload(payload.Payload):
         self._size = sum(map(len, parts))
 
     async def write(self, writer) -> None:
-        for part in self._value:
+        # aiohttp keeps the answered Response (and so this payload) alive for a
+        # while: drop the pieces once written, or ~3 MB stay resident between
+        # scrapes (RSS 56.7 -> 59.4 MiB at 1 000 interfaces)
+        parts, self._value = self._value, ()
+        for part in parts:
             await writer.write(part)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:

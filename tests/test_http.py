@@ -199,3 +199,36 @@ def test_head_has_the_length_and_no_body_and_a_client_may_leave_mid_body(caplog)
     assert head.status == 200 and head_body == b"" and int(head.headers["Content-Length"]) == len(want)
     assert after_body == want and last_body == want
     assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
+
+
+def test_the_pieces_are_let_go_once_written():
+    """The body (~3 MB at 1 000 interfaces) must not outlive its answer: aiohttp
+    keeps an answered response around (until the cyclic GC, or the connection's
+    next request), and a body held with it stayed resident between scrapes
+    (RSS +2.7 MiB). The GC is off while looking, so only plain references count."""
+    import gc
+    import weakref
+
+    class Pieces(list):
+        pass
+    made: list = []
+
+    class Scraper(SlowScraper):
+        def scrape_parts(self) -> list[bytes]:
+            parts = Pieces([b"x" * 200_000 + b"\n" for _ in range(5)])
+            made.append(weakref.ref(parts))
+            return parts
+
+    async def run():
+        server = Server(Scraper(), reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)) as client:
+            resp = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+            body = await resp.read()
+            await asyncio.sleep(0.2)
+            return len(body), made[0]() is None
+    gc.disable()
+    try:
+        length, released = asyncio.run(run())
+    finally:
+        gc.enable()
+    assert length == 5 * 200_001 and released
