@@ -60,6 +60,33 @@ class NetnsEvents:
         self._sock.close()
 
 
+class ChangeWatch:
+    """What one reader last read of each netns: whether the kernel announced a
+    change there since. `ns` is a collector/netns_pool.Namespace (inode, events)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[NetnsEvents, int]] = {}     # netns inode -> (its events, generation)
+
+    def changed(self, ns) -> bool:
+        """True when something changed since the last call that said so, or the
+        netns is new to this reader (or was reopened under the same inode); the
+        pending notifications are drained first, so what the reader reads next
+        covers them."""
+        seen = self._seen.get(ns.inode)
+        if seen is not None and seen[0] is ns.events and seen[1] == ns.events.generation:
+            return False
+        self._seen[ns.inode] = (ns.events, ns.events.update())
+        return True
+
+    def forget(self, inode: int) -> None:
+        """The next `changed` for this netns says True (its read failed)."""
+        self._seen.pop(inode, None)
+
+    def keep_only(self, inodes: set[int]) -> None:
+        for inode in [i for i in self._seen if i not in inodes]:
+            del self._seen[inode]
+
+
 class EventPoller:
     """One epoll over many NetnsEvents: `poll()` updates those with something pending."""
 

@@ -36,7 +36,7 @@ from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
-from kernel.rtnl_events import NetnsEvents
+from kernel.rtnl_events import ChangeWatch
 from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours_of, next_hops
 
 log = logging.getLogger(__name__)
@@ -169,31 +169,32 @@ HOPS_TTL = 300.0            # a safety net: route notifications trigger the re-r
 
 class HopCache:
     """Next hops per pod netns, re-read when the kernel announced a change there
-    (the netns's events.generation moved, kernel/rtnl_events.py) or past the TTL."""
+    (kernel/rtnl_events.py) or past the TTL."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        # inode -> (the netns's events, generation read at, hops, when)
-        self._by_inode: dict[int, tuple[NetnsEvents, int, list[NextHop], float]] = {}
+        self._watch = ChangeWatch()
+        self._by_inode: dict[int, tuple[list[NextHop], float]] = {}     # inode -> (hops, when)
 
     def hops(self, ns) -> list[NextHop]:
         known = self._by_inode.get(ns.inode)
         now = self._clock()
-        if (known is not None and known[0] is ns.events and known[1] == ns.events.generation
-                and now - known[3] <= HOPS_TTL):
-            return known[2]
-        generation = ns.events.update()     # before the dump: no change is missed
+        # changed() drains the notifications before the dump: no change is missed
+        if not self._watch.changed(ns) and known is not None and now - known[1] <= HOPS_TTL:
+            return known[0]
         try:
             hops = next_hops(ns.rtnl)
         except OSError:
             self._by_inode.pop(ns.inode, None)
+            self._watch.forget(ns.inode)
             raise
-        self._by_inode[ns.inode] = (ns.events, generation, hops, now)
+        self._by_inode[ns.inode] = (hops, now)
         return hops
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._by_inode if i not in inodes]:
             del self._by_inode[inode]
+        self._watch.keep_only(inodes)
 
 
 @lru_cache(maxsize=2048)

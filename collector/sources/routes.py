@@ -40,7 +40,7 @@ from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts,
 from kernel import rtnl_routes
 from kernel.nsenter import in_netns
 from kernel.rtnl import NetlinkError, RtnlSocket
-from kernel.rtnl_events import NetnsEvents
+from kernel.rtnl_events import ChangeWatch
 
 log = logging.getLogger(__name__)
 
@@ -115,29 +115,6 @@ def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod:
                 raise
             answers[(probe.source, probe.address)] = {"error": err.errno}
     return facts, plan, answers
-
-
-# --- knowing when to look again ---------------------------------------------------
-
-class ChangeWatch:
-    """Which pod netns the kernel announced a route, rule, address, link or netconf
-    change in since the last look (kernel/rtnl_events.py): a pod whose routing
-    changed is analysed at the next scrape instead of when its cached result expires."""
-
-    def __init__(self):
-        self._seen: dict[int, tuple[NetnsEvents, int]] = {}     # netns inode -> (its events, generation)
-
-    def changed(self, ns) -> bool:
-        """True when something changed since the last call (or this netns is new)."""
-        seen = self._seen.get(ns.inode)
-        if seen is not None and seen[0] is ns.events and seen[1] == ns.events.generation:
-            return False
-        self._seen[ns.inode] = (ns.events, ns.events.update())
-        return True
-
-    def keep_only(self, inodes: set[int]) -> None:
-        for inode in [i for i in self._seen if i not in inodes]:
-            del self._seen[inode]
 
 
 # --- the source ----------------------------------------------------------------------
