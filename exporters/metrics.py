@@ -105,7 +105,7 @@ class Scraper:
         first = not self.warm
         try:
             if first:
-                self.scrape()
+                self.collect()      # nothing to render: nobody asked
             self._reconcile()
         finally:            # a failing pass is /healthz's and the logs' business
             self.warm = True
