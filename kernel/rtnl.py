@@ -73,6 +73,8 @@ def _receive_buffer() -> mmap.mmap:
     if buf is None:
         buf = _receive.buf = mmap.mmap(-1, RECV_BUF)
     return buf
+
+
 # Why a bounded dump stopped early.
 CUT_LIMIT, CUT_TIME = "limit", "time"
 # The time budget applies only past this many messages: a small (honest)
