@@ -137,6 +137,20 @@ def collector_factory():
         c.stop()
 
 
+@pytest.fixture
+def loader_factory():
+    """ebpf.loader.Loader(**kw), each closed (programs detached, maps freed) after the test."""
+    from ebpf.loader import Loader
+    made = []
+
+    def make(**kw):
+        made.append(Loader(**kw))
+        return made[-1]
+    yield make
+    for loader in made:
+        loader.close()
+
+
 def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
     """{(name, frozenset(labels.items())): value} via prometheus_client's parser."""
     from prometheus_client.parser import text_string_to_metric_families

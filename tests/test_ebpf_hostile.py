@@ -80,19 +80,6 @@ def pairs():
         made.delete()
 
 
-@pytest.fixture
-def loader_factory():
-    from ebpf.loader import Loader
-    made = []
-
-    def make(**kw):
-        made.append(Loader(**kw))
-        return made[-1]
-    yield make
-    for loader in made:
-        loader.close()
-
-
 def send_udp(path: str, dest: str, ports: range, per_port: int = 1) -> None:
     """Datagrams from `path` to dest:9, one source port (one flow) each."""
     sockets = []

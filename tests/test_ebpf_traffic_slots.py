@@ -76,19 +76,6 @@ def netns():
         made.delete()
 
 
-@pytest.fixture
-def loader_factory():
-    from ebpf.loader import Loader
-    made = []
-
-    def make(**kw):
-        made.append(Loader(**kw))
-        return made[-1]
-    yield make
-    for loader in made:
-        loader.close()
-
-
 def colliding_ifindexes(inode: int, n: int) -> list[int]:
     """`n` ifindexes (>= 100: clear of the ones the kernel hands out) that
     all fall in one bucket for this netns."""

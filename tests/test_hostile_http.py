@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from exporters.http import Server
 from exporters.webconfig import WebConfigError, parse_web_config
 from tests.conftest import Collector, parse_metrics, series, wait_for
+from tests.test_http import PiecesScraper
 
 NO_KERNEL = ("--no-collector.netlink", "--no-collector.ebpf", "--no-collector.routes",
              "--no-collector.sriov")
@@ -506,24 +507,6 @@ def test_silent_tls_clients_are_dropped_after_the_handshake_timeout(pki):
     assert status == 200            # an honest client still gets in meanwhile
     assert closed == 40 and after == 0
     assert counted == 40
-
-
-class PiecesScraper:
-    """Serves `parts` as the exposition's pieces (Server writes them one by one)."""
-
-    def __init__(self, parts: list[bytes]):
-        self.parts = parts
-        self.store = type("S", (), {"ready": True, "node_name": "n"})()
-        self.sources: dict = {}
-
-    def scrape_parts(self) -> list[bytes]:
-        return self.parts
-
-    def reconcile(self):
-        pass
-
-    def close(self):
-        pass
 
 
 @pytest.mark.parametrize("app_kind", ["one body", "planewatch pieces"])

@@ -34,6 +34,17 @@ class SlowScraper:
         pass
 
 
+class PiecesScraper(SlowScraper):
+    """Serves `parts` as the exposition's pieces (Server writes them one by one)."""
+
+    def __init__(self, parts: list[bytes]):
+        super().__init__()
+        self.parts = parts
+
+    def scrape_parts(self) -> list[bytes]:
+        return self.parts
+
+
 def test_requests_during_a_collection_share_the_next_one():
     async def run():
         scraper = SlowScraper()
@@ -111,12 +122,8 @@ def test_the_body_is_the_pieces_in_order_plain_or_gzip():
     parts = [bytes(rng.choice(b"abcdefgh{}=,\n ") for _ in range(rng.choice((0, 17, 70_000, 400_000))))
              for _ in range(24)]
 
-    class Pieces(SlowScraper):
-        def scrape_parts(self) -> list[bytes]:
-            return parts
-
     async def run():
-        server = Server(Pieces(), reconcile_seconds=3600)
+        server = Server(PiecesScraper(parts), reconcile_seconds=3600)
         async with TestClient(TestServer(server.app)) as client:
             plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
             plain_body = await plain.read()
@@ -173,12 +180,8 @@ def test_head_has_the_length_and_no_body_and_a_client_may_leave_mid_body(caplog)
     through a big body (its scrape timeout) costs no error and no later scrape."""
     parts = [b"x" * 300_000 + b"\n" for _ in range(10)]
 
-    class Pieces(SlowScraper):
-        def scrape_parts(self) -> list[bytes]:
-            return parts
-
     async def run():
-        server = Server(Pieces(), reconcile_seconds=3600)
+        server = Server(PiecesScraper(parts), reconcile_seconds=3600)
         async with TestClient(TestServer(server.app)) as client:
             head = await client.head("/metrics", headers={"Accept-Encoding": "identity"})
             head_body = await head.read()
