@@ -79,6 +79,14 @@ class Family:
         self.series.append(labels)
         self.values.append(value)
 
+    def extend_rendered(self, labels: Sequence[bytes], values: Sequence[float | int]) -> None:
+        """`add_rendered` for parallel sequences of label strings and values (a
+        source that builds a column at a time: one call, not one per series)."""
+        if len(labels) != len(values):
+            raise ValueError(f"{self.name}: {len(labels)} label sets, {len(values)} values")
+        self.series.extend(labels)
+        self.values.extend(values)
+
     def add_histogram(self, labelvalues: Sequence[str], bounds: Sequence[float],
                       cumulative: Sequence[int], total: float, count: int) -> None:
         """One histogram series: `cumulative[i]` observations <= `bounds[i]`, then +Inf

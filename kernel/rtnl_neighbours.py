@@ -123,11 +123,9 @@ def neighbours(sock: RtnlSocket) -> list[Neighbour]:
                                                               _NDMSG.pack(0, 0, 0, 0, 0))]
 
 
-def neighbours_of(sock: RtnlSocket, wanted) -> list[Neighbour]:
-    """The entries of the (ifindex, address) pairs asked for, one RTM_GETNEIGH
-    get each (all sent at once); an address with no entry is left out. A dump
-    walks the kernel's whole neighbour table, every namespace's entries, to
-    keep this one's: at 250 pod namespaces that is 250 walks of all of them."""
+def neighbour_gets(wanted) -> list[bytes]:
+    """The RTM_GETNEIGH request bodies for (ifindex, address) pairs (an address
+    that is not one is left out): built once, sent at every `read_neighbours`."""
     bodies = []
     for ifindex, address in wanted:
         try:
@@ -136,7 +134,21 @@ def neighbours_of(sock: RtnlSocket, wanted) -> list[Neighbour]:
             continue
         family = socket.AF_INET6 if len(raw) == 16 else socket.AF_INET
         bodies.append(_NDMSG.pack(family, ifindex, 0, 0, 0) + pack_attr(NDA_DST, raw))
+    return bodies
+
+
+def read_neighbours(sock: RtnlSocket, bodies: list[bytes]) -> list[Neighbour]:
+    """The entries `neighbour_gets` bodies ask for, one get each (all sent at
+    once); an address with no entry is left out."""
     return [parse_neigh(buf, s, e) for _, buf, s, e in sock._requests(RTM_GETNEIGH, RTM_NEWNEIGH, bodies)]
+
+
+def neighbours_of(sock: RtnlSocket, wanted) -> list[Neighbour]:
+    """The entries of the (ifindex, address) pairs asked for, one RTM_GETNEIGH
+    get each (all sent at once); an address with no entry is left out. A dump
+    walks the kernel's whole neighbour table, every namespace's entries, to
+    keep this one's: at 250 pod namespaces that is 250 walks of all of them."""
+    return read_neighbours(sock, neighbour_gets(wanted))
 
 
 def next_hops(sock: RtnlSocket) -> list[NextHop]:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, format_value
+from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, format_value, render_labels
 from exporters.exposition import merge, render
 
 HOSTILE = ['plain', 'quote"inside', "back\\slash", "new\nline", "tab\tand unicode ✓ Ωmega",
@@ -118,3 +118,14 @@ def test_duplicate_histogram_series_written_once():
     assert text.count('planewatch_test_dup_seconds_count{a="x"}') == 1
     assert 'planewatch_test_dup_seconds_count{a="x"} 1\n' in text
     assert 'planewatch_test_dup_seconds_bucket{a="x",le="0.1"} 1\n' in text
+
+
+def test_extend_rendered_is_add_rendered_a_column_at_a_time():
+    one, many = (Family("x_total", COUNTER, "x", ("a",)) for _ in range(2))
+    labels = [render_labels(("a",), (v,)) for v in ("p", "q", 'r"s')]
+    for rendered, value in zip(labels, (1, 2.5, 3)):
+        one.add_rendered(rendered, value)
+    many.extend_rendered(labels, (1, 2.5, 3))
+    assert render([many]) == render([one]) and many.samples[2] == ('a="r\\"s"', 3)
+    with pytest.raises(ValueError):
+        many.extend_rendered(labels, (1, 2))

@@ -417,3 +417,41 @@ def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
     finally:
         pool.close()
         other.close()
+
+
+def test_source_keeps_a_pods_gateway_plan_until_its_view_or_routes_change(two_ns, monkeypatch):
+    """NeighboursSource works out a pod's gateways (and the gets asking for them)
+    once, and again when the kernel announced a route change or the pod's view is
+    another object; the neighbour states themselves are read at every scrape."""
+    import collector.sources.neighbours as nb
+    from collector.netns_pool import NetnsPool
+    from collector.registry import Config, Snapshot
+    a, _ = two_ns
+    plans = []
+    real = nb.gateway_addresses
+    monkeypatch.setattr(nb, "gateway_addresses", lambda v, h: plans.append(1) or real(v, h))
+    pool, source = NetnsPool(), nb.NeighboursSource(Config())
+    try:
+        ns = pool.open(f"/run/netns/{a}")
+        eth0 = Link(next(l.ifindex for l in ns.rtnl.links() if l.name == "eth0"), "eth0")
+        pv = PodView(view((att("default", "eth0", "management"), eth0)).pod, ns.path, ns.inode, "pinned",
+                     (InterfaceView(att("default", "eth0", "management"), eth0),))
+
+        def states():
+            pool.poll()
+            return {g.address: g.state for g in source.read(Snapshot((pv,), netns=pool))[0]}
+
+        first = states()
+        assert first["10.252.0.2"] == "none" and len(plans) == 1
+        subprocess.run(["ip", "netns", "exec", a, "ping", "-c1", "-W1", "10.252.0.2"], capture_output=True)
+        assert states()["10.252.0.2"] == "reachable" and len(plans) == 1       # read, not planned again
+        subprocess.run(["ip", "-n", a, "route", "add", "10.97.0.0/16", "via", "10.252.0.4"], check=True)
+        assert set(states()) == set(first) | {"10.252.0.4"} and len(plans) == 2
+        pv = PodView(pv.pod, pv.netns_path, pv.netns_inode, pv.resolved_by, pv.interfaces)
+        states()
+        assert len(plans) == 3          # another view of the pod: planned again
+        source.read(Snapshot((), netns=pool))
+        assert source._plans == {}      # a pod gone: its plan too
+    finally:
+        source.close()
+        pool.close()

@@ -278,11 +278,13 @@ class Clock:
         return self.now
 
 
-def test_cache_is_served_until_the_pods_routing_changes(lab, netns_dir):
+def test_cache_is_served_until_the_pods_routing_changes(lab, netns_dir, monkeypatch):
+    import collector.sources.routes as routes_module
     from collector.discovery import Store
     from collector.netns import Resolver
     from collector.registry import Config
     from collector.sources.routes import RoutesSource
+    from exporters.exposition import render
     from exporters.metrics import Scraper
 
     objects = lab_objects(lab)
@@ -303,6 +305,13 @@ def test_cache_is_served_until_the_pods_routing_changes(lab, netns_dir):
         clock.now += 5              # no change in the kernel: the same results, not re-read
         again = {c.facts.pod: c for c in source.refresh(scraper.snapshot())}
         assert all(again[p] is first[p] for p in first)
+        # and so are their series: rendered once per analysis
+        rendered = []
+        real_rows = routes_module.analysis_rows
+        monkeypatch.setattr(routes_module, "analysis_rows", lambda a: rendered.append(a.pod) or real_rows(a))
+        text = render(source.collect(scraper.snapshot()))
+        assert sorted(rendered) == sorted(first)
+        assert render(source.collect(scraper.snapshot())) == text and len(rendered) == len(first)
         with scenarios.applied(scenarios.more_specific_route(lab)):
             time.sleep(0.2)             # the route event reaches the watch socket
             # the change is noticed now, analysed once min_gap has passed since the last analysis
@@ -314,6 +323,8 @@ def test_cache_is_served_until_the_pods_routing_changes(lab, netns_dir):
             assert changed["upf-a"] is not first["upf-a"]
             assert [m.probe.destination for m in changed["upf-a"].analysis.mismatches] == ["10.71.5.0/24"]
             assert all(changed[p] is first[p] for p in ("upf-b", "plain-c", "smf-d"))
+            assert b'destination="10.71.5.0/24"' in render(source.collect(scraper.snapshot()))
+            assert rendered[len(first):] == ["upf-a"]
         time.sleep(0.2)
         clock.now += 301                # the safety interval re-reads everyone
         late = {c.facts.pod: c for c in source.refresh(scraper.snapshot())}

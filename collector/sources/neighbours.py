@@ -20,7 +20,9 @@ kernel/rtnl_neighbours.py: a dump would walk the kernel's whole neighbour table,
 every namespace's entries, once per pod. The routes' next
 hops are dumped again only when the kernel announced a route change in that
 netns (`HopCache`): the dump of every table (local routes included) is larger
-than the neighbour table, and routes rarely change.
+than the neighbour table, and routes rarely change. Which gateways a pod has,
+and the gets that ask for them, are worked out again only when its view or
+its next hops changed (`GatewayPlan`).
 
 Options: the `--collector.neighbours.*` flags registered below (no probes by default).
 """
@@ -37,7 +39,7 @@ from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from kernel.rtnl_events import ChangeWatch
-from kernel.rtnl_neighbours import Neighbour, NextHop, neighbours_of, next_hops
+from kernel.rtnl_neighbours import Neighbour, NextHop, neighbour_gets, next_hops, read_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +120,29 @@ def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> l
     return _with_entries(gateway_addresses(view, hops), table)
 
 
+class GatewayPlan:
+    """What reading a pod's gateways needs that changes only with its view or its
+    next hops: the gateways of each interface and the neighbour gets to send.
+    Kept per pod netns while both are the same objects (the resolver and
+    HopCache hand out the same ones while nothing changed)."""
+
+    __slots__ = ("view", "hops", "addresses", "gets")
+
+    def __init__(self, view: PodView, hops: list[NextHop]):
+        self.view, self.hops = view, hops
+        self.addresses = gateway_addresses(view, hops)
+        self.gets = neighbour_gets(sorted({(link.ifindex, address)
+                                           for _, link, found in self.addresses for address in found}))
+
+    def read(self, rtnl) -> list[Gateway]:
+        """The gateways with their entries read now (`rtnl` open in the pod's netns):
+        one RTM_GETNEIGH get per gateway, all in one datagram."""
+        return _with_entries(self.addresses, read_neighbours(rtnl, self.gets))
+
+
 def read_gateways(view: PodView, hops: list[NextHop], rtnl) -> list[Gateway]:
-    """`gateways_of` with the entries read from the pod's netns (`rtnl` open there):
-    one RTM_GETNEIGH get per gateway, all in one datagram."""
-    addresses = gateway_addresses(view, hops)
-    wanted = sorted({(link.ifindex, address) for _, link, found in addresses for address in found})
-    return _with_entries(addresses, neighbours_of(rtnl, wanted))
+    """`gateways_of` with the entries read from the pod's netns (`rtnl` open there)."""
+    return GatewayPlan(view, hops).read(rtnl)
 
 
 def on_link_source(gateway: Gateway, addresses: list[tuple[int, str, int]]) -> str:
@@ -198,10 +217,15 @@ class HopCache:
 
 
 @lru_cache(maxsize=2048)
-def _state_series(labels: tuple[str, ...]) -> tuple[bytes, ...]:
-    """The rendered label sets of one gateway's state series, one per STATE_NAMES:
-    nine series a gateway every scrape, the same strings as long as it exists."""
-    return tuple(render_labels(GW_LABELS + ("state",), labels + (name,)) for name in STATE_NAMES)
+def _gateway_series(labels: tuple[str, ...]) -> tuple[bytes, tuple[bytes, ...]]:
+    """One gateway's rendered label sets: the ages' (GW_LABELS), and the state
+    series', one per STATE_NAMES: the same strings as long as it exists."""
+    return (render_labels(GW_LABELS, labels),
+            tuple(render_labels(GW_LABELS + ("state",), labels + (name,)) for name in STATE_NAMES))
+
+
+# the state series' values for each current state: 1 for it, 0 for the others
+_ONE_HOT = {name: tuple(int(other == name) for other in STATE_NAMES) for name in STATE_NAMES}
 
 
 def neighbour_families(gateways: list[Gateway]) -> list[Family]:
@@ -215,15 +239,13 @@ def neighbour_families(gateways: list[Gateway]) -> list[Family]:
                 ("updated", "Seconds since the gateway's neighbour state last changed: how long it has been so."),
                 ("used", "Seconds since the pod last sent through the gateway's neighbour entry."))]
     for gw in gateways:
-        labels = gw.labels + (gw.address,)
-        current = gw.state
-        for name, rendered in zip(STATE_NAMES, _state_series(labels)):
-            state.add_rendered(rendered, 1 if name == current else 0)
+        labels, states = _gateway_series(gw.labels + (gw.address,))
+        state.extend_rendered(states, _ONE_HOT[gw.state])
         n = gw.neighbour
         if n is not None and n.confirmed_age is not None:
             for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
                 if value is not None:       # NDA_CACHEINFO gives all three or none
-                    fam.add(labels, value)
+                    fam.add_rendered(labels, value)
     return [state, *ages]
 
 
@@ -269,6 +291,7 @@ class NeighboursSource:
             self.prober = Prober(opts["probe_rate"], opts["probe_interval"], opts["probe_timeout"])
         self.last: list[Gateway] = []
         self.hop_cache = HopCache()
+        self._plans: dict[int, GatewayPlan] = {}        # pod netns inode -> plan
 
     def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
         gateways: list[Gateway] = []
@@ -280,7 +303,11 @@ class NeighboursSource:
                 continue
             live.add(ns.inode)
             try:
-                found = read_gateways(view, self.hop_cache.hops(ns), ns.rtnl)
+                hops = self.hop_cache.hops(ns)
+                plan = self._plans.get(ns.inode)
+                if plan is None or plan.view is not view or plan.hops is not hops:
+                    plan = self._plans[ns.inode] = GatewayPlan(view, hops)
+                found = plan.read(ns.rtnl)
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
@@ -288,6 +315,8 @@ class NeighboursSource:
                 continue
             gateways += found
         self.hop_cache.keep_only(live)
+        for inode in self._plans.keys() - live:
+            del self._plans[inode]
         return gateways, targets
 
     def collect(self, snapshot: Snapshot) -> list[Family]:
@@ -303,5 +332,6 @@ class NeighboursSource:
 
     def close(self) -> None:
         self.hop_cache.keep_only(set())
+        self._plans.clear()
         if self.prober is not None:
             self.prober.close()

@@ -44,6 +44,11 @@ class NetlinkSource:
         # from the link table, which is re-read on every RTM_NEWLINK the kernel sends (a carrier change is one)
         carrier = Family("planewatch_interface_carrier_changes_total", COUNTER,
                          "Carrier up/down transitions of the pod interface (IFLA_CARRIER_CHANGES).", ATTACHMENT_LABELS)
+        # one row per interface, then each family filled a column at a time: 11
+        # calls a row (11 000 at 1 000 interfaces) were ~7 % of a scrape
+        labels: list[bytes] = []
+        rows: list[tuple[int, ...]] = []
+        links = []
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
             if ns is None:
@@ -60,10 +65,12 @@ class NetlinkSource:
                 values = stats.get(link.ifindex) if link is not None and link.name == iv.link.name else None
                 if link is None or values is None:
                     continue
-                labels = iv.rendered
-                for fam, index in counters:
-                    fam.add_rendered(labels, values[index])
-                up.add_rendered(labels, 1 if link.up else 0)
-                mtu.add_rendered(labels, link.mtu)
-                carrier.add_rendered(labels, link.carrier_changes)
+                labels.append(iv.rendered)
+                rows.append(values)
+                links.append(link)
+        for fam, index in counters:
+            fam.extend_rendered(labels, [values[index] for values in rows])
+        up.extend_rendered(labels, [1 if link.up else 0 for link in links])
+        mtu.extend_rendered(labels, [link.mtu for link in links])
+        carrier.extend_rendered(labels, [link.carrier_changes for link in links])
         return [fam for fam, _ in counters] + [up, mtu, carrier]

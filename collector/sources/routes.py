@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from collector.family import GAUGE, Family
+from collector.family import GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, NoData, Option, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
@@ -157,6 +157,7 @@ class RoutesSource:
         self._attached: dict[str, tuple[PodView, tuple[Attached, ...]]] = {}
         self.watch = ChangeWatch()
         self.read_pod = read_pod            # replaced by tests/replay.py with recorded replies
+        self._rows: dict[int, tuple[Analysis, Rows]] = {}      # id(analysis) -> its series
         self._lock = threading.Lock()       # collect() and findings() may come from two threads
 
     def refresh(self, snapshot: Snapshot) -> list[Cached]:
@@ -229,7 +230,17 @@ class RoutesSource:
         results = self.refresh(snapshot)
         if not results and not snapshot.pods:
             raise NoData("no pods")
-        return families([c.analysis for c in results])
+        # a pod's series change only with its analysis (the same object until the
+        # next one): rendered once each
+        known, self._rows = self._rows, {}
+
+        def rows(analysis: Analysis) -> Rows:
+            seen = known.get(id(analysis))
+            if seen is None or seen[0] is not analysis:
+                seen = (analysis, analysis_rows(analysis))
+            self._rows[id(analysis)] = seen
+            return seen[1]
+        return families([c.analysis for c in results], rows)
 
     def findings(self, snapshot: Snapshot) -> list[dict]:
         out = []
@@ -247,33 +258,47 @@ class RoutesSource:
             self.watch.keep_only(set())
 
 
-def families(analyses: list[Analysis]) -> list[Family]:
-    mismatch = Family("planewatch_route_mismatch", GAUGE,
-                      "1 when, in the pod, the route lookup from the attachment's address to a destination "
-                      "it serves (its gateway, its subnet, a route via it) leaves by egress_interface "
-                      "instead (\"none\": no route). destination is the gateway address or the prefix "
-                      "checked.", ATTACHMENT_LABELS + ("destination", "egress_interface"))
-    overlap = Family("planewatch_subnet_overlap", GAUGE,
-                     "1 when a subnet of the attachment overlaps a subnet of the pod's other_interface.",
-                     ATTACHMENT_LABELS + ("other_interface",))
-    rp = Family("planewatch_interface_rp_filter", GAUGE,
-                "Effective rp_filter of the pod interface: max(net.ipv4.conf.all, net.ipv4.conf.<if>); "
-                "0 off, 1 strict, 2 loose.", ATTACHMENT_LABELS)
-    policy = Family("planewatch_pod_policy_routing", GAUGE,
-                    "1 when the pod has source-based policy rules (ip rule from ... table N).",
-                    ("namespace", "pod"))
-    rules = Family("planewatch_pod_policy_rule_info", GAUGE,
-                   "One series per source-based policy rule in the pod (value 1).",
-                   ("namespace", "pod", "source", "table"))
+_FAMILIES = (
+    ("planewatch_route_mismatch",
+     "1 when, in the pod, the route lookup from the attachment's address to a destination "
+     "it serves (its gateway, its subnet, a route via it) leaves by egress_interface "
+     "instead (\"none\": no route). destination is the gateway address or the prefix "
+     "checked.", ATTACHMENT_LABELS + ("destination", "egress_interface")),
+    ("planewatch_subnet_overlap",
+     "1 when a subnet of the attachment overlaps a subnet of the pod's other_interface.",
+     ATTACHMENT_LABELS + ("other_interface",)),
+    ("planewatch_interface_rp_filter",
+     "Effective rp_filter of the pod interface: max(net.ipv4.conf.all, net.ipv4.conf.<if>); "
+     "0 off, 1 strict, 2 loose.", ATTACHMENT_LABELS),
+    ("planewatch_pod_policy_routing",
+     "1 when the pod has source-based policy rules (ip rule from ... table N).", ("namespace", "pod")),
+    ("planewatch_pod_policy_rule_info",
+     "One series per source-based policy rule in the pod (value 1).", ("namespace", "pod", "source", "table")),
+)
+
+Rows = tuple[tuple[tuple[bytes, ...], tuple[int, ...]], ...]
+
+
+def analysis_rows(a: Analysis) -> Rows:
+    """One pod's series, as (rendered label sets, values) per family of _FAMILIES."""
+    (_, _, mismatch), (_, _, overlap), (_, _, rp), (_, _, policy), (_, _, rules) = _FAMILIES
+    out = (
+        [(render_labels(mismatch, labels), 1) for labels in sorted(
+            {m.attached.labels + (m.probe.destination, m.egress_interface) for m in a.mismatches})],
+        [(render_labels(overlap, labels), 1) for labels in sorted(
+            {o.attached.labels + (o.other.interface,) for o in a.overlaps})],
+        [(render_labels(rp, r.attached.labels), r.effective) for r in a.rp_filters],
+        [(render_labels(policy, (a.namespace, a.pod)), 1 if a.policy_rules else 0)],
+        [(render_labels(rules, (a.namespace, a.pod, source, str(table))), 1) for source, table in a.policy_rules],
+    )
+    return tuple((tuple(labels for labels, _ in rows), tuple(value for _, value in rows)) for rows in out)
+
+
+def families(analyses: list[Analysis], rows=analysis_rows) -> list[Family]:
+    """The families of the pods' analyses; `rows` gives a pod's series (the
+    source passes one that keeps them while the analysis is the same)."""
+    fams = [Family(name, GAUGE, text, labelnames) for name, text, labelnames in _FAMILIES]
     for a in analyses:
-        for labels in sorted({m.attached.labels + (m.probe.destination, m.egress_interface)
-                              for m in a.mismatches}):
-            mismatch.add(labels, 1)
-        for labels in sorted({o.attached.labels + (o.other.interface,) for o in a.overlaps}):
-            overlap.add(labels, 1)
-        for r in a.rp_filters:
-            rp.add(r.attached.labels, r.effective)
-        policy.add((a.namespace, a.pod), 1 if a.policy_rules else 0)
-        for source, table in a.policy_rules:
-            rules.add((a.namespace, a.pod, source, str(table)), 1)
-    return [mismatch, overlap, rp, policy, rules]
+        for fam, (labels, values) in zip(fams, rows(a)):
+            fam.extend_rendered(labels, values)
+    return fams
