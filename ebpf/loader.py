@@ -351,8 +351,13 @@ class Loader:
     def _counters(self, name: str, layout: maps.Layout) -> dict:
         return maps.decode_counters(self._entries(name, layout, self.ncpus), layout, self.ncpus)
 
+    def interface_counters(self) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+        """(netns, ifindex) -> (ingress packets, ingress bytes, egress packets, egress bytes)."""
+        return maps.traffic_by_interface(self._counters("iface_traffic", maps.TRAFFIC),
+                                         self._counters("traffic_slots", maps.SLOTTED_TRAFFIC))
+
     def interface_traffic(self) -> dict[tuple[int, int, str], tuple[int, int]]:
-        """(netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
+        """(netns, ifindex, "ingress"|"egress") -> (packets, bytes): the same, by direction."""
         return maps.traffic_by_direction(self._counters("iface_traffic", maps.TRAFFIC),
                                          self._counters("traffic_slots", maps.SLOTTED_TRAFFIC))
 

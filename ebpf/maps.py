@@ -108,19 +108,27 @@ def decode_counters(entries: Iterable[tuple[bytes, bytes]], layout: Layout,
     return dict(zip(keys, zip(*fields)))
 
 
+def traffic_by_interface(counters: dict, slotted: dict) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """(netns, ifindex) -> (ingress packets, ingress bytes, egress packets, egress
+    bytes): the `slotted` counters (SLOTTED_TRAFFIC, keyed so already) with the
+    iface_traffic hash's `counters` added per key."""
+    out = dict(slotted)                                     # nearly every interface
+    for (netns, ifindex, d), (packets, nbytes) in counters.items():     # the few without a slot
+        if d < len(DIRECTIONS):
+            seen = list(out.get((netns, ifindex), (0, 0, 0, 0)))
+            seen[2 * d] += packets
+            seen[2 * d + 1] += nbytes
+            out[(netns, ifindex)] = tuple(seen)
+    return out
+
+
 def traffic_by_direction(counters: dict, slotted: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
-    """(netns, ifindex, "ingress"|"egress") -> (packets, bytes): the iface_traffic
-    hash's `counters` and the `slotted` ones (SLOTTED_TRAFFIC) added up per key."""
+    """`traffic_by_interface` keyed (netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
     ingress, egress = DIRECTIONS
     out = {}
-    for (netns, ifindex), fields in slotted.items():        # nearly every interface
+    for (netns, ifindex), fields in traffic_by_interface(counters, slotted).items():
         out[(netns, ifindex, ingress)] = fields[:2]
         out[(netns, ifindex, egress)] = fields[2:]
-    for (netns, ifindex, d), value in counters.items():     # the few without a slot
-        if d < len(DIRECTIONS):
-            key = (netns, ifindex, DIRECTIONS[d])
-            seen = out.get(key)
-            out[key] = value if seen is None else (seen[0] + value[0], seen[1] + value[1])
     return out
 
 

@@ -152,6 +152,7 @@ def test_slot_and_hash_counts_of_one_interface_add_up():
     assert maps.traffic_by_direction(hashed, slotted) == {
         (7, 2, "ingress"): (12, 490), (7, 2, "egress"): (1, 10),
         (8, 2, "ingress"): (0, 0), (8, 2, "egress"): (6, 60)}
+    assert maps.traffic_by_interface(hashed, slotted) == {(7, 2): (12, 490, 1, 10), (8, 2): (0, 0, 6, 60)}
 
 
 @pytest.mark.parametrize("layout", [maps.TRAFFIC, maps.Layout(struct.Struct("=I"), struct.Struct("=IH"), True)])
@@ -263,12 +264,16 @@ def samples(fam):
 
 
 def test_traffic_families_zero_fill_and_ignore_unknown():
-    fams = {f.name: f for f in traffic_families(INDEX, {(10, 3, "ingress"): (4, 400), (99, 1, "egress"): (1, 1)})}
+    fams = {f.name: f for f in traffic_families(INDEX, {(10, 3): (4, 400, 2, 200), (99, 1): (0, 0, 1, 1)})}
     rx = samples(fams["planewatch_ebpf_interface_receive_packets_total"])
     assert rx['namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling"'] == 4
+    assert samples(fams["planewatch_ebpf_interface_receive_bytes_total"])[
+        'namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling"'] == 400
+    assert samples(fams["planewatch_ebpf_interface_transmit_packets_total"])[
+        'namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling"'] == 2
     assert rx['namespace="ns1",pod="q",network="default",interface="eth0",plane="management"'] == 0
     assert len(rx) == 3 and len(fams) == 4
-    assert sum(samples(fams["planewatch_ebpf_interface_transmit_bytes_total"]).values()) == 0
+    assert sum(samples(fams["planewatch_ebpf_interface_transmit_bytes_total"]).values()) == 200
 
 
 def test_drop_family_labels_by_netns_and_ifindex():
