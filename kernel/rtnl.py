@@ -48,6 +48,8 @@ _IF_STATS_MSG = struct.Struct("=BBHII")     # family, pad, pad, ifindex, filter_
 _RTATTR = struct.Struct("=HH")
 # rtnl_link_stats64: rx/tx packets, rx/tx bytes, rx/tx errors, rx/tx dropped.
 _STATS8 = struct.Struct("=8Q")
+# if_stats_msg's ifindex, then the first attribute's header and 8 u64s
+_STATS_FIRST = struct.Struct("=4xIIHH8Q")
 _U32 = struct.Struct("=I")
 
 RECV_BUF = 1 << 20
@@ -202,6 +204,12 @@ def parse_addr(buf: bytes, off: int, end: int) -> tuple[int, str, int]:
 
 def parse_stats(buf: bytes, off: int, end: int) -> tuple[int, tuple[int, ...]]:
     """Decode one RTM_NEWSTATS payload into (ifindex, 8 counters)."""
+    if end - off >= _STATS_FIRST.size:
+        # what the kernel sends for our filter: the stats64 attribute first, so
+        # one unpack (this runs for every link of every pod, every scrape)
+        fields = _STATS_FIRST.unpack_from(buf, off)
+        if fields[3] == IFLA_STATS_LINK_64 and fields[2] >= 4 + _STATS8.size:
+            return fields[0], fields[4:]
     ifindex = _IF_STATS_MSG.unpack_from(buf, off)[3]
     for kind, vs, ve in attrs(buf, off + _IF_STATS_MSG.size, end):
         if kind == IFLA_STATS_LINK_64 and ve - vs >= _STATS8.size:

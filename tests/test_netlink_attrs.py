@@ -48,6 +48,14 @@ def test_stats_attribute_cut_short_gives_zeros():
     assert rtnl.parse_stats(msg, 0, len(msg)) == (9, (0,) * 8)
 
 
+def test_stats_found_first_or_after_another_attribute():
+    counters = struct.pack("=8Q", *range(1, 9)) + bytes(8 * 16)
+    head = struct.pack("=BBHII", 0, 0, 0, 9, 1)
+    first = head + rta(rtnl.IFLA_STATS_LINK_64, counters)
+    later = head + rta(7, b"\1\2\3\4") + rta(rtnl.IFLA_STATS_LINK_64, counters)
+    assert rtnl.parse_stats(first, 0, len(first)) == rtnl.parse_stats(later, 0, len(later)) == (9, tuple(range(1, 9)))
+
+
 def test_tc_filter_names_go_through_the_same_walk():
     options = rta(tc.TCA_BPF_NAME, b"planewatch\0", length=200)     # overruns the message
     payload = (struct.pack("=BBHiIII", 0, 0, 0, 3, 0, tc.PARENT_INGRESS, tc.filter_info())

@@ -49,9 +49,10 @@ def interface_rows(view: PodView) -> tuple[list[bytes], list[bytes]]:
 class AttachmentsSource:
     def __init__(self, config: Config):
         self.config = config
-        # uid -> (view, its info series, its IP series): the resolver hands out the
-        # same view while nothing in it changed, and these depend on the view alone
-        self._rows: dict[str, tuple[PodView, list[bytes], list[bytes]]] = {}
+        # uid -> (view, its info series, its IP series, its netns_resolved labels):
+        # the resolver hands out the same view while nothing in it changed, and
+        # these depend on the view alone
+        self._rows: dict[str, tuple[PodView, list[bytes], list[bytes], bytes]] = {}
 
     def collect(self, snapshot: Snapshot):
         info = Family("planewatch_pod_interface_info", GAUGE,
@@ -86,19 +87,18 @@ class AttachmentsSource:
                 short.add((pod.namespace, pod.name, reason), 1)
             for reason, n in sorted((snapshot.budget_cuts.get(pod.uid) or {}).items()):
                 cut.add((pod.namespace, pod.name, reason), n)
-            resolved.add((pod.namespace, pod.name), 1 if view.netns_inode else 0)
             for kind, claim in conflicts.get(pod.uid, ()):
                 identity.add((pod.namespace, pod.name, kind, claim), 1)
             for network in pod.missing:
                 missing.add((pod.namespace, pod.name, network), 1)
             rows = known.get(pod.uid)
             if rows is None or rows[0] is not view:
-                rows = (view, *interface_rows(view))
+                rows = (view, *interface_rows(view), render_labels(resolved.labelnames, (pod.namespace, pod.name)))
             self._rows[pod.uid] = rows
-            for labels in rows[1]:
-                info.add_rendered(labels, 1)
-            for labels in rows[2]:
-                ips.add_rendered(labels, 1)
+            _, info_rows, ip_rows, pod_labels = rows
+            resolved.add_rendered(pod_labels, 1 if view.netns_inode else 0)
+            info.extend_rendered(info_rows, [1] * len(info_rows))
+            ips.extend_rendered(ip_rows, [1] * len(ip_rows))
 
         errors = Family("planewatch_annotation_errors_total", COUNTER,
                         "Malformed network annotations seen, by reason (each distinct annotation counted once).",
