@@ -95,10 +95,11 @@ def decode_counters(entries: Iterable[tuple[bytes, bytes]], layout: Layout,
     way was ~9 % of a scrape at 1 000 interfaces)."""
     entries = list(entries)
     vsize = layout.value_size(ncpus)
-    if not layout.u64_fields or not entries or any(len(v) != vsize for _, v in entries):
+    values = [v for _, v in entries]
+    if not layout.u64_fields or not entries or set(map(len, values)) != {vsize}:
         return {layout.key.unpack(k): sum_percpu(v, layout, ncpus) for k, v in entries}
     keys = layout.key.iter_unpack(b"".join([k for k, _ in entries]))
-    words = memoryview(b"".join([v for _, v in entries])).cast("Q")
+    words = memoryview(b"".join(values)).cast("Q")
     step, per_entry = layout.stride // 8, vsize // 8
     count = len(entries)
     fields = []

@@ -255,6 +255,22 @@ def test_wanted_attachments_skip_host_network_unresolved_and_linkless():
     assert wanted_attachments(snap) == {(10, 2): ("/run/netns/p", eth0), (10, 3): ("/run/netns/p", net1)}
 
 
+def test_the_index_of_attached_views_is_kept_while_pods_and_attachments_are():
+    from collector.registry import Config
+    from collector.sources.ebpf import EbpfSource
+    eth0, net1 = view("p", "eth0", 2), view("p", "net1", 3, "ns1/sig", "signaling")
+    pod = PodView(Pod("ns1", "p", "u"), "/run/netns/p", 10, "x", (eth0, net1))
+    source = EbpfSource(Config())
+    first = source._index_of(Snapshot((pod,)), {(10, 2), (10, 3)})
+    assert first == {(10, 2): eth0, (10, 3): net1}
+    assert source._index_of(Snapshot((pod,)), {(10, 2), (10, 3)}) is first        # a new snapshot, same views
+    assert source._index_of(Snapshot((pod,)), {(10, 2)}) == {(10, 2): eth0}       # one detached
+    moved = view("p", "net1", 4, "ns1/sig", "signaling")
+    again = PodView(pod.pod, pod.netns_path, 10, "x", (eth0, moved))
+    assert source._index_of(Snapshot((again,)), {(10, 2), (10, 4)}) == {(10, 2): eth0, (10, 4): moved}
+    assert source._index_of(Snapshot(()), {(10, 2), (10, 4)}) == {}
+
+
 INDEX = {(10, 2): view("p", "eth0", 2), (10, 3): view("p", "net1", 3, "ns1/sig", "signaling"),
          (11, 2): view("q", "eth0", 2)}
 

@@ -14,6 +14,7 @@ Options: the `--collector.ebpf.*` flags registered below.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
@@ -183,6 +184,7 @@ class EbpfSource:
         self.loader: Loader | None = None
         self.reason = ""                     # "" = not tried yet
         self.index: dict[Key, InterfaceView] = {}
+        self._index_for: tuple[tuple, set[Key], dict[Key, InterfaceView]] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._attach_warned: set[Key] = set()
@@ -215,8 +217,7 @@ class EbpfSource:
         if loader is None:
             return status_families(self.reason, "none", 0)
         attached = loader.attached()
-        index = {key: view for key, (_, view) in wanted_attachments(snapshot).items() if key in attached}
-        self.index = index
+        self.index = index = self._index_of(snapshot, attached)
         families = traffic_families(index, loader.interface_counters())
         families.append(drop_family(index, loader.packet_drops()))
         families.append(asymmetric_family(index, loader.asymmetric_packets()))
@@ -224,6 +225,18 @@ class EbpfSource:
         families.extend(flow_families(index, loader.flow_evictions()))
         families.extend(guard_families(loader.map_refused(), loader.stale_filters_removed))
         return families
+
+    def _index_of(self, snapshot: Snapshot, attached: set[Key]) -> dict[Key, InterfaceView]:
+        """The attached interfaces' views, in snapshot order: the same dict again
+        while the pods are the same view objects (the resolver hands them out
+        again while nothing changed) and the attachments the same set."""
+        pods, known = snapshot.pods, self._index_for
+        if (known is not None and known[1] == attached and len(known[0]) == len(pods)
+                and all(map(operator.is_, known[0], pods))):
+            return known[2]
+        index = {key: view for key, (_, view) in wanted_attachments(snapshot).items() if key in attached}
+        self._index_for = (pods, attached, index)
+        return index
 
     def reconcile(self, snapshot: Snapshot) -> None:
         """Attach to new pod interfaces and detach gone ones. Runs off the scrape
