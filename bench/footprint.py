@@ -18,6 +18,8 @@ Figures, per planewatch build:
                          answers 200 (cold starts, ABBA order)
   scrape ratio           each round's planewatch latency / node_exporter's, the
                          targets scraped in turn round by round; median and spread
+                         (the builds measured are fresh processes started together
+                         after the cold starts, BPF attached, then settled)
   RSS                    VmRSS (and VmHWM) after the rounds
   datapath               bench/datapath.py with --objects of both builds
                          (`--datapath`; iperf3 TCP and UDP 64 B, interleaved)
@@ -137,6 +139,23 @@ def cold_start(name: str, tree: str, kubeconfig: str, want: int, workdir: str,
     return proc, target, out
 
 
+def wait_attached(targets: list[Target], want: int, timeout: float = 180.0) -> None:
+    """Until every collector answers with BPF on `want` interfaces."""
+    deadline = time.monotonic() + timeout
+    waiting = list(targets)
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"BPF not on {want} interfaces within {timeout:.0f} s: {[t.name for t in waiting]}")
+        for t in list(waiting):
+            try:
+                t.scrape()
+            except Exception:       # not listening yet, or 503 while not ready
+                continue
+            if attached(t.body) >= want:
+                waiting.remove(t)
+        time.sleep(0.5)
+
+
 def scrape_rounds(targets: list[Target], ref: Target, rounds: int, warmup: int = 3) -> dict[str, dict]:
     for t in targets + [ref]:
         # the collectors close connections idle for long (the settle time): start afresh
@@ -206,6 +225,7 @@ def run(args) -> dict:
     result: dict = {"pods": args.pods, "interfaces": want, "loadavg_start": loadavg(), "nproc": os.cpu_count()}
     print(f"nproc {os.cpu_count()}, loadavg {result['loadavg_start']}, {args.pods} pods x {INTERFACES_PER_POD}")
     procs: list[subprocess.Popen] = []
+    live: dict[str, tuple] = {}         # name -> (process, target) of the cold starts
     targets: list[Target] = []
     workdir = tempfile.mkdtemp(prefix="pw-footprint-")
     topology.down(prefix)
@@ -221,7 +241,6 @@ def run(args) -> dict:
             cold: dict[str, list[dict]] = {name: [] for name in trees}
             names = list(trees)
             order = (names + names[::-1]) * ((args.cold_starts + 1) // 2)
-            live: dict[str, tuple] = {}
             for i, name in enumerate(order[:args.cold_starts * len(names)]):
                 if name in live:
                     live[name][1].close()
@@ -230,9 +249,19 @@ def run(args) -> dict:
                 live[name] = (proc, target)
                 cold[name].append(got)
                 print(f"cold start {i + 1} {name}: {got}", flush=True)
+            # The measured rounds use fresh processes, started together: the cold
+            # starts' survivors have different pasts (the earlier one lived through
+            # the other's cold start, 1 000 attaches, and read ~3 MiB more RSS
+            # whichever build it was: bench/RESULTS.md, session 5).
             for name in names:
-                procs.append(live[name][0])
-                targets.append(live[name][1])
+                live[name][1].close()
+                stop(live.pop(name)[0])
+            for name in names:
+                port = free_port()
+                proc = start_collector(trees[name], kubeconfig, port, os.path.join(workdir, f"{name}.log"))
+                procs.append(proc)
+                targets.append(Target(name, proc.pid, port))
+            wait_attached(targets, want)
             port = free_port()
             ne = start_node_exporter(ref_ns, port)
             procs.append(ne)
@@ -260,7 +289,7 @@ def run(args) -> dict:
     finally:
         for t in targets:
             t.close()
-        for proc in procs:
+        for proc in procs + [p for p, _ in live.values()]:
             stop(proc)
         subprocess.run(["ip", "netns", "del", ref_ns], capture_output=True)
         topology.down(prefix)
