@@ -21,6 +21,7 @@ a failure of that source only.
 from __future__ import annotations
 
 import importlib
+import operator
 import pkgutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
@@ -179,3 +180,35 @@ def load_sources() -> Mapping[str, SourceSpec]:
         if name not in SOURCES:
             raise RuntimeError(f"collector/sources/{name}.py registers no source {name!r}")
     return SOURCES
+
+
+class SameObjects:
+    """What a source works out from objects the collector hands out again while
+    they are unchanged (the resolver's PodView while nothing in the pod changed,
+    HopCache's next hops, an analysis until the next one): kept per key while
+    `get` is given the very same objects (the value is `make(*objects)`),
+    dropped for a key the last pass did not ask for (`sweep` ends a pass)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[Any, tuple[tuple, Any]] = {}      # key -> (objects, value), of the last pass
+        self._now: dict[Any, tuple[tuple, Any]] = {}       # what this pass asked for
+
+    def get(self, key: Any, objects: tuple, make: Callable[..., Any]) -> Any:
+        seen = self._now.get(key) or self._kept.get(key)
+        if seen is None or len(seen[0]) != len(objects) or not all(map(operator.is_, seen[0], objects)):
+            seen = (objects, make(*objects))
+        self._now[key] = seen
+        return seen[1]
+
+    def sweep(self) -> None:
+        self._kept, self._now = self._now, {}
+
+    def clear(self) -> None:
+        self._kept, self._now = {}, {}
+
+    def __getitem__(self, key: Any) -> Any:
+        """The value the last pass kept for `key`."""
+        return self._kept[key][1]
+
+    def __len__(self) -> int:
+        return len(self._kept)

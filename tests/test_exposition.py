@@ -129,3 +129,22 @@ def test_extend_rendered_is_add_rendered_a_column_at_a_time():
     assert render([many]) == render([one]) and many.samples[2] == ('a="r\\"s"', 3)
     with pytest.raises(ValueError):
         many.extend_rendered(labels, (1, 2))
+
+
+def test_same_objects_keeps_a_value_while_given_the_same_objects():
+    from collector.registry import SameObjects
+    made = []
+    memo = SameObjects()
+    a, b = object(), object()
+
+    def make(*objects):
+        made.append(objects)
+        return len(made)
+    assert memo.get("k", (a, b), make) == 1 and memo.get("k", (a, b), make) == 1     # asked twice in a pass
+    memo.sweep()
+    assert memo.get("k", (a, b), make) == 1 and len(made) == 1 and memo["k"] == 1
+    assert memo.get("k", (a, object()), make) == 2      # another object: made again
+    assert memo.get("k", (a,), make) == 3
+    memo.sweep()
+    memo.sweep()                                        # a pass that did not ask for "k"
+    assert len(memo) == 0 and memo.get("k", (a,), make) == 4

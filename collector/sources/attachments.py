@@ -14,10 +14,11 @@ from collector.budgets import Budgets, select_networks
 from collector.claims import conflicts_by_pod, ip_verification
 from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.registry import Config, Snapshot, register
+from collector.registry import Config, SameObjects, Snapshot, register
 
 INFO_LABELS = ATTACHMENT_LABELS + ("mac", "ips", "device_type", "pci_address")
 IP_LABELS = ATTACHMENT_LABELS[:4] + ("ip", "verified")
+POD_LABELS = ("namespace", "pod")
 
 
 @lru_cache(maxsize=1 << 13)
@@ -45,14 +46,18 @@ def interface_rows(view: PodView) -> tuple[list[bytes], list[bytes]]:
     return info, ips
 
 
+def pod_rows(view: PodView) -> tuple[list[bytes], list[bytes], bytes]:
+    """`interface_rows`, and the labels of the pod's planewatch_pod_netns_resolved."""
+    return (*interface_rows(view), render_labels(POD_LABELS, (view.pod.namespace, view.pod.name)))
+
+
 @register("attachments", help="Attachments, missing networks, pod IPs and NADs as the API describes them.")
 class AttachmentsSource:
     def __init__(self, config: Config):
         self.config = config
-        # uid -> (view, its info series, its IP series, its netns_resolved labels):
-        # the resolver hands out the same view while nothing in it changed, and
-        # these depend on the view alone
-        self._rows: dict[str, tuple[PodView, list[bytes], list[bytes], bytes]] = {}
+        # uid -> (its info series, its IP series, its netns_resolved labels): they
+        # depend on the pod's view alone
+        self._rows = SameObjects()
 
     def collect(self, snapshot: Snapshot):
         info = Family("planewatch_pod_interface_info", GAUGE,
@@ -71,7 +76,7 @@ class AttachmentsSource:
                          ("namespace", "pod", "network"))
         resolved = Family("planewatch_pod_netns_resolved", GAUGE,
                           "1 when the pod's network namespace was found on this node, 0 when not (yet).",
-                          ("namespace", "pod"))
+                          POD_LABELS)
         cut = Family("planewatch_pod_budget_cut", GAUGE,
                      "Items of a pod left out of the metrics by a budget (attachments, IPs, ...), by reason.",
                      ("namespace", "pod", "reason"))
@@ -79,7 +84,6 @@ class AttachmentsSource:
                        "1 when the pod's netns was read only in part (links, addresses or time budget "
                        "spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
                        ("namespace", "pod", "reason"))
-        known, self._rows = self._rows, {}
         for view in snapshot.pods:
             pod = view.pod
             ns = snapshot.netns_of(view)
@@ -91,14 +95,12 @@ class AttachmentsSource:
                 identity.add((pod.namespace, pod.name, kind, claim), 1)
             for network in pod.missing:
                 missing.add((pod.namespace, pod.name, network), 1)
-            rows = known.get(pod.uid)
-            if rows is None or rows[0] is not view:
-                rows = (view, *interface_rows(view), render_labels(resolved.labelnames, (pod.namespace, pod.name)))
-            self._rows[pod.uid] = rows
-            _, info_rows, ip_rows, pod_labels = rows
+            info_rows, ip_rows, pod_labels = self._rows.get(pod.uid, (view,), pod_rows)
             resolved.add_rendered(pod_labels, 1 if view.netns_inode else 0)
             info.extend_rendered(info_rows, [1] * len(info_rows))
             ips.extend_rendered(ip_rows, [1] * len(ip_rows))
+
+        self._rows.sweep()
 
         errors = Family("planewatch_annotation_errors_total", COUNTER,
                         "Malformed network annotations seen, by reason (each distinct annotation counted once).",

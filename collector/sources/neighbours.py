@@ -37,7 +37,7 @@ from functools import lru_cache
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
-from collector.registry import Config, NoData, Option, Snapshot, register
+from collector.registry import Config, NoData, Option, SameObjects, Snapshot, register
 from kernel.rtnl_events import ChangeWatch
 from kernel.rtnl_neighbours import Neighbour, NextHop, neighbour_gets, next_hops, read_neighbours
 
@@ -123,13 +123,12 @@ def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> l
 class GatewayPlan:
     """What reading a pod's gateways needs that changes only with its view or its
     next hops: the gateways of each interface and the neighbour gets to send.
-    Kept per pod netns while both are the same objects (the resolver and
-    HopCache hand out the same ones while nothing changed)."""
+    NeighboursSource keeps it per pod netns while both are the same objects (the
+    resolver and HopCache hand out the same ones while nothing changed)."""
 
-    __slots__ = ("view", "hops", "addresses", "gets")
+    __slots__ = ("addresses", "gets")
 
     def __init__(self, view: PodView, hops: list[NextHop]):
-        self.view, self.hops = view, hops
         self.addresses = gateway_addresses(view, hops)
         self.gets = neighbour_gets(sorted({(link.ifindex, address)
                                            for _, link, found in self.addresses for address in found}))
@@ -291,7 +290,7 @@ class NeighboursSource:
             self.prober = Prober(opts["probe_rate"], opts["probe_interval"], opts["probe_timeout"])
         self.last: list[Gateway] = []
         self.hop_cache = HopCache()
-        self._plans: dict[int, GatewayPlan] = {}        # pod netns inode -> plan
+        self._plans = SameObjects()         # pod netns inode -> GatewayPlan
 
     def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
         gateways: list[Gateway] = []
@@ -304,9 +303,7 @@ class NeighboursSource:
             live.add(ns.inode)
             try:
                 hops = self.hop_cache.hops(ns)
-                plan = self._plans.get(ns.inode)
-                if plan is None or plan.view is not view or plan.hops is not hops:
-                    plan = self._plans[ns.inode] = GatewayPlan(view, hops)
+                plan = self._plans.get(ns.inode, (view, hops), GatewayPlan)
                 found = plan.read(ns.rtnl)
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
@@ -315,8 +312,7 @@ class NeighboursSource:
                 continue
             gateways += found
         self.hop_cache.keep_only(live)
-        for inode in self._plans.keys() - live:
-            del self._plans[inode]
+        self._plans.sweep()
         return gateways, targets
 
     def collect(self, snapshot: Snapshot) -> list[Family]:

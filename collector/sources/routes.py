@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from collector.family import GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
-from collector.registry import Config, NoData, Option, Snapshot, register
+from collector.registry import Config, NoData, Option, SameObjects, Snapshot, register
 from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
 from kernel import rtnl_routes
 from kernel.nsenter import in_netns
@@ -151,13 +151,13 @@ class RoutesSource:
         self._clock = clock
         self._cache: dict[str, Cached] = {}
         self._dirty: set[str] = set()          # the kernel announced a change since the last analysis
-        # uid -> (view, its attached interfaces): a view the resolver handed out
-        # again (the same object: pod and links unchanged) keeps the same tuple,
-        # so the fingerprint comparison is one identity check
-        self._attached: dict[str, tuple[PodView, tuple[Attached, ...]]] = {}
+        # uid -> its attached interfaces: a view the resolver handed out again (the
+        # same object: pod and links unchanged) keeps the same tuple, so the
+        # fingerprint comparison is one identity check
+        self._attached = SameObjects()
         self.watch = ChangeWatch()
         self.read_pod = read_pod            # replaced by tests/replay.py with recorded replies
-        self._rows: dict[int, tuple[Analysis, Rows]] = {}      # id(analysis) -> its series
+        self._rows = SameObjects()          # id(analysis) -> its series
         self._lock = threading.Lock()       # collect() and findings() may come from two threads
 
     def refresh(self, snapshot: Snapshot) -> list[Cached]:
@@ -191,16 +191,14 @@ class RoutesSource:
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
         """uid -> (view, namespace, attachments, fingerprint) of every pod to analyse."""
         live = {}
-        known, self._attached = self._attached, {}
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network:
                 continue
-            seen = known.get(view.pod.uid)
-            atts = seen[1] if seen is not None and seen[0] is view else attached_interfaces(view)
-            self._attached[view.pod.uid] = (view, atts)
+            atts = self._attached.get(view.pod.uid, (view,), attached_interfaces)
             if atts:
                 live[view.pod.uid] = (view, ns, atts, (view.netns_inode, atts))
+        self._attached.sweep()
         return live
 
     def _due(self, live: dict[str, tuple], now: float) -> list[str]:
@@ -232,15 +230,9 @@ class RoutesSource:
             raise NoData("no pods")
         # a pod's series change only with its analysis (the same object until the
         # next one): rendered once each
-        known, self._rows = self._rows, {}
-
-        def rows(analysis: Analysis) -> Rows:
-            seen = known.get(id(analysis))
-            if seen is None or seen[0] is not analysis:
-                seen = (analysis, analysis_rows(analysis))
-            self._rows[id(analysis)] = seen
-            return seen[1]
-        return families([c.analysis for c in results], rows)
+        fams = families([c.analysis for c in results], lambda a: self._rows.get(id(a), (a,), analysis_rows))
+        self._rows.sweep()
+        return fams
 
     def findings(self, snapshot: Snapshot) -> list[dict]:
         out = []
