@@ -12,7 +12,6 @@ metrics` in tests/test_exposition.py, including hostile label values.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Iterable
 
 from collector.family import HISTOGRAM, Family, format_value
@@ -40,7 +39,6 @@ def merge(families: Iterable[Family]) -> list[Family]:
 
 
 _INT_ONLY = frozenset((int,))
-_chain = itertools.chain.from_iterable
 
 
 def _unique(fam: Family) -> tuple[list[bytes], list]:
@@ -82,7 +80,12 @@ def _lines(fam: Family) -> bytes:
         hole, args = b"%s\n", [format_value(v).encode() for v in values]
     name = fam.name.encode()
     if series[0]:
-        return (name + b"{%s} " + hole) * len(series) % tuple(_chain(zip(series, args)))
+        # (labels, value, labels, value, ...) by two slice assignments: chain(zip())
+        # made a pair and an iterator over it per series, ~30 % of the formatting
+        interleaved: list = [None] * (2 * len(series))
+        interleaved[0::2] = series
+        interleaved[1::2] = args
+        return (name + b"{%s} " + hole) * len(series) % tuple(interleaved)
     # no labels: one series (more would be duplicates)
     return name + b" " + hole % args[0]
 
