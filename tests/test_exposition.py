@@ -110,6 +110,37 @@ def test_percent_signs_and_mixed_values_render_as_text():
     assert "planewatch_test_plain 3\n" in text
 
 
+def test_families_sharing_one_column_of_label_sets_are_each_checked_for_duplicates():
+    """render checks a series list once and skips an equal list that follows
+    (a source fills several families from one column): a list with a duplicate
+    is still caught in every family that has it, whatever came before."""
+    labels = [render_labels(("a",), (v,)) for v in ("p", "q", "p")]
+    first, second = (Family(f"planewatch_test_col{i}_total", COUNTER, "h", ("a",)) for i in (1, 2))
+    first.extend_rendered(labels, [1, 2, 3])
+    second.extend_rendered(labels, [4, 5, 6])
+    clean = Family("planewatch_test_col3_total", COUNTER, "h", ("a",))
+    clean.extend_rendered(labels[:2], [7, 8])
+    after = Family("planewatch_test_col4_total", COUNTER, "h", ("a",))
+    after.extend_rendered(labels, [9, 10, 11])
+    text = render([first, second, clean, after]).decode()
+    for name, kept in (("col1", (1, 2)), ("col2", (4, 5)), ("col3", (7, 8)), ("col4", (9, 10))):
+        lines = [line for line in text.splitlines() if line.startswith(f"planewatch_test_{name}_total{{")]
+        assert lines == [f'planewatch_test_{name}_total{{a="p"}} {kept[0]}',
+                         f'planewatch_test_{name}_total{{a="q"}} {kept[1]}'], text
+
+
+@pytest.mark.parametrize("values,texts", [
+    ([1, True, 2 ** 70], ["1", "1", str(2 ** 70)]),           # ints and bools: %d
+    ([2 ** 63 - 1, 2 ** 63 - 1], [str(2 ** 63 - 1)] * 2),     # their sum leaves C long
+    ([3, 2.5], ["3", "2.5"]), ([1.0, 4], ["1", "4"]),         # one float: format_value
+    ([5, float("nan")], ["5", "NaN"])])
+def test_a_family_with_one_non_int_value_formats_every_value_as_text(values, texts):
+    fam = Family("planewatch_test_kinds", GAUGE, "h", ("a",))
+    fam.extend_rendered([render_labels(("a",), (str(i),)) for i in range(len(values))], values)
+    got = [line.rsplit(" ", 1)[1] for line in render([fam]).decode().splitlines() if not line.startswith("#")]
+    assert got == texts
+
+
 def test_duplicate_histogram_series_written_once():
     rtt = Family("planewatch_test_dup_seconds", HISTOGRAM, "h", ("a",))
     rtt.add_histogram(("x",), (0.1,), (1,), 0.05, 1)
