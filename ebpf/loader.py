@@ -363,7 +363,12 @@ class Loader:
 
     def packet_drops(self) -> dict[tuple[int, int, str], int]:
         """(netns, ifindex, drop reason name) -> packets."""
-        return maps.drops_by_reason(self._counters("packet_drops", maps.DROPS), self.reasons)
+        return maps.drops_by_reason(self.drop_counters(), self.reasons)
+
+    def drop_counters(self) -> dict[tuple[int, int, int], tuple[int]]:
+        """(netns, ifindex, skb_drop_reason value) -> (packets,), as the map holds
+        them (`reasons` names the values): what /metrics reads, in one pass."""
+        return self._counters("packet_drops", maps.DROPS)
 
     def asymmetric_packets(self) -> dict[tuple[int, int, int], int]:
         """(netns, ingress ifindex of the request, egress ifindex of the reply) -> packets."""

@@ -14,7 +14,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from ebpf import libbpf
 
@@ -133,12 +133,21 @@ def traffic_by_direction(counters: dict, slotted: dict) -> dict[tuple[int, int, 
     return out
 
 
+NOT_DROPS = frozenset(("SKB_CONSUMED", "SKB_NOT_DROPPED_YET"))     # frees kfree_skb also traces
+
+
+def reason_name(reasons: Mapping[int, str], code: int) -> str:
+    """The skb_drop_reason name of `code`; UNKNOWN_<code> for a value the BTF lacks."""
+    name = reasons.get(code)
+    return name if name is not None else f"UNKNOWN_{code}"
+
+
 def drops_by_reason(counters: dict, reasons: dict[int, str]) -> dict[tuple[int, int, str], int]:
     """(netns, ifindex, reason name) -> packets; frees that are not drops are left out."""
     out: dict[tuple[int, int, str], int] = {}
     for (netns, ifindex, code), (packets,) in counters.items():
-        name = reasons.get(code, f"UNKNOWN_{code}")
-        if name in ("SKB_CONSUMED", "SKB_NOT_DROPPED_YET"):
+        name = reason_name(reasons, code)
+        if name in NOT_DROPS:
             continue
         key = (netns, ifindex, name)
         out[key] = out.get(key, 0) + packets

@@ -21,6 +21,7 @@ from collector.sources.ebpf import (
     wanted_attachments,
 )
 from ebpf import btf, maps, tc, traffic_slots
+from exporters.exposition import render
 from ebpf.loader import KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED, load_failure_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,10 +294,21 @@ def test_traffic_families_zero_fill_and_ignore_unknown():
 
 
 def test_drop_family_labels_by_netns_and_ifindex():
-    fam = drop_family(INDEX, {(11, 2, "NO_SOCKET"): 5, (10, 2, "IP_RPFILTER"): 1, (12, 2, "X"): 9})
+    """Straight from the map's (netns, ifindex, reason value) keys: named by the
+    BTF's reasons, UNKNOWN_<value> without a name, frees that are not drops and
+    interfaces not watched left out; the same as Loader.packet_drops by name."""
+    reasons = {0: "SKB_NOT_DROPPED_YET", 1: "SKB_CONSUMED", 2: "NO_SOCKET", 5: "IP_RPFILTER"}
+    counters = {(11, 2, 2): (5,), (10, 2, 5): (1,), (12, 2, 2): (9,), (10, 2, 1): (4,), (10, 2, 0): (3,),
+                (10, 3, 77): (6,)}
+    fam = drop_family(INDEX, counters, reasons)
     assert samples(fam) == {
         'namespace="ns1",pod="q",network="default",interface="eth0",plane="management",reason="NO_SOCKET"': 5,
-        'namespace="ns1",pod="p",network="default",interface="eth0",plane="management",reason="IP_RPFILTER"': 1}
+        'namespace="ns1",pod="p",network="default",interface="eth0",plane="management",reason="IP_RPFILTER"': 1,
+        'namespace="ns1",pod="p",network="ns1/sig",interface="net1",plane="signaling",reason="UNKNOWN_77"': 6}
+    by_name = maps.drops_by_reason(counters, reasons)
+    assert sorted(fam.values) == sorted(n for (netns, ifindex, _), n in by_name.items() if (netns, ifindex) in INDEX)
+    # the same value named otherwise by another kernel's BTF is labelled by that name
+    assert "IP_RPFILTER" not in render([drop_family(INDEX, counters, {**reasons, 5: "OTHER"})]).decode()
 
 
 def test_asymmetric_family_takes_the_ingress_identity():
