@@ -43,7 +43,7 @@ def netlink(links: int, repeat: int) -> None:
         with in_netns(f"/run/netns/{ns}"):
             sock = rtnl.RtnlSocket.open()
         body = rtnl._IFINFOMSG.pack(0, 0, 0, 0, 0)
-        msgs = [bytes(buf[s - 16:e]) for buf, s, e in sock._dump(rtnl.RTM_GETLINK, rtnl.RTM_NEWLINK, body)]
+        msgs = sock._dump(rtnl.RTM_GETLINK, rtnl.RTM_NEWLINK, body, lambda buf, s, e: bytes(buf[s - 16:e]))
         sock.close()
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)

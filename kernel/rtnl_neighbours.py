@@ -119,8 +119,7 @@ def parse_route_hops(buf: bytes, off: int, end: int) -> list[NextHop]:
 
 def neighbours(sock: RtnlSocket) -> list[Neighbour]:
     """The netns's neighbour table, both families (RTM_GETNEIGH dump)."""
-    return [parse_neigh(buf, s, e) for buf, s, e in sock._dump(RTM_GETNEIGH, RTM_NEWNEIGH,
-                                                              _NDMSG.pack(0, 0, 0, 0, 0))]
+    return sock._dump(RTM_GETNEIGH, RTM_NEWNEIGH, _NDMSG.pack(0, 0, 0, 0, 0), parse_neigh)
 
 
 def neighbour_gets(wanted) -> list[bytes]:
@@ -153,7 +152,5 @@ def neighbours_of(sock: RtnlSocket, wanted) -> list[Neighbour]:
 
 def next_hops(sock: RtnlSocket) -> list[NextHop]:
     """Every unicast route's gateway in every table, both families (RTM_GETROUTE dump)."""
-    out = []
-    for buf, s, e in sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)):
-        out.extend(parse_route_hops(buf, s, e))
-    return out
+    per_route = sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0), parse_route_hops)
+    return [hop for hops in per_route for hop in hops]

@@ -81,13 +81,11 @@ def parse_rule(buf: bytes, off: int, end: int) -> dict:
 
 
 def routes(sock: RtnlSocket, family: int) -> list[dict]:
-    return [parse_route(buf, s, e) for buf, s, e in sock._dump(RTM_GETROUTE, RTM_NEWROUTE,
-                                                              _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
+    return sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), parse_route)
 
 
 def rules(sock: RtnlSocket, family: int) -> list[dict]:
-    return [parse_rule(buf, s, e) for buf, s, e in sock._dump(RTM_GETRULE, RTM_NEWRULE,
-                                                             _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
+    return sock._dump(RTM_GETRULE, RTM_NEWRULE, _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), parse_rule)
 
 
 def addresses(sock: RtnlSocket) -> list[dict]:

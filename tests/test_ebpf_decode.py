@@ -21,8 +21,8 @@ from collector.sources.ebpf import (
     wanted_attachments,
 )
 from ebpf import btf, maps, tc, traffic_slots
-from exporters.exposition import render
 from ebpf.loader import KERNEL_UNSUPPORTED, LOAD_FAILED, PERMISSION_DENIED, VERIFIER_REJECTED, load_failure_reason
+from exporters.exposition import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
