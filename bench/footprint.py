@@ -139,13 +139,18 @@ def cold_start(name: str, tree: str, kubeconfig: str, want: int, workdir: str,
     return proc, target, out
 
 
-def wait_attached(targets: list[Target], want: int, timeout: float = 180.0) -> None:
-    """Until every collector answers with BPF on `want` interfaces."""
+def wait_attached(targets: list[Target], procs: list[subprocess.Popen], want: int,
+                  timeout: float = 180.0) -> None:
+    """Until every collector (`targets`, run by `procs`) answers with BPF on
+    `want` interfaces; a collector that exits fails it at once."""
     deadline = time.monotonic() + timeout
     waiting = list(targets)
     while waiting:
         if time.monotonic() > deadline:
             raise RuntimeError(f"BPF not on {want} interfaces within {timeout:.0f} s: {[t.name for t in waiting]}")
+        for t, proc in zip(targets, procs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{t.name} exited with {proc.returncode} before BPF was on every interface")
         for t in list(waiting):
             try:
                 t.scrape()
@@ -256,12 +261,14 @@ def run(args) -> dict:
             for name in names:
                 live[name][1].close()
                 stop(live.pop(name)[0])
+            fresh = []
             for name in names:
                 port = free_port()
                 proc = start_collector(trees[name], kubeconfig, port, os.path.join(workdir, f"{name}.log"))
                 procs.append(proc)
+                fresh.append(proc)
                 targets.append(Target(name, proc.pid, port))
-            wait_attached(targets, want)
+            wait_attached(targets, fresh, want)
             port = free_port()
             ne = start_node_exporter(ref_ns, port)
             procs.append(ne)
