@@ -108,11 +108,13 @@ def _reason_label(reasons: Mapping[int, str], code: int) -> bytes | None:
     """The `reason` label appended to a view's rendered labels; None for frees
     that are not drops. Kept per (value, name): a few dozen."""
     name = reason_name(reasons, code)
-    label = _reason_labels.get((code, name), b"")
-    if label == b"":
-        label = None if name in NOT_DROPS else b"," + render_labels(("reason",), (name,))
-        if len(_reason_labels) < 1024:          # values come from the kernel: bounded anyway
-            _reason_labels[(code, name)] = label
+    try:
+        return _reason_labels[(code, name)]
+    except KeyError:
+        pass
+    label = None if name in NOT_DROPS else b"," + render_labels(("reason",), (name,))
+    if len(_reason_labels) < 1024:          # values come from the kernel: bounded anyway
+        _reason_labels[(code, name)] = label
     return label
 
 
