@@ -358,8 +358,7 @@ class Loader:
 
     def interface_traffic(self) -> dict[tuple[int, int, str], tuple[int, int]]:
         """(netns, ifindex, "ingress"|"egress") -> (packets, bytes): the same, by direction."""
-        return maps.traffic_by_direction(self._counters("iface_traffic", maps.TRAFFIC),
-                                         self._counters("traffic_slots", maps.SLOTTED_TRAFFIC))
+        return maps.traffic_by_direction(self.interface_counters())
 
     def packet_drops(self) -> dict[tuple[int, int, str], int]:
         """(netns, ifindex, drop reason name) -> packets."""

@@ -123,11 +123,11 @@ def traffic_by_interface(counters: dict, slotted: dict) -> dict[tuple[int, int],
     return out
 
 
-def traffic_by_direction(counters: dict, slotted: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
-    """`traffic_by_interface` keyed (netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
+def traffic_by_direction(by_interface: dict) -> dict[tuple[int, int, str], tuple[int, int]]:
+    """`traffic_by_interface`'s counters keyed (netns, ifindex, "ingress"|"egress") -> (packets, bytes)."""
     ingress, egress = DIRECTIONS
     out = {}
-    for (netns, ifindex), fields in traffic_by_interface(counters, slotted).items():
+    for (netns, ifindex), fields in by_interface.items():
         out[(netns, ifindex, ingress)] = fields[:2]
         out[(netns, ifindex, egress)] = fields[2:]
     return out

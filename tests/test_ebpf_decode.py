@@ -138,7 +138,7 @@ def test_counters_are_summed_over_cpus():
                (maps.TRAFFIC.key.pack(7, 2, 1), percpu(maps.TRAFFIC, (0, 0), (0, 0), (5, 70))),
                (maps.TRAFFIC.key.pack(7, 3, 9), percpu(maps.TRAFFIC, (1, 1), (0, 0), (0, 0)))]
     counters = maps.decode_counters(entries, maps.TRAFFIC, 3)
-    assert maps.traffic_by_direction(counters, {}) == {(7, 2, "ingress"): (3, 400), (7, 2, "egress"): (5, 70)}
+    assert maps.traffic_by_direction(maps.traffic_by_interface(counters, {})) == {(7, 2, "ingress"): (3, 400), (7, 2, "egress"): (5, 70)}
 
 
 def test_slot_and_hash_counts_of_one_interface_add_up():
@@ -150,7 +150,7 @@ def test_slot_and_hash_counts_of_one_interface_add_up():
         [(maps.SLOTTED_TRAFFIC.key.pack(7, 2), percpu(maps.SLOTTED_TRAFFIC, (4, 40, 1, 10), (5, 50, 0, 0))),
          (maps.SLOTTED_TRAFFIC.key.pack(8, 2), percpu(maps.SLOTTED_TRAFFIC, (0, 0, 6, 60), (0, 0, 0, 0)))],
         maps.SLOTTED_TRAFFIC, 2)
-    assert maps.traffic_by_direction(hashed, slotted) == {
+    assert maps.traffic_by_direction(maps.traffic_by_interface(hashed, slotted)) == {
         (7, 2, "ingress"): (12, 490), (7, 2, "egress"): (1, 10),
         (8, 2, "ingress"): (0, 0), (8, 2, "egress"): (6, 60)}
     assert maps.traffic_by_interface(hashed, slotted) == {(7, 2): (12, 490, 1, 10), (8, 2): (0, 0, 6, 60)}

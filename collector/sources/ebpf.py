@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping
 
 from collector.family import COUNTER, GAUGE, Family, render_labels
@@ -88,7 +89,7 @@ def drop_family(index: Mapping[Key, InterfaceView], counters: Mapping[tuple[int,
                  "name without the SKB_DROP_REASON_ prefix; interface = skb->dev at drop time.",
                  ATTACHMENT_LABELS + ("reason",))
     labels, values = [], []
-    reason_of = {code: _reason_label(reasons, code) for code in {key[2] for key in counters}}
+    reason_of = {code: _reason_label(reason_name(reasons, code)) for code in {key[2] for key in counters}}
     for key in sorted(counters):
         view = index.get(key[:2])
         if view is None:
@@ -101,21 +102,11 @@ def drop_family(index: Mapping[Key, InterfaceView], counters: Mapping[tuple[int,
     return fam
 
 
-_reason_labels: dict[tuple[int, str], bytes | None] = {}
-
-
-def _reason_label(reasons: Mapping[int, str], code: int) -> bytes | None:
-    """The `reason` label appended to a view's rendered labels; None for frees
-    that are not drops. Kept per (value, name): a few dozen."""
-    name = reason_name(reasons, code)
-    try:
-        return _reason_labels[(code, name)]
-    except KeyError:
-        pass
-    label = None if name in NOT_DROPS else b"," + render_labels(("reason",), (name,))
-    if len(_reason_labels) < 1024:          # values come from the kernel: bounded anyway
-        _reason_labels[(code, name)] = label
-    return label
+@lru_cache(maxsize=512)
+def _reason_label(reason: str) -> bytes | None:
+    """The `reason` label appended to a view's rendered labels (a few dozen
+    names); None for frees that are not drops."""
+    return None if reason in NOT_DROPS else b"," + render_labels(("reason",), (reason,))
 
 
 def asymmetric_family(index: Mapping[Key, InterfaceView],
