@@ -2,7 +2,7 @@
 #   make run    bring up the lab and serve /metrics on it (Ctrl-C tears it down)
 #   make test   run every test
 #   make node-up / make node-down   a real single-node Kubernetes (tests/node.py)
-# Both install what they need first (Debian packages, a venv, the BPF objects).
+# Both install what they need first (Debian packages, a venv, the BPF objects, kernel/nlbatch.c built).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,9 +19,9 @@ APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-
                 containerd runc containernetworking-plugins iptables conntrack socat \
                 buildah netavark mmdebstrap busybox-static gcc libc6-dev git
 
-.PHONY: deps apt venv ebpf run lint test test-quick bench lab-down node-up node-down kube-bins generate clean
+.PHONY: deps apt venv ebpf kernel run lint test test-quick bench lab-down node-up node-down kube-bins generate clean
 
-deps: apt venv ebpf
+deps: apt venv ebpf kernel
 
 apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
@@ -41,6 +41,10 @@ $(VENV)/.installed: pyproject.toml
 ebpf:
 	@$(MAKE) -s -C ebpf
 
+# the counters' batch the collector calls with ctypes (kernel/nlbatch.c)
+kernel:
+	@$(MAKE) -s -C kernel
+
 run: deps
 	$(BIN)/python -m lab run --web.listen-address $(LISTEN)
 
@@ -56,7 +60,7 @@ test: deps kube-bins
 # The root-free tier (tests not marked `root`): under a minute, no kernel objects, in
 # pytest-xdist workers; as root it runs as uid 65534 with no capabilities
 # (tests/tools/quick-tier.sh; extra pytest arguments: make test-quick ARGS='-k http').
-test-quick: venv
+test-quick: venv kernel
 	BIN=$(BIN) tests/tools/quick-tier.sh $(ARGS)
 
 # Kubernetes v1.20.2 binaries for tests/kubeapi.py and the real node (tests/node.py),

@@ -9,7 +9,7 @@ datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
     sudo python3 bench/datapath.py [--rounds 12] [--seconds 4] [--no-udp] [--objects DIR ...]
-                                   [--noop] [--variants] [--no-profile]
+                                   [--noop] [--variants] [--no-profile] [--pin]
 
 `--objects` compares several builds of the programs (ebpf/build directories of
 two checkouts, say): each round runs "without" and every build, in an order
@@ -50,13 +50,17 @@ sys.path.insert(0, REPO)
 PORT = 5201
 
 
-def iperf3(client_ns: str, server_ns: str, server_ip: str, seconds: int, udp: bool) -> dict:
-    """One run; returns throughput and CPU numbers from iperf3's JSON."""
+def iperf3(client_ns: str, server_ns: str, server_ip: str, seconds: int, udp: bool,
+           pin: tuple[int, int] | None = None) -> dict:
+    """One run; returns throughput and CPU numbers from iperf3's JSON. `pin`:
+    (client CPU, server CPU) for iperf3 -A."""
+    server_pin = ["-A", str(pin[1])] if pin else []
     server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_ip,
-                               "-p", str(PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "-p", str(PORT), *server_pin], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
-        cmd = ["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", str(PORT), "-t", str(seconds), "-J"]
+        cmd = ["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", str(PORT), "-t", str(seconds), "-J",
+               *(["-A", str(pin[0])] if pin else [])]
         if udp:
             cmd += ["-u", "-b", "0", "-l", "64"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
@@ -108,6 +112,16 @@ def attach_all(loader, namespaces: list[str]) -> int:
     return count
 
 
+def pinned_cpus() -> tuple[int, int]:
+    """Two CPUs this process may run on, for the client and the server: pinned,
+    the scheduler can neither put both on one CPU nor move the sender (whose CPU
+    runs the whole path, softirqs included) in the middle of a run."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    return cpus[0], cpus[1]
+
+
 def cpu_busy_ns() -> int:
     """Busy time of all CPUs since boot (everything but idle and iowait), ns."""
     with open("/proc/stat") as f:
@@ -135,6 +149,7 @@ def run(args) -> None:
     topology.down(prefix)
     state = topology.up(prefix, topology.scale_pods(2))
     loader = None
+    pin = pinned_cpus() if args.pin else None
     try:
         (k0, ns0), (k1, ns1) = list(state.pod_ns.items())
         server_ip = state.addresses[k1]["eth0"][0]
@@ -155,7 +170,7 @@ def run(args) -> None:
                     loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
                 for load, udp in loads:
-                    got = iperf3(ns0, ns1, server_ip, args.seconds, udp)
+                    got = iperf3(ns0, ns1, server_ip, args.seconds, udp, pin)
                     results[(load, mode)].append(got)
                     extra = f", {got['mpps']:.3f} Mpps received, {got['sent_mpps']:.3f} sent" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
@@ -169,14 +184,14 @@ def run(args) -> None:
         if args.variants:
             for mode, objects in builds.items():
                 profile_variants(mode, objects, [ns0, ns1], loads,
-                                 lambda u: iperf3(ns0, ns1, server_ip, args.profile_seconds, u))
+                                 lambda u: iperf3(ns0, ns1, server_ip, args.profile_seconds, u, pin))
         if not args.no_profile:
             for mode, objects in builds.items():
                 loader = Loader(objects) if objects else Loader()
                 attach_all(loader, [ns0, ns1])
                 for load, udp in loads:
                     profile(loader, mode, load, udp, lambda u=udp: iperf3(ns0, ns1, server_ip,
-                                                                           args.profile_seconds, u))
+                                                                           args.profile_seconds, u, pin))
                 loader.close()
                 loader = None
     finally:
@@ -299,6 +314,8 @@ def main() -> int:
                    help="also a mode with bench_noop on every hook (and kfree_skb): what the hooks cost")
     p.add_argument("--variants", action="store_true",
                    help="bpf_stats runs of each bench variant attached in place of the real programs")
+    p.add_argument("--pin", action="store_true",
+                   help="iperf3 client and server each on its own CPU (iperf3 -A): less spread between rounds")
     p.add_argument("--profile-seconds", type=int, default=5, help="length of each bpf_stats run")
     args = p.parse_args()
     if os.geteuid() != 0:

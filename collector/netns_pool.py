@@ -47,6 +47,7 @@ class Namespace:
     read_generation: int = -1           # events.generation the tables were read at
     cost: float = 0.0                   # seconds the last refresh took
     short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
+    counters_rtnl: RtnlSocket | None = None         # see counters_socket()
 
     def refresh(self, now: float) -> None:
         """Re-read links and addresses within the netns budgets (collector/budgets.py):
@@ -108,8 +109,17 @@ class Namespace:
             return 0.0
         return self.cost / self.budgets.netns_refresh_share
 
-    def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
+    def dump_cap(self, ifindexes: set[int]) -> int:
+        """How many links one RTM_GETSTATS dump of the whole namespace may bring
+        when it is the way to read `ifindexes`' counters; 0 when they are asked
+        for one by one (a namespace holding many more links than that, or read
+        only in part)."""
         if self.short or len(self.links) > len(ifindexes) + STATS_DUMP_SLACK:
+            return 0
+        return len(self.links) + STATS_DUMP_SLACK
+
+    def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]:
+        if not self.dump_cap(ifindexes):
             return self.rtnl.stats64_of(sorted(ifindexes))
         return self.rtnl.stats64()
 
@@ -119,9 +129,20 @@ class Namespace:
         self.rtnl.close()
         self.rtnl = fresh
 
+    def counters_socket(self) -> RtnlSocket:
+        """A second netlink socket in this netns, opened at first use, for the
+        counters' batch (kernel/nlbatch.py): it runs on a worker thread while the
+        other sources use `rtnl`, and two readers of one socket would take each
+        other's replies."""
+        if self.counters_rtnl is None:
+            self.counters_rtnl = RtnlSocket.open(self.fd)
+        return self.counters_rtnl
+
     def close(self) -> None:
         self.events.close()
         self.rtnl.close()
+        if self.counters_rtnl is not None:
+            self.counters_rtnl.close()
         os.close(self.fd)
 
 

@@ -320,6 +320,8 @@ class Replay:
             return RtnlSocket(ReplaySocket(netns[name]["replies"], name)), NetnsEvents.quiet()
         scraper.resolver = Resolver(netns_dir, procfs, pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
         sources = scraper.sources
+        if "netlink" in sources:
+            sources["netlink"].native = False       # the recorded replies, decoded by kernel/rtnl.py
         if "routes" in sources:
             sources["routes"].read_pod = replay_read_pod(kernel["routes"])
         if "sriov" in sources:
@@ -388,6 +390,7 @@ def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
     scraper.resolver = Resolver(scraper.resolver.netns_dir, scraper.resolver.procfs,
                                 pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
     sources = scraper.sources
+    sources["netlink"].native = False       # the counters' replies through RecordingSocket, not C
     routes: dict = {}
     sources["routes"].read_pod = recording_read_pod(routes)
     sriov_pf: dict = {}

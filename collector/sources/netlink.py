@@ -1,7 +1,8 @@
 """Interface counters, state and MTU of every attached pod interface.
 
 Counters: one RTM_GETSTATS dump per pod namespace per scrape, on a socket kept
-open in that namespace (collector/netns_pool.py), decoded by kernel/rtnl.py.
+open in that namespace (collector/netns_pool.py), all of them made and decoded
+in one call of kernel/nlbatch.py (kernel/rtnl.py's Python path without it).
 State, MTU and names: the namespace's link table, which the resolver re-reads
 (RTM_GETLINK) in the same scrape whenever the kernel announced a link change.
 Only the interfaces named in the pod's network-status are exported; loopback and
@@ -10,10 +11,12 @@ anything else in the pod is not ours to report.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from collector.family import COUNTER, GAUGE, Family
-from collector.model import ATTACHMENT_LABELS
-from collector.registry import Config, Snapshot, register
+from collector.model import ATTACHMENT_LABELS, PodView
+from collector.registry import Config, PodNetns, Snapshot, register
+from kernel import nlbatch
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,31 @@ COUNTERS = (
 class NetlinkSource:
     def __init__(self, config: Config):
         self.config = config
+        self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
+        self._worker: ThreadPoolExecutor | None = None
+        self._started: tuple[Snapshot, Counters, Future] | None = None
+
+    def prefetch(self, snapshot: Snapshot) -> None:
+        """Start this snapshot's counter dumps on a worker thread (exporters/metrics.py
+        calls this before any source runs): the round trips release the GIL
+        (kernel/nlbatch.py), so they overlap the sources collected before this
+        one. collect() waits for them."""
+        if not (self.native and nlbatch.available()):
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        counters = Counters(snapshot, self.native)
+        self._started = (snapshot, counters, self._worker.submit(counters.dumps.run))
 
     def collect(self, snapshot: Snapshot):
+        started, self._started = self._started, None
+        if started is not None:
+            started[2].result()         # done with the sockets either way
+        if started is not None and started[0] is snapshot:
+            read = started[1]
+        else:
+            read = Counters(snapshot, self.native)
+            read.dumps.run()
         counters = [(Family(f"planewatch_interface_{name}_total", COUNTER, text, ATTACHMENT_LABELS), field)
                     for name, field, text in COUNTERS]
         up = Family("planewatch_interface_up", GAUGE,
@@ -49,14 +75,9 @@ class NetlinkSource:
         labels: list[bytes] = []
         rows: list[tuple[int, ...]] = []
         links = []
-        for view in snapshot.pods:
-            ns = snapshot.netns_of(view)
-            if ns is None:
-                continue
-            try:
-                stats = ns.stats64({iv.link.ifindex for iv in view.interfaces if iv.link})
-            except OSError as err:      # the pod went away mid-scrape: not a failure
-                log.debug("pod %s: netns %s: %s", view.pod.key, view.netns_path, err)
+        for (view, ns), stats in zip(read.pods, read.results()):
+            if isinstance(stats, OSError):      # the pod went away mid-scrape: not a failure
+                log.debug("pod %s: netns %s: %s", view.pod.key, view.netns_path, stats)
                 continue
             for iv in view.interfaces:
                 if iv.link is None:
@@ -74,3 +95,65 @@ class NetlinkSource:
         mtu.extend_rendered(labels, [link.mtu for link in links])
         carrier.extend_rendered(labels, [link.carrier_changes for link in links])
         return [fam for fam, _ in counters] + [up, mtu, carrier]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._started = None
+
+
+class Counters:
+    """The counters of every pod's interfaces in `snapshot`: `ns.stats64(ifindexes)`
+    per pod netns, the whole-namespace dumps among them (the common case) made
+    by one kernel/nlbatch.py batch (`dumps`, to run before `results`). A
+    namespace whose dump brought more links than its cap (links added since its
+    table was read) is asked again per interface."""
+
+    def __init__(self, snapshot: Snapshot, native: bool = True):
+        self.pods: list[tuple[PodView, PodNetns]] = []
+        self._wanted: list[set[int]] = []
+        self._batched: list[int] = []
+        caps: list[int] = []
+        for view in snapshot.pods:
+            ns = snapshot.netns_of(view)
+            if ns is None:
+                continue
+            wanted = {iv.link.ifindex for iv in view.interfaces if iv.link}
+            cap = ns.dump_cap(wanted)
+            if cap:
+                self._batched.append(len(self.pods))
+                caps.append(cap)
+            self.pods.append((view, ns))
+            self._wanted.append(wanted)
+        # native: the batch may run on a worker thread while neighbours and routes
+        # read `rtnl`; it gets sockets of its own
+        sockets = [ns.counters_socket() if native else ns.rtnl for ns in (self.pods[i][1] for i in self._batched)]
+        self.dumps = nlbatch.StatsDumps(sockets, caps, native)
+
+    def results(self) -> list[dict[int, tuple[int, ...]] | OSError]:
+        """Per pod of `pods`: ifindex -> 8 counters, or the OSError its read failed
+        with (the pod went away mid-scrape)."""
+        dumped = dict(zip(self._batched, self.dumps.results()))
+        out: list[dict[int, tuple[int, ...]] | OSError] = []
+        for i, (_, ns) in enumerate(self.pods):
+            if i not in dumped:
+                out.append(_stats64(ns, self._wanted[i]))
+            else:
+                got = dumped[i]
+                out.append(got if got is not None else _stats64_of(ns, self._wanted[i]))
+        return out
+
+
+def _stats64(ns: PodNetns, wanted: set[int]) -> dict[int, tuple[int, ...]] | OSError:
+    try:
+        return ns.stats64(wanted)
+    except OSError as err:
+        return err
+
+
+def _stats64_of(ns: PodNetns, wanted: set[int]) -> dict[int, tuple[int, ...]] | OSError:
+    try:
+        return ns.rtnl.stats64_of(sorted(wanted))
+    except OSError as err:
+        return err
