@@ -47,7 +47,7 @@ class Namespace:
     read_generation: int = -1           # events.generation the tables were read at
     cost: float = 0.0                   # seconds the last refresh took
     short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
-    counters_rtnl: RtnlSocket | None = None         # see counters_socket()
+    batch_rtnl: RtnlSocket | None = None            # see batch_socket()
 
     def refresh(self, now: float) -> None:
         """Re-read links and addresses within the netns budgets (collector/budgets.py):
@@ -129,20 +129,20 @@ class Namespace:
         self.rtnl.close()
         self.rtnl = fresh
 
-    def counters_socket(self) -> RtnlSocket:
-        """A second netlink socket in this netns, opened at first use, for the
-        counters' batch (kernel/nlbatch.py): it runs on a worker thread while the
-        other sources use `rtnl`, and two readers of one socket would take each
+    def batch_socket(self) -> RtnlSocket:
+        """A second netlink socket in this netns, opened at first use, that only
+        kernel/nlbatch.py's worker thread reads: its batches run while the
+        sources use `rtnl`, and two readers of one socket would take each
         other's replies."""
-        if self.counters_rtnl is None:
-            self.counters_rtnl = RtnlSocket.open(self.fd)
-        return self.counters_rtnl
+        if self.batch_rtnl is None:
+            self.batch_rtnl = RtnlSocket.open(self.fd)
+        return self.batch_rtnl
 
     def close(self) -> None:
         self.events.close()
         self.rtnl.close()
-        if self.counters_rtnl is not None:
-            self.counters_rtnl.close()
+        if self.batch_rtnl is not None:
+            self.batch_rtnl.close()
         os.close(self.fd)
 
 

@@ -1,12 +1,12 @@
-/* Interface counters of many network namespaces in one call (kernel/nlbatch.py).
+/* Netlink round trips of many network namespaces in one call (kernel/nlbatch.py):
+ * the RTM_GETSTATS dump of each, decoded into rows (pw_stats64_dumps), and
+ * gets whose answers come back as received (pw_requests: the neighbour gets).
  *
- * A scrape asks every pod netns for its links' counters: one RTM_GETSTATS
- * dump on the netlink socket kept open there (kernel/rtnl.py). In Python each
- * round trip costs about three times its two syscalls (packing, copying the
- * datagram out, the message walk, one tuple per link), all under the GIL.
- * Here the whole batch is one ctypes call, which releases the GIL: the same
- * requests and the same decoding as RtnlSocket.stats64, written into rows the
- * caller reads as one array.
+ * A scrape asks every pod netns for its links' counters and its gateways'
+ * neighbour entries, on netlink sockets kept open there (kernel/rtnl.py). In
+ * Python each round trip costs about three times its two syscalls (packing,
+ * copying the datagram out, the message walk, one tuple per link), all under
+ * the GIL. Here a whole batch is one ctypes call, which releases the GIL.
  *
  * Only the framing the kernel defines is trusted, and no more than it: every
  * length is checked against the datagram and the attribute it sits in, as
@@ -153,6 +153,70 @@ int pw_stats64_dumps(int n, const int *fds, const uint32_t *seqs, struct pw_stat
 			got = dump_stats(fds[i], seqs[i] + try, rows + first[i], cap[i], buf, buflen);
 		result[i] = got;
 		ok += got >= 0;
+	}
+	return ok;
+}
+
+/* Several non-dump requests in one datagram on each socket, and their answers.
+ *
+ * For each of the `n` sockets fds[i]: send requests[offsets[i] .. offsets[i+1])
+ * (one datagram of expect[i] requests numbered first_seq[i] onwards), then read
+ * until each has its answer (a reply or an NLMSG_ERROR: the kernel answers a
+ * get with exactly one), and append the datagrams, each padded to 4 bytes, to
+ * out (cap bytes). spans[2i], spans[2i+1]: where socket i's datagrams start and
+ * end in out. result[i]: 0, -errno, or -ENOSPC when out had no room left
+ * (the answers are still read, so the socket stays usable). Returns the number
+ * of sockets whose answers are all in out. */
+int pw_requests(int n, const int *fds, const uint8_t *requests, const uint64_t *offsets,
+		const uint32_t *first_seq, const uint32_t *expect, uint8_t *out, size_t cap,
+		uint64_t *spans, int64_t *result, uint8_t *buf, size_t buflen)
+{
+	size_t used = 0;
+	int ok = 0;
+
+	for (int i = 0; i < n; i++) {
+		size_t len = offsets[i + 1] - offsets[i];
+		uint32_t answered = 0;
+		int64_t status = 0;
+		int full = 0;
+
+		spans[2 * i] = used;
+		if (expect[i] && send(fds[i], requests + offsets[i], len, 0) != (ssize_t)len)
+			status = errno ? -errno : -EIO;
+		while (!status && answered < expect[i]) {
+			ssize_t got = recv(fds[i], buf, buflen, 0);
+			size_t off = 0, padded;
+
+			if (got < 0 && errno == EINTR)
+				continue;
+			if (got <= 0) {
+				status = got < 0 ? -errno : -EIO;
+				break;
+			}
+			while (off + sizeof(struct nl_header) <= (size_t)got) {
+				struct nl_header h;
+
+				memcpy(&h, buf + off, sizeof(h));
+				if (h.len < sizeof(h) || h.len > (size_t)got - off) {
+					status = -EBADMSG;
+					break;
+				}
+				if (h.seq - first_seq[i] < expect[i])       /* unsigned: wraps */
+					answered++;
+				off += ALIGN4(h.len);
+			}
+			padded = ALIGN4((size_t)got);
+			if (full || used + padded > cap) {
+				full = 1;       /* still read to the last answer: the socket stays usable */
+				continue;
+			}
+			memcpy(out + used, buf, got);
+			memset(out + used + got, 0, padded - got);
+			used += padded;
+		}
+		spans[2 * i + 1] = used;
+		result[i] = status ? status : full ? -ENOSPC : 0;
+		ok += !status && !full;
 	}
 	return ok;
 }

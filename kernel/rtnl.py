@@ -301,25 +301,24 @@ class RtnlSocket:
                 if flags & NLM_F_DUMP != NLM_F_DUMP:
                     return replies
 
+    def requests_datagram(self, request: int, bodies: list[bytes]) -> tuple[int, bytes]:
+        """One datagram of non-dump requests, one per body (the kernel answers its
+        messages one after the other), and the first one's sequence number."""
+        first = (self._seq + 1) & 0xFFFFFFFF
+        out = [pack_message(request, NLM_F_REQUEST, (first + i) & 0xFFFFFFFF, body) for i, body in enumerate(bodies)]
+        self._seq = (first + len(bodies) - 1) & 0xFFFFFFFF
+        return first, b"".join(out)
+
     def _requests(self, request: int, reply: int, bodies: list[bytes]):
         """Send one non-dump request per body, yield (index, buf, start, end) of
         each answer; an absent object (ENODEV and the like) yields nothing."""
-        first = self._seq + 1
         if not bodies:
             return
-        out = []
-        for i, body in enumerate(bodies):
-            self._seq = (first + i) & 0xFFFFFFFF
-            out.append(pack_message(request, NLM_F_REQUEST, self._seq, body))
-        # one datagram: the kernel answers its messages one after the other
-        self._sock.send(b"".join(out))
-        waiting = {(first + i) & 0xFFFFFFFF: i for i in range(len(bodies))}
+        first, datagram = self.requests_datagram(request, bodies)
+        self._sock.send(datagram)
+        waiting = waiting_for(first, len(bodies))
         while waiting:
-            buf = receive(self._sock)
-            for mtype, mseq, start, end in messages(buf):
-                index = waiting.pop(mseq, None)
-                if index is not None and mtype == reply:
-                    yield index, buf, start, end
+            yield from answers(receive(self._sock), waiting, reply)
 
     def stats64(self) -> dict[int, tuple[int, ...]]:
         """ifindex -> the first 8 rtnl_link_stats64 counters (rx/tx packets, bytes,
@@ -383,6 +382,20 @@ class RtnlSocket:
             except NetlinkError as err:
                 if err.errno != errno.EINTR:        # dump interrupted by a change: start over
                     raise
+
+
+def waiting_for(first: int, count: int) -> dict[int, int]:
+    """Sequence number -> index of `count` requests numbered from `first`."""
+    return {(first + i) & 0xFFFFFFFF: i for i in range(count)}
+
+
+def answers(buf, waiting: dict[int, int], reply: int):
+    """(index, buf, start, end) of each `reply` message in `buf` answering a
+    request still in `waiting` (which each answer, reply or error, leaves)."""
+    for mtype, mseq, start, end in messages(buf):
+        index = waiting.pop(mseq, None)
+        if index is not None and mtype == reply:
+            yield index, buf, start, end
 
 
 def messages(buf: bytes):

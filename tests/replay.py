@@ -320,8 +320,9 @@ class Replay:
             return RtnlSocket(ReplaySocket(netns[name]["replies"], name)), NetnsEvents.quiet()
         scraper.resolver = Resolver(netns_dir, procfs, pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
         sources = scraper.sources
-        if "netlink" in sources:
-            sources["netlink"].native = False       # the recorded replies, decoded by kernel/rtnl.py
+        for name in ("netlink", "neighbours"):
+            if name in sources:
+                sources[name].native = False        # the recorded replies, decoded by kernel/rtnl.py
         if "routes" in sources:
             sources["routes"].read_pod = replay_read_pod(kernel["routes"])
         if "sriov" in sources:
@@ -390,7 +391,8 @@ def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
     scraper.resolver = Resolver(scraper.resolver.netns_dir, scraper.resolver.procfs,
                                 pool=NetnsPool(scraper.resolver.pool.budgets, sockets=sockets))
     sources = scraper.sources
-    sources["netlink"].native = False       # the counters' replies through RecordingSocket, not C
+    for name in ("netlink", "neighbours"):
+        sources[name].native = False        # the replies through RecordingSocket, not kernel/nlbatch.c
     routes: dict = {}
     sources["routes"].read_pod = recording_read_pod(routes)
     sriov_pf: dict = {}

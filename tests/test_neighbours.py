@@ -123,6 +123,78 @@ def test_neighbour_gets_return_the_dumped_entries_asked_for(two_ns):
         sock.close()
 
 
+def test_batched_gets_answer_as_the_python_path(two_ns):
+    """kernel/nlbatch.py's Requests (every socket's gets in one C call) against
+    neighbours_of on the same sockets: the same entries, in the same places; a
+    socket with nothing to ask answers nothing; a closed one is its own error."""
+    from kernel import nlbatch
+    from kernel.rtnl_neighbours import RTM_GETNEIGH, RTM_NEWNEIGH, neighbour_gets, parse_neigh
+    a, b = two_ns
+    sa, sb = RtnlSocket.open(f"/run/netns/{a}"), RtnlSocket.open(f"/run/netns/{b}")
+    closed = RtnlSocket.open(f"/run/netns/{b}")
+    closed.close()
+    try:
+        eth0 = next(l.ifindex for l in sa.links() if l.name == "eth0")
+        wanted = [(eth0, "10.252.0.5"), (eth0, "10.252.0.77"), (eth0, "10.252.0.6"), (999, "10.252.0.5"),
+                  (eth0, "fd00:252::99")]
+        bodies = neighbour_gets(wanted)
+        assert nlbatch.available()
+        gets = nlbatch.Requests([(sa, RTM_GETNEIGH, bodies), (sb, RTM_GETNEIGH, []), (closed, RTM_GETNEIGH, bodies),
+                                 (sa, RTM_GETNEIGH, bodies[2:3])])
+        gets.run(RTM_NEWNEIGH)
+        got = [[(i, parse_neigh(buf, st, e)) for i, buf, st, e in gets.answers(k, RTM_NEWNEIGH)] for k in (0, 1, 3)]
+        with pytest.raises(OSError) as err:
+            list(gets.answers(2, RTM_NEWNEIGH))
+        assert err.value.errno == 9         # EBADF
+        python = neighbours_of(sa, wanted)
+    finally:
+        sa.close()
+        sb.close()
+    assert [i for i, _ in got[0]] == [0, 2] and got[1] == [] and [i for i, _ in got[2]] == [0]
+    for (_, ours), theirs in zip(got[0], python):
+        assert (ours.ifindex, ours.address, ours.state, ours.lladdr) == \
+            (theirs.ifindex, theirs.address, theirs.state, theirs.lladdr)
+    assert got[2][0][1].address == "10.252.0.6"
+
+
+def test_neighbours_source_reads_the_same_with_the_gets_started_early(two_ns):
+    """What the scraper does (prefetch(), then collect()) against the Python path
+    on the same pod: the same gateways in the same states."""
+    from collector.netns_pool import NetnsPool
+    from collector.registry import Config, Snapshot
+    from collector.sources.neighbours import NeighboursSource
+    a, _ = two_ns
+    subprocess.run(["ip", "netns", "exec", a, "ping", "-c1", "-W1", "10.252.0.2"], capture_output=True)
+    pool = NetnsPool()
+    try:
+        ns = pool.open(f"/run/netns/{a}")
+        ns.refresh(0.0)
+        links = {l.name: l for l in ns.links}
+        pv = PodView(Pod("ns", "p", "uid-1", attachments=(att("default", "eth0", "management", ["10.252.0.6"]),)),
+                     ns.path, ns.inode, "cgroup",
+                     (InterfaceView(att("default", "eth0", "management", ["10.252.0.6"]),
+                                    Link(links["eth0"].ifindex, "eth0")),))
+        snapshot = Snapshot((pv,), netns=pool)
+
+        def states(native: bool, early: bool) -> dict:
+            source = NeighboursSource(Config())
+            source.native = native
+            try:
+                if early:
+                    source.prefetch(snapshot)
+                    assert source._started is not None
+                gateways, _ = source.read(snapshot)
+                return {g.address: g.state for g in gateways}
+            finally:
+                source.close()
+
+        early, late, python = states(True, True), states(True, False), states(False, False)
+    finally:
+        pool.keep_only(set())
+    assert early == late == python
+    assert python["10.252.0.2"] == "reachable" and python["10.252.0.6"] == "stale" and python["10.252.0.3"] == "none"
+
+
 def test_gateway_states_read_from_the_kernel_per_gateway(two_ns):
     """NeighboursSource.read's reading of one pod, on a real netns: the gateways of
     the annotation and the routes, their entries fetched one get each: a gateway

@@ -281,3 +281,46 @@ def test_netlink_source_reads_the_same_with_the_batch_started_early(namespaces):
           if name == "planewatch_interface_receive_packets_total" and ("pod", a) in labels
           and ("interface", "eth0") in labels]
     assert rx and rx[0] >= 10
+
+
+# ---- Requests (gets) on a socket pair
+
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
+
+
+def test_gets_answers_in_order_across_datagrams_and_a_sequence_wrap(pair):
+    pair.rtnl._seq = 0xFFFFFFFE             # the three requests are numbered ffffffff, 0, 1
+    gets = nlbatch.Requests([(pair.rtnl, RTM_GETNEIGH, [b"a" * 12, b"b" * 12, b"c" * 12])])
+    first = gets.first[0]
+    assert first == 0xFFFFFFFF
+    pair.queue(_msg(RTM_NEWNEIGH, first, b"one!" * 3, flags=0) + _msg(RTM_NEWNEIGH, 77, b"other"),
+               _msg(NLMSG_ERROR, 0, struct.pack("=i", -errno.ENOENT) + bytes(16)),
+               _msg(RTM_NEWNEIGH, 1, b"three" * 2, flags=0))
+    gets.run(RTM_NEWNEIGH)
+    got = [(i, buf[s:e]) for i, buf, s, e in gets.answers(0, RTM_NEWNEIGH)]
+    assert got == [(0, b"one!" * 3), (2, b"three" * 2)]
+    sent = pair.request()
+    assert [struct.unpack_from("=I", sent, off + 8)[0] for off in (0, 28, 56)] == [0xFFFFFFFF, 0, 1]
+
+
+def test_gets_with_no_room_are_asked_again(pair, monkeypatch):
+    monkeypatch.setattr(nlbatch.Requests, "ANSWER_ROOM", 0)
+    gets = nlbatch.Requests([(pair.rtnl, RTM_GETNEIGH, [b"x" * 12])])
+    gets.cap = 8                                    # less than one answer
+    first = gets.first[0]
+    pair.queue(_msg(RTM_NEWNEIGH, first, b"big answer" + bytes(40)))
+    gets.run(RTM_NEWNEIGH)
+    assert gets.result[0] == -errno.ENOSPC
+    assert pair.request()                           # asked once, answer read (the socket stays usable)
+    pair.queue(_msg(RTM_NEWNEIGH, first + 1, b"again"))
+    got = [(i, buf[s:e]) for i, buf, s, e in gets.answers(0, RTM_NEWNEIGH)]
+    assert got == [(0, b"again")]
+
+
+def test_gets_with_a_lying_header_are_ebadmsg(pair):
+    gets = nlbatch.Requests([(pair.rtnl, RTM_GETNEIGH, [b"x" * 12])])
+    pair.queue(struct.pack("=IHHII", 500, RTM_NEWNEIGH, 0, gets.first[0], 0) + b"short")
+    gets.run(RTM_NEWNEIGH)
+    with pytest.raises(OSError) as err:
+        list(gets.answers(0, RTM_NEWNEIGH))
+    assert err.value.errno == errno.EBADMSG

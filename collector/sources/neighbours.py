@@ -15,7 +15,8 @@ active probes (collector/gateway_probe.py, off by default, per plane) are for.
 A gateway with no entry at all is state "none".
 
 Per pod netns per scrape, one RTM_GETNEIGH get per gateway, sent together on
-the socket kept open there (collector/netns_pool.py) and decoded by
+a socket kept open there (collector/netns_pool.py), every pod's in one call of
+kernel/nlbatch.py started before the sources run, and decoded by
 kernel/rtnl_neighbours.py: a dump would walk the kernel's whole neighbour table,
 every namespace's entries, once per pod. The routes' next
 hops are dumped again only when the kernel announced a route change in that
@@ -31,15 +32,26 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
-from collector.registry import Config, NoData, Option, SameObjects, Snapshot, register
+from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
+from kernel import nlbatch
 from kernel.rtnl_events import ChangeWatch
-from kernel.rtnl_neighbours import Neighbour, NextHop, neighbour_gets, next_hops, read_neighbours
+from kernel.rtnl_neighbours import (
+    RTM_GETNEIGH,
+    RTM_NEWNEIGH,
+    Neighbour,
+    NextHop,
+    neighbour_gets,
+    next_hops,
+    parse_neigh,
+    read_neighbours,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +148,11 @@ class GatewayPlan:
     def read(self, rtnl) -> list[Gateway]:
         """The gateways with their entries read now (`rtnl` open in the pod's netns):
         one RTM_GETNEIGH get per gateway, all in one datagram."""
-        return _with_entries(self.addresses, read_neighbours(rtnl, self.gets))
+        return self.with_entries(read_neighbours(rtnl, self.gets))
+
+    def with_entries(self, table: list[Neighbour]) -> list[Gateway]:
+        """The gateways with their entries in `table` (the answers to `gets`)."""
+        return _with_entries(self.addresses, table)
 
 
 def read_gateways(view: PodView, hops: list[NextHop], rtnl) -> list[Gateway]:
@@ -291,10 +307,13 @@ class NeighboursSource:
         self.last: list[Gateway] = []
         self.hop_cache = HopCache()
         self._plans = SameObjects()         # pod netns inode -> GatewayPlan
+        self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
+        self._started: tuple[Snapshot, list, nlbatch.Requests, Future] | None = None
 
-    def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
-        gateways: list[Gateway] = []
-        targets: list[Target] = []
+    def plan(self, snapshot: Snapshot) -> list[tuple[PodView, PodNetns, GatewayPlan]]:
+        """Each pod netns to read and what to ask there (the next hops re-read
+        where the kernel announced a route change)."""
+        planned = []
         live = set()
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
@@ -303,16 +322,52 @@ class NeighboursSource:
             live.add(ns.inode)
             try:
                 hops = self.hop_cache.hops(ns)
-                plan = self._plans.get(ns.inode, (view, hops), GatewayPlan)
-                found = plan.read(ns.rtnl)
+            except OSError as err:      # the pod went away mid-scrape: not a failure
+                log.debug("pod %s: %s", view.pod.key, err)
+                continue
+            planned.append((view, ns, self._plans.get(ns.inode, (view, hops), GatewayPlan)))
+        self.hop_cache.keep_only(live)
+        self._plans.sweep()
+        return planned
+
+    def _gets(self, planned, native: bool) -> nlbatch.Requests:
+        # native: the gets run on kernel/nlbatch.py's thread, on its sockets
+        return nlbatch.Requests([(ns.batch_socket() if native else ns.rtnl, RTM_GETNEIGH, plan.gets)
+                                 for _, ns, plan in planned], native)
+
+    def prefetch(self, snapshot: Snapshot) -> None:
+        """Start this snapshot's neighbour gets on kernel/nlbatch.py's thread (the
+        scraper calls this before any source runs); read() takes the answers."""
+        if not (self.native and nlbatch.available()):
+            return
+        planned = self.plan(snapshot)
+        gets = self._gets(planned, True)
+        self._started = (snapshot, planned, gets, nlbatch.submit(gets.run, RTM_NEWNEIGH))
+
+    def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
+        started, self._started = self._started, None
+        if started is not None:
+            started[3].result()         # done with the sockets either way
+        if started is not None and started[0] is snapshot:
+            _, planned, gets, _ = started
+        else:
+            planned = self.plan(snapshot)
+            gets = self._gets(planned, self.native)
+            if self.native:
+                nlbatch.submit(gets.run, RTM_NEWNEIGH).result()
+            else:
+                gets.run(RTM_NEWNEIGH)
+        gateways: list[Gateway] = []
+        targets: list[Target] = []
+        for i, (view, ns, plan) in enumerate(planned):
+            try:
+                found = plan.with_entries([parse_neigh(buf, s, e) for _, buf, s, e in gets.answers(i, RTM_NEWNEIGH)])
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue
             gateways += found
-        self.hop_cache.keep_only(live)
-        self._plans.sweep()
         return gateways, targets
 
     def collect(self, snapshot: Snapshot) -> list[Family]:
@@ -327,6 +382,9 @@ class NeighboursSource:
         return families + probe_families(self.prober.snapshot(), self.prober.delayed)
 
     def close(self) -> None:
+        if self._started is not None:
+            self._started[3].result()
+            self._started = None
         self.hop_cache.keep_only(set())
         self._plans.clear()
         if self.prober is not None:

@@ -11,7 +11,7 @@ anything else in the pod is not ours to report.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, PodView
@@ -38,7 +38,6 @@ class NetlinkSource:
     def __init__(self, config: Config):
         self.config = config
         self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
-        self._worker: ThreadPoolExecutor | None = None
         self._started: tuple[Snapshot, Counters, Future] | None = None
 
     def prefetch(self, snapshot: Snapshot) -> None:
@@ -48,10 +47,8 @@ class NetlinkSource:
         one. collect() waits for them."""
         if not (self.native and nlbatch.available()):
             return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         counters = Counters(snapshot, self.native)
-        self._started = (snapshot, counters, self._worker.submit(counters.dumps.run))
+        self._started = (snapshot, counters, nlbatch.submit(counters.dumps.run))
 
     def collect(self, snapshot: Snapshot):
         started, self._started = self._started, None
@@ -61,7 +58,10 @@ class NetlinkSource:
             read = started[1]
         else:
             read = Counters(snapshot, self.native)
-            read.dumps.run()
+            if self.native:         # its sockets are read on kernel/nlbatch.py's thread only
+                nlbatch.submit(read.dumps.run).result()
+            else:
+                read.dumps.run()
         counters = [(Family(f"planewatch_interface_{name}_total", COUNTER, text, ATTACHMENT_LABELS), field)
                     for name, field, text in COUNTERS]
         up = Family("planewatch_interface_up", GAUGE,
@@ -97,10 +97,9 @@ class NetlinkSource:
         return [fam for fam, _ in counters] + [up, mtu, carrier]
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-        self._started = None
+        if self._started is not None:
+            self._started[2].result()
+            self._started = None
 
 
 class Counters:
@@ -126,9 +125,9 @@ class Counters:
                 caps.append(cap)
             self.pods.append((view, ns))
             self._wanted.append(wanted)
-        # native: the batch may run on a worker thread while neighbours and routes
-        # read `rtnl`; it gets sockets of its own
-        sockets = [ns.counters_socket() if native else ns.rtnl for ns in (self.pods[i][1] for i in self._batched)]
+        # native: the batch runs on kernel/nlbatch.py's thread while other sources
+        # read `rtnl`: on sockets of its own
+        sockets = [ns.batch_socket() if native else ns.rtnl for ns in (self.pods[i][1] for i in self._batched)]
         self.dumps = nlbatch.StatsDumps(sockets, caps, native)
 
     def results(self) -> list[dict[int, tuple[int, ...]] | OSError]:
