@@ -150,7 +150,7 @@ class Requests:
     its OSError there. Without the library (or native=False) run() reads each
     socket through RtnlSocket._requests."""
 
-    ANSWER_ROOM = 512       # bytes of out reserved per request (a neighbour reply is ~80)
+    ANSWER_ROOM = 256       # bytes of out reserved per request (a neighbour answer is 60-110)
 
     def __init__(self, asks: Sequence[tuple[RtnlSocket, int, list[bytes]]], native: bool = True):
         self.asks = list(asks)
@@ -205,8 +205,10 @@ class Requests:
             return
         code = self.result[i]
         sock, request, bodies = self.asks[i]
-        if code == -errno.ENOSPC:           # more than ANSWER_ROOM a request: ask again, in Python
-            yield from sock._requests(request, reply, bodies)
+        if code == -errno.ENOSPC:
+            # more than ANSWER_ROOM a request: ask again, in Python, on the thread
+            # that reads this socket (another batch may be reading it right now)
+            yield from submit(lambda: list(sock._requests(request, reply, bodies))).result()
             return
         if code < 0:
             raise OSError(-code, os.strerror(-code))

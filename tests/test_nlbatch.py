@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 
 import pytest
 
@@ -313,8 +314,16 @@ def test_gets_with_no_room_are_asked_again(pair, monkeypatch):
     assert gets.result[0] == -errno.ENOSPC
     assert pair.request()                           # asked once, answer read (the socket stays usable)
     pair.queue(_msg(RTM_NEWNEIGH, first + 1, b"again"))
+    threads = []
+    requests = pair.rtnl._requests
+
+    def on_which_thread(*args):
+        threads.append(threading.current_thread().name)
+        return requests(*args)
+    monkeypatch.setattr(pair.rtnl, "_requests", on_which_thread)
     got = [(i, buf[s:e]) for i, buf, s, e in gets.answers(0, RTM_NEWNEIGH)]
     assert got == [(0, b"again")]
+    assert len(threads) == 1 and threads[0].startswith("nlbatch")     # the batch sockets' one reader
 
 
 def test_gets_with_a_lying_header_are_ebadmsg(pair):
