@@ -189,9 +189,15 @@ def test_neighbours_source_reads_the_same_with_the_gets_started_early(two_ns):
                 source.close()
 
         early, late, python = states(True, True), states(True, False), states(False, False)
+
+        def no_fd():
+            raise OSError(24, "Too many open files")
+        ns.batch_socket = no_fd         # that pod read on the scrape thread's socket instead
+        unbatched = states(True, True)
+        del ns.batch_socket
     finally:
         pool.keep_only(set())
-    assert early == late == python
+    assert early == late == python == unbatched
     assert python["10.252.0.2"] == "reachable" and python["10.252.0.6"] == "stale" and python["10.252.0.3"] == "none"
 
 

@@ -308,7 +308,7 @@ class NeighboursSource:
         self.hop_cache = HopCache()
         self._plans = SameObjects()         # pod netns inode -> GatewayPlan
         self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
-        self._started: tuple[Snapshot, list, nlbatch.Requests, Future] | None = None
+        self._started: tuple[Snapshot, list, tuple[nlbatch.Requests, set[int]], Future] | None = None
 
     def plan(self, snapshot: Snapshot) -> list[tuple[PodView, PodNetns, GatewayPlan]]:
         """Each pod netns to read and what to ask there (the next hops re-read
@@ -330,10 +330,24 @@ class NeighboursSource:
         self._plans.sweep()
         return planned
 
-    def _gets(self, planned, native: bool) -> nlbatch.Requests:
-        # native: the gets run on kernel/nlbatch.py's thread, on its sockets
-        return nlbatch.Requests([(ns.batch_socket() if native else ns.rtnl, RTM_GETNEIGH, plan.gets)
-                                 for _, ns, plan in planned], native)
+    @staticmethod
+    def _gets(planned, native: bool) -> tuple[nlbatch.Requests, set[int]]:
+        """The batch of every planned pod's gets (native: on kernel/nlbatch.py's
+        thread and its sockets), and the pods left out of it: those whose batch
+        socket cannot be opened (no fd left, the netns going away), which read()
+        reads on the scrape thread's socket instead."""
+        asks = []
+        for view, ns, plan in planned:
+            sock = ns.rtnl
+            if native:
+                try:
+                    sock = ns.batch_socket()
+                except OSError as err:
+                    log.debug("pod %s: no batch socket: %s", view.pod.key, err)
+                    sock = None
+            asks.append((sock, RTM_GETNEIGH, plan.gets) if sock is not None else None)
+        return (nlbatch.Requests([ask for ask in asks if ask is not None], native),
+                {i for i, ask in enumerate(asks) if ask is None})
 
     def prefetch(self, snapshot: Snapshot) -> None:
         """Start this snapshot's neighbour gets on kernel/nlbatch.py's thread (the
@@ -341,27 +355,33 @@ class NeighboursSource:
         if not (self.native and nlbatch.available()):
             return
         planned = self.plan(snapshot)
-        gets = self._gets(planned, True)
-        self._started = (snapshot, planned, gets, nlbatch.submit(gets.run, RTM_NEWNEIGH))
+        gets, unbatched = self._gets(planned, True)
+        self._started = (snapshot, planned, (gets, unbatched), nlbatch.submit(gets.run, RTM_NEWNEIGH))
 
     def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
         started, self._started = self._started, None
         if started is not None:
             started[3].result()         # done with the sockets either way
         if started is not None and started[0] is snapshot:
-            _, planned, gets, _ = started
+            _, planned, (gets, unbatched), _ = started
         else:
             planned = self.plan(snapshot)
-            gets = self._gets(planned, self.native)
+            gets, unbatched = self._gets(planned, self.native)
             if self.native:
                 nlbatch.submit(gets.run, RTM_NEWNEIGH).result()
             else:
                 gets.run(RTM_NEWNEIGH)
         gateways: list[Gateway] = []
         targets: list[Target] = []
+        k = 0                   # the pod's place in the batch
         for i, (view, ns, plan) in enumerate(planned):
             try:
-                found = plan.with_entries([parse_neigh(buf, s, e) for _, buf, s, e in gets.answers(i, RTM_NEWNEIGH)])
+                if i in unbatched:
+                    found = plan.read(ns.rtnl)
+                else:
+                    k += 1
+                    found = plan.with_entries([parse_neigh(buf, s, e)
+                                               for _, buf, s, e in gets.answers(k - 1, RTM_NEWNEIGH)])
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
                     targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure

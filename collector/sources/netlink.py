@@ -17,6 +17,7 @@ from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, PodNetns, Snapshot, register
 from kernel import nlbatch
+from kernel.rtnl import RtnlSocket
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,22 @@ class Counters:
         self._wanted: list[set[int]] = []
         self._batched: list[int] = []
         caps: list[int] = []
+        sockets = []
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
             if ns is None:
                 continue
             wanted = {iv.link.ifindex for iv in view.interfaces if iv.link}
             cap = ns.dump_cap(wanted)
-            if cap:
+            # native: the batch runs on kernel/nlbatch.py's thread while other
+            # sources read `rtnl`: on sockets of its own
+            sock = _batch_socket(view, ns) if cap and native else ns.rtnl if cap else None
+            if sock is not None:
                 self._batched.append(len(self.pods))
                 caps.append(cap)
+                sockets.append(sock)
             self.pods.append((view, ns))
             self._wanted.append(wanted)
-        # native: the batch runs on kernel/nlbatch.py's thread while other sources
-        # read `rtnl`: on sockets of its own
-        sockets = [ns.batch_socket() if native else ns.rtnl for ns in (self.pods[i][1] for i in self._batched)]
         self.dumps = nlbatch.StatsDumps(sockets, caps, native)
 
     def results(self) -> list[dict[int, tuple[int, ...]] | OSError]:
@@ -142,6 +145,17 @@ class Counters:
                 got = dumped[i]
                 out.append(got if got is not None else _stats64_of(ns, self._wanted[i]))
         return out
+
+
+def _batch_socket(view: PodView, ns: PodNetns) -> RtnlSocket | None:
+    """The netns's batch socket; None when it cannot be opened (no fd left, the
+    netns going away): that pod's counters are then read the Python way, on the
+    scrape thread's socket, and the other pods' still in the batch."""
+    try:
+        return ns.batch_socket()
+    except OSError as err:
+        log.debug("pod %s: netns %s: no batch socket: %s", view.pod.key, view.netns_path, err)
+        return None
 
 
 def _stats64(ns: PodNetns, wanted: set[int]) -> dict[int, tuple[int, ...]] | OSError:
