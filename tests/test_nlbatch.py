@@ -345,3 +345,37 @@ def test_gets_with_a_lying_header_are_ebadmsg(pair):
     with pytest.raises(OSError) as err:
         list(gets.answers(0, RTM_NEWNEIGH))
     assert err.value.errno == errno.EBADMSG
+
+
+def test_without_the_library_no_batch_socket_nor_thread(namespaces, monkeypatch):
+    """The fallback is the old path: the scrape thread's own socket, no second
+    socket per netns, nothing on the batch thread."""
+    from collector.model import Attachment, InterfaceView, Link, Pod, PodView
+    from collector.netns_pool import NetnsPool
+    from collector.registry import Config, Snapshot
+    from collector.sources.neighbours import NeighboursSource
+    from collector.sources.netlink import NetlinkSource
+    from exporters.exposition import render
+
+    monkeypatch.setattr(nlbatch, "_lib", None)
+    monkeypatch.setattr(nlbatch, "_lib_state", "not loaded: test")
+    submitted = []
+    monkeypatch.setattr(nlbatch, "submit", lambda *a: submitted.append(a))
+    pool = NetnsPool()
+    try:
+        ns = pool.open(f"/run/netns/{namespaces[0]}")
+        ns.refresh(0.0)
+        eth0 = next(l for l in ns.links if l.name == "eth0")
+        att = Attachment("t", "a", "uid-a", "t/eth0", "eth0", gateway=("10.253.0.2",), plane="data")
+        view = PodView(Pod("t", "a", "uid-a", attachments=(att,)), netns_path=ns.path, netns_inode=ns.inode,
+                       interfaces=(InterfaceView(att, Link(eth0.ifindex, "eth0")),))
+        snapshot = Snapshot((view,), netns=pool)
+        netlink, neighbours = NetlinkSource(Config()), NeighboursSource(Config())
+        netlink.prefetch(snapshot)
+        neighbours.prefetch(snapshot)
+        text = render(netlink.collect(snapshot) + neighbours.collect(snapshot)).decode()
+        assert ns.batch_rtnl is None and submitted == []
+    finally:
+        pool.keep_only(set())
+    assert 'planewatch_interface_receive_packets_total{namespace="t",pod="a"' in text
+    assert 'gateway="10.253.0.2",state="none"} 1' in text

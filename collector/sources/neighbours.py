@@ -366,8 +366,9 @@ class NeighboursSource:
             _, planned, (gets, unbatched), _ = started
         else:
             planned = self.plan(snapshot)
-            gets, unbatched = self._gets(planned, self.native)
-            if self.native:
+            native = self.native and nlbatch.available()     # else the scrape thread's sockets, as ever
+            gets, unbatched = self._gets(planned, native)
+            if native:
                 nlbatch.submit(gets.run, RTM_NEWNEIGH).result()
             else:
                 gets.run(RTM_NEWNEIGH)

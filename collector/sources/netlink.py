@@ -58,8 +58,9 @@ class NetlinkSource:
         if started is not None and started[0] is snapshot:
             read = started[1]
         else:
-            read = Counters(snapshot, self.native)
-            if self.native:         # its sockets are read on kernel/nlbatch.py's thread only
+            native = self.native and nlbatch.available()     # else the scrape thread's sockets, as ever
+            read = Counters(snapshot, native)
+            if native:              # its sockets are read on kernel/nlbatch.py's thread only
                 nlbatch.submit(read.dumps.run).result()
             else:
                 read.dumps.run()
