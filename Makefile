@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 ebpf:
 	@$(MAKE) -s -C ebpf
 
-# the counters' batch the collector calls with ctypes (kernel/nlbatch.c)
+# the netlink batch (counters, neighbour gets) the collector calls with ctypes (kernel/nlbatch.c)
 kernel:
 	@$(MAKE) -s -C kernel
 

@@ -232,6 +232,37 @@ def submit(fn, *args) -> Future:
         return _worker.submit(fn, *args)
 
 
+def run(native: bool, fn, *args):
+    """`fn(*args)` where the sockets it reads may be read: on the batch thread
+    when `native` (they are batch sockets), else here (the caller's own)."""
+    return submit(fn, *args).result() if native else fn(*args)
+
+
+class Started:
+    """What a source started in prefetch() for one snapshot: its work (the batch
+    and what goes with it) and the run on the batch thread."""
+
+    __slots__ = ("started_for", "_work", "_future")
+
+    def __init__(self) -> None:
+        self.started_for: object = None
+        self._work: object = None
+        self._future: Future | None = None
+
+    def start(self, snapshot, work, fn, *args) -> None:
+        self.started_for, self._work, self._future = snapshot, work, submit(fn, *args)
+
+    def take(self, snapshot):
+        """The work started for `snapshot`, its run done; None when none was. Either
+        way nothing of it is in flight afterwards (its sockets are free)."""
+        made_for, work, future = self.started_for, self._work, self._future
+        self.started_for = self._work = self._future = None
+        if future is None:
+            return None
+        future.result()
+        return work if made_for is snapshot else None
+
+
 def _python_dump(sock: RtnlSocket, cap: int) -> dict[int, tuple[int, ...]] | None | OSError:
     try:
         stats = sock.stats64()

@@ -182,7 +182,7 @@ def test_neighbours_source_reads_the_same_with_the_gets_started_early(two_ns):
             try:
                 if early:
                     source.prefetch(snapshot)
-                    assert source._started is not None
+                    assert source._started.started_for is snapshot
                 gateways, _ = source.read(snapshot)
                 return {g.address: g.state for g in gateways}
             finally:

@@ -264,7 +264,7 @@ def test_netlink_source_reads_the_same_with_the_batch_started_early(namespaces):
             try:
                 if early:
                     source.prefetch(snapshot)
-                    assert source._started is not None and source._started[0] is snapshot
+                    assert source._started.started_for is snapshot
                 return parse_metrics(render(source.collect(snapshot)).decode())
             finally:
                 source.close()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -308,7 +307,7 @@ class NeighboursSource:
         self.hop_cache = HopCache()
         self._plans = SameObjects()         # pod netns inode -> GatewayPlan
         self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
-        self._started: tuple[Snapshot, list, tuple[nlbatch.Requests, set[int]], Future] | None = None
+        self._started = nlbatch.Started()
 
     def plan(self, snapshot: Snapshot) -> list[tuple[PodView, PodNetns, GatewayPlan]]:
         """Each pod netns to read and what to ask there (the next hops re-read
@@ -356,22 +355,17 @@ class NeighboursSource:
             return
         planned = self.plan(snapshot)
         gets, unbatched = self._gets(planned, True)
-        self._started = (snapshot, planned, (gets, unbatched), nlbatch.submit(gets.run, RTM_NEWNEIGH))
+        self._started.start(snapshot, (planned, gets, unbatched), gets.run, RTM_NEWNEIGH)
 
     def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
-        started, self._started = self._started, None
+        started = self._started.take(snapshot)
         if started is not None:
-            started[3].result()         # done with the sockets either way
-        if started is not None and started[0] is snapshot:
-            _, planned, (gets, unbatched), _ = started
+            planned, gets, unbatched = started
         else:
             planned = self.plan(snapshot)
             native = self.native and nlbatch.available()     # else the scrape thread's sockets, as ever
             gets, unbatched = self._gets(planned, native)
-            if native:
-                nlbatch.submit(gets.run, RTM_NEWNEIGH).result()
-            else:
-                gets.run(RTM_NEWNEIGH)
+            nlbatch.run(native, gets.run, RTM_NEWNEIGH)
         gateways: list[Gateway] = []
         targets: list[Target] = []
         k = 0                   # the pod's place in the batch
@@ -403,9 +397,7 @@ class NeighboursSource:
         return families + probe_families(self.prober.snapshot(), self.prober.delayed)
 
     def close(self) -> None:
-        if self._started is not None:
-            self._started[3].result()
-            self._started = None
+        self._started.take(None)
         self.hop_cache.keep_only(set())
         self._plans.clear()
         if self.prober is not None:

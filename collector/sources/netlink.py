@@ -11,7 +11,6 @@ anything else in the pod is not ours to report.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
 
 from collector.family import COUNTER, GAUGE, Family
 from collector.model import ATTACHMENT_LABELS, PodView
@@ -39,7 +38,7 @@ class NetlinkSource:
     def __init__(self, config: Config):
         self.config = config
         self.native = True          # kernel/nlbatch.py's C batch when built (False: RtnlSocket's reads)
-        self._started: tuple[Snapshot, Counters, Future] | None = None
+        self._started = nlbatch.Started()
 
     def prefetch(self, snapshot: Snapshot) -> None:
         """Start this snapshot's counter dumps on a worker thread (exporters/metrics.py
@@ -48,22 +47,15 @@ class NetlinkSource:
         one. collect() waits for them."""
         if not (self.native and nlbatch.available()):
             return
-        counters = Counters(snapshot, self.native)
-        self._started = (snapshot, counters, nlbatch.submit(counters.dumps.run))
+        counters = Counters(snapshot, True)
+        self._started.start(snapshot, counters, counters.dumps.run)
 
     def collect(self, snapshot: Snapshot):
-        started, self._started = self._started, None
-        if started is not None:
-            started[2].result()         # done with the sockets either way
-        if started is not None and started[0] is snapshot:
-            read = started[1]
-        else:
+        read = self._started.take(snapshot)
+        if read is None:
             native = self.native and nlbatch.available()     # else the scrape thread's sockets, as ever
             read = Counters(snapshot, native)
-            if native:              # its sockets are read on kernel/nlbatch.py's thread only
-                nlbatch.submit(read.dumps.run).result()
-            else:
-                read.dumps.run()
+            nlbatch.run(native, read.dumps.run)
         counters = [(Family(f"planewatch_interface_{name}_total", COUNTER, text, ATTACHMENT_LABELS), field)
                     for name, field, text in COUNTERS]
         up = Family("planewatch_interface_up", GAUGE,
@@ -99,9 +91,7 @@ class NetlinkSource:
         return [fam for fam, _ in counters] + [up, mtu, carrier]
 
     def close(self) -> None:
-        if self._started is not None:
-            self._started[2].result()
-            self._started = None
+        self._started.take(None)
 
 
 class Counters:
