@@ -49,6 +49,7 @@ MAX_IP_TEXT = 64
 class Budgets:
     pod_attachments: int = 32
     attachment_ips: int = 16
+    attachment_gateways: int = 16       # gateways per attachment in the neighbour metrics
     label_length: int = 512             # k8s names: ns 63 + "/" + NAD 253 fits
     node_series: int = 100_000          # 250 pods x 8 attachments x (32 + 2 IPs) = 68 000 fits
     namespace_networks: int = 256
@@ -67,6 +68,10 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
              f"(default {d.pod_attachments})")
     add("--budget.attachment-ips", dest="budget_attachment_ips", type=int, default=d.attachment_ips,
         help=f"IPs exported per attachment (default {d.attachment_ips})")
+    add("--budget.attachment-gateways", dest="budget_attachment_gateways", type=int, default=d.attachment_gateways,
+        help="gateways per attachment in planewatch_gateway_neighbour_* (the annotation's, then the routes' "
+             "next hops, default routes first); the rest counted in planewatch_gateway_budget_cut "
+             f"(default {d.attachment_gateways})")
     add("--budget.label-length", dest="budget_label_length", type=int, default=d.label_length,
         help="longest label value taken from an annotation; longer ones drop their attachment "
              f"(default {d.label_length})")

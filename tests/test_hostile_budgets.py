@@ -181,22 +181,16 @@ class Netns:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
 
-@pytest.fixture
-def crowded(root, tmp_path):
-    """An attacker netns with 2 000 veth pairs (4 000 links) and 20 000 addresses,
-    an honest one with one veth pair; both linked from a private netns dir."""
-    prefix = unique_prefix("pwhb")
+def attacker_and_honest(tmp_path, tag: str, evil_lines: list[str], good_lines: list[str]):
+    """An attacker netns and an honest one made by `ip -batch` lines, both linked
+    from a private netns dir: yields (evil, good, netns dir); both deleted after."""
+    prefix = unique_prefix(tag)
     made: list[Netns] = []
     try:
         evil, good = Netns(prefix + "e"), Netns(prefix + "g")
         made += [evil, good]
-        links = [f"a{i}" for i in range(2000)] + [f"b{i}" for i in range(2000)]
-        evil.batch([f"link add a{i} type veth peer name b{i}" for i in range(2000)]
-                   + ["link set a0 up", "link set b0 up", "link set a1999 up", "link set b1999 up"]
-                   + [f"addr add 10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32 dev {links[n % 4000]}"
-                      for n in range(20000)])
-        good.batch(["link add eth0 type veth peer name peer0", "link set eth0 up", "link set peer0 up",
-                    "addr add 10.200.0.2/24 dev eth0"])
+        evil.batch(evil_lines)
+        good.batch(good_lines)
         netns_dir = tmp_path / "netns"
         netns_dir.mkdir()
         for ns in made:
@@ -207,6 +201,20 @@ def crowded(root, tmp_path):
             ns.delete()
         leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert prefix not in leftover
+
+
+@pytest.fixture
+def crowded(root, tmp_path):
+    """An attacker netns with 2 000 veth pairs (4 000 links) and 20 000 addresses,
+    an honest one with one veth pair; both linked from a private netns dir."""
+    links = [f"a{i}" for i in range(2000)] + [f"b{i}" for i in range(2000)]
+    yield from attacker_and_honest(
+        tmp_path, "pwhb",
+        [f"link add a{i} type veth peer name b{i}" for i in range(2000)]
+        + ["link set a0 up", "link set b0 up", "link set a1999 up", "link set b1999 up"]
+        + [f"addr add 10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32 dev {links[n % 4000]}" for n in range(20000)],
+        ["link add eth0 type veth peer name peer0", "link set eth0 up", "link set peer0 up",
+         "addr add 10.200.0.2/24 dev eth0"])
 
 
 def test_crowded_flapping_netns_costs_a_bounded_share(crowded, collector_factory, tmp_path):
@@ -257,3 +265,51 @@ def test_crowded_flapping_netns_costs_a_bounded_share(crowded, collector_factory
     # the cost itself is bench/crowded_netns.py's figure
     print(f"\ndiscovery while flapping: median {statistics.median(durations) * 1e3:.0f} ms, "
           f"max {max(durations) * 1e3:.0f} ms")
+
+
+def gateway(n: int) -> str:
+    """The n-th gateway of the attacker's /16 (never its own 10.77.0.2)."""
+    return f"10.77.{(n + 10) >> 8}.{(n + 10) & 255}"
+
+
+@pytest.fixture
+def routed(root, tmp_path):
+    """An attacker netns whose eth0 routes 4 000 prefixes through 2 000 gateways
+    (and its default route through 10.77.0.1), an honest one with a default
+    route and one more gateway; both linked from a private netns dir."""
+    yield from attacker_and_honest(
+        tmp_path, "pwhr",
+        ["link add eth0 type veth peer name peer0", "link set eth0 up", "link set peer0 up",
+         "addr add 10.77.0.2/16 dev eth0"]
+        + [f"route add 172.16.{n >> 8}.{n & 255}/32 via {gateway(n % 2000)} dev eth0" for n in range(4000)]
+        + ["route add default via 10.77.0.1 dev eth0"],
+        ["link add eth0 type veth peer name peer0", "link set eth0 up", "link set peer0 up",
+         "addr add 10.200.0.2/24 dev eth0", "route add default via 10.200.0.1 dev eth0",
+         "route add 10.201.0.0/16 via 10.200.0.254 dev eth0"])
+
+
+def test_routes_through_many_gateways_are_capped(routed, collector_factory, tmp_path):
+    """A pod's routes name its gateways, and each gateway is 4 series: 2 000
+    of them were 8 000+ series from one pod, beyond every other budget."""
+    evil, good, netns_dir = routed
+    objects = [
+        pod("evil", "routes", [entry("k8s-pod-network", "eth0", ["10.77.0.2/16"], mac=evil.mac("eth0"),
+                                     default=True)]),
+        pod("tenant-a", "quiet", [entry("k8s-pod-network", "eth0", ["10.200.0.2/24"], mac=good.mac("eth0"),
+                                        default=True)]),
+    ]
+    c = collector_factory("--pods-file", write(tmp_path, objects), "--node-name", NODE, "--path.netns", netns_dir,
+                          "--no-collector.ebpf", "--no-collector.sriov")
+    c.wait_ready()
+    parsed, size, elapsed = scrape(c)
+    state = "planewatch_gateway_neighbour_state"
+    evil_gateways = {dict(l)["gateway"] for l in series(parsed, state, pod="routes")}
+    print(f"\n{len(evil_gateways)} gateways of the attacker exported, {size} bytes, {elapsed * 1e3:.0f} ms")
+    assert len(evil_gateways) == 16, len(evil_gateways)
+    # the default route's gateway is the plane's: kept before any other route's
+    assert "10.77.0.1" in evil_gateways
+    cut = series(parsed, "planewatch_gateway_budget_cut", pod="routes", interface="eth0")
+    assert list(cut.values()) == [2001 - 16], cut
+    # the honest pod keeps both of its gateways and is not cut
+    assert {dict(l)["gateway"] for l in series(parsed, state, pod="quiet")} == {"10.200.0.1", "10.200.0.254"}
+    assert not series(parsed, "planewatch_gateway_budget_cut", pod="quiet")

@@ -183,7 +183,7 @@ def test_neighbours_source_reads_the_same_with_the_gets_started_early(two_ns):
                 if early:
                     source.prefetch(snapshot)
                     assert source._started.started_for is snapshot
-                gateways, _ = source.read(snapshot)
+                gateways, _, _ = source.read(snapshot)
                 return {g.address: g.state for g in gateways}
             finally:
                 source.close()
@@ -272,6 +272,43 @@ def test_gateways_from_annotation_and_routes_per_interface():
         ("net1", "172.16.4.2"): (("route 10.0.0.0/8 table 100",), "none"),
         ("net2", "fd00:3::1"): (("annotation", "route fd99::/64 table 254"), "none"),
     }
+
+
+def test_gateways_beyond_the_budget_are_counted_not_exported():
+    """A pod's owner writes its routes: each attachment keeps its annotation's
+    gateways, then its routes' by importance (default routes, shorter prefixes,
+    the main table first), whatever order the kernel dumps them in, up to the
+    budget; the rest is counted per attachment."""
+    import random
+
+    from collector.sources.neighbours import SOURCES_KEPT, GatewayPlan
+    pv = view((att("default", "eth0", "management", ["10.244.0.1"]), ETH0), (att("core/n4", "net1", "signaling"), NET1))
+    hops = [NextHop(2, f"10.244.{n >> 8}.{n & 255}", f"172.16.{n >> 8}.{n & 255}/32", 254, False)
+            for n in range(10, 510)]
+    hops += [NextHop(2, "10.244.9.9", "10.0.0.0/8", 100, False), NextHop(2, "10.244.9.8", "10.0.0.0/8", 254, False),
+             NextHop(2, "10.244.7.7", "default", 254, False), NextHop(3, "172.16.4.1", "default", 254, False)]
+    hops += [NextHop(2, "10.244.0.10", f"192.168.{n}.0/24", 254, False) for n in range(40)]   # one gateway, many routes
+    expected = None
+    for _ in range(5):
+        random.shuffle(hops)
+        plan = GatewayPlan(pv, hops, 4)
+        got = [(iv.attachment.interface, list(found), n) for iv, _, found, n in plan.addresses]
+        if expected is None:
+            expected = got
+        assert got == expected          # not the dump order
+    eth0, net1 = expected
+    assert eth0[:2] == ("eth0", ["10.244.0.1", "10.244.7.7", "10.244.9.8", "10.244.9.9"])
+    assert eth0[2] == 500               # the /32 routes' gateways (10.244.0.10 among them)
+    assert net1 == ("net1", ["172.16.4.1"], 0)
+    assert plan.left_out == [(pv.interfaces[0].labels, 500)]
+    assert len(plan.gets) > 0
+    # one gateway behind many routes: its sources are kept short
+    wide = GatewayPlan(pv, hops, 1000)
+    sources = {address: found[address][0] for _, _, found, _ in wide.addresses for address in found}
+    assert len(sources["10.244.0.10"]) == SOURCES_KEPT
+    families = {f.name: f for f in neighbour_families([], plan.left_out)}
+    parsed = parse_metrics(render(list(families.values())).decode())
+    assert [v for (n, _), v in parsed.items() if n == "planewatch_gateway_budget_cut"] == [500]
 
 
 @pytest.mark.parametrize("nud,name", [(0, "none"), (0x01, "incomplete"), (0x02, "reachable"), (0x04, "stale"),
@@ -507,7 +544,7 @@ def test_source_keeps_a_pods_gateway_plan_until_its_view_or_routes_change(two_ns
     a, _ = two_ns
     plans = []
     real = nb.gateway_addresses
-    monkeypatch.setattr(nb, "gateway_addresses", lambda v, h: plans.append(1) or real(v, h))
+    monkeypatch.setattr(nb, "gateway_addresses", lambda v, h, limit: plans.append(1) or real(v, h, limit))
     pool, source = NetnsPool(), nb.NeighboursSource(Config())
     try:
         ns = pool.open(f"/run/netns/{a}")

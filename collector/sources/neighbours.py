@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from collector.budgets import Budgets
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
@@ -96,53 +97,82 @@ class Gateway:
         return state_name(self.neighbour.state) if self.neighbour else "none"
 
 
-def gateway_addresses(view: PodView, hops: list[NextHop]) -> list[tuple[InterfaceView, Link, dict[str, list]]]:
-    """Per live interface of the pod: gateway address -> [sources, on-link route]."""
+MAIN_TABLE = 254
+SOURCES_KEPT = 8            # route sources remembered per gateway (debug detail, not exported)
+
+
+def _importance(hop: NextHop) -> tuple[int, bool, int]:
+    """Which of a pod's route gateways matter most to its plane, when not all
+    can be kept: default routes first, then shorter prefixes; the main table
+    before the others (a stable sort keeps the dump order among equals)."""
+    prefixlen = 0 if hop.destination == "default" else int(hop.destination.rpartition("/")[2] or 0)
+    return prefixlen, hop.table != MAIN_TABLE, hop.table
+
+
+def gateway_addresses(view: PodView, hops: list[NextHop], limit: int = Budgets.attachment_gateways,
+                      ) -> list[tuple[InterfaceView, Link, dict[str, list], int]]:
+    """Per live interface of the pod: gateway address -> [sources, on-link route],
+    at most `limit` addresses (the annotation's gateways first, then the routes'
+    by `_importance`), and how many more there were. A pod's owner writes its
+    routes: without the limit, routes through thousands of gateways were four
+    series each."""
+    ranked = sorted(hops, key=_importance)
     out = []
     for iv in view.interfaces:
         if iv.link is None:
             continue            # a DPDK VF: no kernel neighbour table to read
         found: dict[str, list] = {}
-        for gw in iv.attachment.gateway:
-            address = canonical(gw)
-            if address:
-                found.setdefault(address, [[], False])[0].append("annotation")
-        for hop in hops:
-            address = canonical(hop.gateway)
-            if hop.ifindex == iv.link.ifindex and address:
-                entry = found.setdefault(address, [[], False])
-                entry[0].append(f"route {hop.destination} table {hop.table}")
-                entry[1] = entry[1] or hop.onlink
-        out.append((iv, iv.link, found))
+        left_out: set[str] = set()
+        candidates: list[tuple[str, str | NextHop, bool]] = [
+            (canonical(gw), "annotation", False) for gw in iv.attachment.gateway]
+        candidates += [(canonical(hop.gateway), hop, hop.onlink) for hop in ranked if hop.ifindex == iv.link.ifindex]
+        for address, source, onlink in candidates:
+            if not address:
+                continue
+            entry = found.get(address)
+            if entry is None:
+                if len(found) >= limit:
+                    left_out.add(address)
+                    continue
+                entry = found[address] = [[], False]
+            if len(entry[0]) < SOURCES_KEPT:
+                entry[0].append(source if isinstance(source, str)
+                                else f"route {source.destination} table {source.table}")
+            entry[1] = entry[1] or onlink
+        out.append((iv, iv.link, found, len(left_out)))
     return out
 
 
-def _with_entries(addresses: list[tuple[InterfaceView, Link, dict[str, list]]],
+def _with_entries(addresses: list[tuple[InterfaceView, Link, dict[str, list], int]],
                   table: list[Neighbour]) -> list[Gateway]:
     by_key = {(n.ifindex, canonical(n.address)): n for n in table}
     return [Gateway(iv.labels, link.ifindex, link.name, address, tuple(sources), onlink,
                     by_key.get((link.ifindex, address)))
-            for iv, link, found in addresses for address, (sources, onlink) in found.items()]
+            for iv, link, found, _ in addresses for address, (sources, onlink) in found.items()]
 
 
-def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour]) -> list[Gateway]:
-    """Every gateway each live attachment of the pod routes through, with its entry
-    in `table` (a neighbour table, or part of one)."""
-    return _with_entries(gateway_addresses(view, hops), table)
+def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour],
+                limit: int = Budgets.attachment_gateways) -> list[Gateway]:
+    """Every gateway each live attachment of the pod routes through (within
+    `limit` an attachment), with its entry in `table` (a neighbour table, or part
+    of one)."""
+    return _with_entries(gateway_addresses(view, hops, limit), table)
 
 
 class GatewayPlan:
     """What reading a pod's gateways needs that changes only with its view or its
-    next hops: the gateways of each interface and the neighbour gets to send.
-    NeighboursSource keeps it per pod netns while both are the same objects (the
-    resolver and HopCache hand out the same ones while nothing changed)."""
+    next hops: the gateways of each interface, the neighbour gets to send, and
+    the gateways left out by the budget (labels -> count). NeighboursSource keeps
+    it per pod netns while both are the same objects (the resolver and HopCache
+    hand out the same ones while nothing changed)."""
 
-    __slots__ = ("addresses", "gets")
+    __slots__ = ("addresses", "gets", "left_out")
 
-    def __init__(self, view: PodView, hops: list[NextHop]):
-        self.addresses = gateway_addresses(view, hops)
+    def __init__(self, view: PodView, hops: list[NextHop], limit: int = Budgets.attachment_gateways):
+        self.addresses = gateway_addresses(view, hops, limit)
         self.gets = neighbour_gets(sorted({(link.ifindex, address)
-                                           for _, link, found in self.addresses for address in found}))
+                                           for _, link, found, _ in self.addresses for address in found}))
+        self.left_out = [(iv.labels, n) for iv, _, _, n in self.addresses if n]
 
     def read(self, rtnl) -> list[Gateway]:
         """The gateways with their entries read now (`rtnl` open in the pod's netns):
@@ -154,9 +184,9 @@ class GatewayPlan:
         return _with_entries(self.addresses, table)
 
 
-def read_gateways(view: PodView, hops: list[NextHop], rtnl) -> list[Gateway]:
+def read_gateways(view: PodView, hops: list[NextHop], rtnl, limit: int = Budgets.attachment_gateways) -> list[Gateway]:
     """`gateways_of` with the entries read from the pod's netns (`rtnl` open there)."""
-    return GatewayPlan(view, hops).read(rtnl)
+    return GatewayPlan(view, hops, limit).read(rtnl)
 
 
 def on_link_source(gateway: Gateway, addresses: list[tuple[int, str, int]]) -> str:
@@ -242,7 +272,7 @@ def _gateway_series(labels: tuple[str, ...]) -> tuple[bytes, tuple[bytes, ...]]:
 _ONE_HOT = {name: tuple(int(other == name) for other in STATE_NAMES) for name in STATE_NAMES}
 
 
-def neighbour_families(gateways: list[Gateway]) -> list[Family]:
+def neighbour_families(gateways: list[Gateway], left_out=()) -> list[Family]:
     state = Family("planewatch_gateway_neighbour_state", GAUGE,
                    "Neighbour (ARP/NDP) state of a gateway the attachment routes through, in the pod's "
                    "netns: 1 for the current state. failed/incomplete: the gateway did not answer when the "
@@ -260,7 +290,12 @@ def neighbour_families(gateways: list[Gateway]) -> list[Family]:
             for fam, value in zip(ages, (n.confirmed_age, n.updated_age, n.used_age)):
                 if value is not None:       # NDA_CACHEINFO gives all three or none
                     fam.add_rendered(labels, value)
-    return [state, *ages]
+    cut = Family("planewatch_gateway_budget_cut", GAUGE,
+                 "Gateways of the attachment (its annotation's, its routes' next hops) left out of "
+                 "planewatch_gateway_neighbour_* by --budget.attachment-gateways.", ATTACHMENT_LABELS)
+    for labels, n in left_out:
+        cut.add(labels, n)
+    return [state, *ages, cut]
 
 
 def probe_families(results, delayed: int) -> list[Family]:
@@ -314,6 +349,11 @@ class NeighboursSource:
         where the kernel announced a route change)."""
         planned = []
         live = set()
+        limit = (snapshot.budgets or Budgets()).attachment_gateways
+
+        def make(view: PodView, hops: list[NextHop]) -> GatewayPlan:
+            return GatewayPlan(view, hops, limit)
+
         for view in snapshot.pods:
             ns = snapshot.netns_of(view)
             if ns is None or view.pod.host_network or not any(iv.link for iv in view.interfaces):
@@ -324,7 +364,7 @@ class NeighboursSource:
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue
-            planned.append((view, ns, self._plans.get(ns.inode, (view, hops), GatewayPlan)))
+            planned.append((view, ns, self._plans.get(ns.inode, (view, hops), make)))
         self.hop_cache.keep_only(live)
         self._plans.sweep()
         return planned
@@ -357,7 +397,9 @@ class NeighboursSource:
         gets, unbatched = self._gets(planned, True)
         self._started.start(snapshot, (planned, gets, unbatched), gets.run, RTM_NEWNEIGH)
 
-    def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target]]:
+    def read(self, snapshot: Snapshot) -> tuple[list[Gateway], list[Target], list[tuple[tuple[str, ...], int]]]:
+        """The gateways of every pod with their entries, the probe targets among
+        them, and (attachment labels, gateways left out by the budget)."""
         started = self._started.take(snapshot)
         if started is not None:
             planned, gets, unbatched = started
@@ -368,6 +410,7 @@ class NeighboursSource:
             nlbatch.run(native, gets.run, RTM_NEWNEIGH)
         gateways: list[Gateway] = []
         targets: list[Target] = []
+        left_out = [cut for _, _, plan in planned for cut in plan.left_out]
         k = 0                   # the pod's place in the batch
         for i, (view, ns, plan) in enumerate(planned):
             try:
@@ -383,14 +426,14 @@ class NeighboursSource:
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue
             gateways += found
-        return gateways, targets
+        return gateways, targets, left_out
 
     def collect(self, snapshot: Snapshot) -> list[Family]:
-        gateways, targets = self.read(snapshot)
+        gateways, targets, left_out = self.read(snapshot)
         self.last = gateways
         if not snapshot.pods:
             raise NoData("no pods")
-        families = neighbour_families(gateways)
+        families = neighbour_families(gateways, left_out)
         if self.prober is None:         # off: the families stay listed, empty
             return families + probe_families([], 0)
         self.prober.set_targets(targets)            # probing itself runs on the prober's thread
