@@ -56,6 +56,8 @@ class Budgets:
     networks: int = 2048
     netns_links: int = 1024             # links read per pod netns refresh
     netns_addresses: int = 4096         # addresses read per pod netns refresh
+    netns_routes: int = 4096            # routes (and rules) read per dump of a pod netns, each family
+    pod_route_checks: int = 256         # route lookups (and policy rules shown) per routing analysis of a pod
     netns_refresh_seconds: float = 0.05     # time one pod netns refresh may take
     netns_refresh_share: float = 0.05       # share of wall time a netns' event-driven refreshes may take
 
@@ -87,6 +89,15 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
         help=f"links read per pod netns refresh (default {d.netns_links})")
     add("--budget.netns-addresses", dest="budget_netns_addresses", type=int, default=d.netns_addresses,
         help=f"addresses read per pod netns refresh (default {d.netns_addresses})")
+    add("--budget.netns-routes", dest="budget_netns_routes", type=int, default=d.netns_routes,
+        help="routes (and policy rules) read per dump of a pod netns, each family: the gateways' and the "
+             "routing analysis' dumps; more is planewatch_pod_netns_cut_short{reason=\"routes\"} "
+             f"(default {d.netns_routes})")
+    add("--budget.pod-route-checks", dest="budget_pod_route_checks", type=int, default=d.pod_route_checks,
+        help="route lookups per routing analysis of a pod (gateways and subnets first, then routes' "
+             "prefixes, wider first), and policy rules shown; more is "
+             "planewatch_pod_netns_cut_short{reason=\"route_checks\"} "
+             f"(default {d.pod_route_checks})")
     add("--budget.netns-refresh-time", dest="budget_netns_refresh_seconds", type=float,
         default=d.netns_refresh_seconds,
         help=f"seconds one pod netns refresh may take (default {d.netns_refresh_seconds})")

@@ -19,7 +19,9 @@ LINKS_TTL = 300.0          # notifications keep the tables fresh; this is a safe
 
 # Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
 # read only in part (the budget in links, addresses or time ran out), or a
-# link change is known but its re-read deferred (refresh_deferred).
+# link change is known but its re-read deferred (refresh_deferred). The sources
+# add theirs in Namespace.read_cuts: "routes" (a route or rule dump stopped at
+# --budget.netns-routes), "route_checks" (--budget.pod-route-checks).
 SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED = "links", "addresses", "time", "refresh_deferred"
 SHORT_REASONS = (SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED)
 # Above this many links more than the ones wanted, counters are asked for per
@@ -47,6 +49,9 @@ class Namespace:
     read_generation: int = -1           # events.generation the tables were read at
     cost: float = 0.0                   # seconds the last refresh took
     short: dict[str, int] = field(default_factory=dict)         # reason -> 1 (see SHORT_REASONS)
+    # what a source's own reading of this netns left out, by source: reasons of
+    # planewatch_pod_netns_cut_short too (routes source, neighbours' next hops)
+    read_cuts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     batch_rtnl: RtnlSocket | None = None            # see batch_socket()
 
     def refresh(self, now: float) -> None:
@@ -60,13 +65,13 @@ class Namespace:
             links, why = self.rtnl.links_bounded(self.budgets.netns_links, deadline)
             if why:
                 short[SHORT_TIME if why == CUT_TIME else SHORT_LINKS] = 1
-                self._reopen()
+                self.reopen()
             addresses: list = []
             if why != CUT_TIME:         # (a small table may still be read past the deadline)
                 addresses, why = self.rtnl.addresses_bounded(self.budgets.netns_addresses, deadline)
                 if why:
                     short[SHORT_TIME if why == CUT_TIME else SHORT_ADDRESSES] = 1
-                    self._reopen()
+                    self.reopen()
         finally:
             self.cost = time.monotonic() - started
         self.links = links
@@ -123,7 +128,7 @@ class Namespace:
             return self.rtnl.stats64_of(sorted(ifindexes))
         return self.rtnl.stats64()
 
-    def _reopen(self) -> None:
+    def reopen(self) -> None:
         """A dump stopped half-way keeps the socket busy: replace it."""
         fresh = RtnlSocket.open(self.fd)
         self.rtnl.close()

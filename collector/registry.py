@@ -102,6 +102,9 @@ class PodNetns(Protocol):
     rtnl: RtnlSocket
     by_index: dict[int, LinkStats]
     short: dict[str, int]
+    read_cuts: dict[str, tuple[str, ...]]
+
+    def reopen(self) -> None: ...
 
     def stats64(self, ifindexes: set[int]) -> dict[int, tuple[int, ...]]: ...
 

@@ -27,6 +27,9 @@ RTN_UNICAST, RTN_LOCAL = 1, 2
 FR_ACT_TO_TBL = 1
 NO_ROUTE = "none"                  # egress_interface when the kernel has no route at all
 FIRST_SUGGESTED_TABLE = 100        # policy tables suggested in fixes: 100 + attachment position
+# Reasons of planewatch_pod_netns_cut_short set by the analysis: the route or rule
+# dump stopped at --budget.netns-routes; lookups beyond --budget.pod-route-checks.
+CUT_ROUTES, CUT_CHECKS = "routes", "route_checks"
 
 Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,6 +60,7 @@ class PodFacts:
                                            #  "type": int, "oifs": (ifindex, ...), "gateway": str}
     rules: tuple[Mapping, ...] = ()        # {"family", "priority", "src": "net/len"|"", "table", "action"}
     rp_filter: Mapping[str, int] = field(default_factory=dict)  # "all" and interface -> value
+    cut: tuple[str, ...] = ()              # what a budget left out of the reading (CUT_ROUTES, CUT_CHECKS)
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,32 @@ def rule_tables(rules: tuple[Mapping, ...], source: str) -> set[int]:
     return out
 
 
-def probe_plan(facts: PodFacts) -> list[Probe]:
-    """Every (source, destination) lookup the analysis needs, without duplicates."""
+def probe_plan(facts: PodFacts, limit: int | None = None) -> list[Probe]:
+    """Every (source, destination) lookup the analysis needs, without duplicates;
+    with `limit`, at most that many (`within`)."""
+    plan = _all_probes(facts)
+    return plan if limit is None else within(plan, limit)
+
+
+def within(plan: list[Probe], limit: int) -> list[Probe]:
+    """At most `limit` of the lookups, in their order: each attachment's gateways
+    and subnets first, then the routes' prefixes, shorter ones (wider, more
+    traffic) first. A pod's owner writes its routes; each lookup is a netlink
+    round trip and each mismatch a series."""
+    if len(plan) <= limit:
+        return plan
+
+    def rank(item: tuple[int, Probe]) -> tuple[int, int, int]:
+        i, probe = item
+        if probe.reason in ("gateway", "subnet"):
+            return 0, 0, i
+        return 1, int(probe.destination.rpartition("/")[2] or 0), i
+
+    kept = sorted(sorted(enumerate(plan), key=rank)[:limit])
+    return [probe for _, probe in kept]
+
+
+def _all_probes(facts: PodFacts) -> list[Probe]:
     own = own_addresses(facts)
     kernel = {ipaddress.ip_interface(a["address"]).ip for a in facts.addresses}
     plan: dict[tuple[str, str, str], Probe] = {}
@@ -218,15 +246,42 @@ def probe_plan(facts: PodFacts) -> list[Probe]:
 def responsible_route(routes: tuple[Mapping, ...], table: int, address: str, oif: int) -> Mapping | None:
     """The longest-prefix route of `table` containing `address` and leaving by `oif`
     (None when there is none: the table changed since the lookup)."""
-    addr = ipaddress.ip_address(address)
-    best, best_len = None, -1
-    for route in routes:
-        if route["table"] != table or oif not in route.get("oifs", ()):
-            continue
-        dst = _route_network(route, default_too=True)
-        if dst is not None and dst.version == addr.version and addr in dst and dst.prefixlen > best_len:
-            best, best_len = route, dst.prefixlen
-    return best
+    return RouteIndex(routes).find(table, address, oif)
+
+
+class RouteIndex:
+    """`responsible_route` for many lookups of one pod: the routes of each
+    (table, oif) are parsed once and kept by prefix length and network, so a
+    lookup costs one dict probe per prefix length in use, not a walk of every
+    route (thousands of routes times hundreds of mismatches, all tenant-made).
+    Of routes with the same network the first listed decides, as the walk did."""
+
+    def __init__(self, routes: tuple[Mapping, ...]):
+        self._routes = routes
+        self._groups: dict[tuple[int, int], list[tuple[int, int, dict]]] = {}
+
+    def _group(self, table: int, oif: int) -> list[tuple[int, int, dict]]:
+        group = self._groups.get((table, oif))
+        if group is None:
+            by_len: dict[tuple[int, int], dict] = {}
+            for route in self._routes:
+                if route["table"] != table or oif not in route.get("oifs", ()):
+                    continue
+                dst = _route_network(route, default_too=True)
+                if dst is not None:
+                    by_len.setdefault((dst.version, dst.prefixlen), {}).setdefault(dst, route)
+            group = self._groups[(table, oif)] = sorted(((v, n, nets) for (v, n), nets in by_len.items()),
+                                                        key=lambda g: -g[1])
+        return group
+
+    def find(self, table: int, address: str, oif: int) -> Mapping | None:
+        addr = ipaddress.ip_address(address)
+        for version, prefixlen, nets in self._group(table, oif):
+            if version == addr.version:
+                route = nets.get(ipaddress.ip_network((addr, prefixlen), strict=False))
+                if route is not None:
+                    return route
+        return None
 
 
 def effective_rp_filter(all_value: int, interface_value: int) -> int:
@@ -257,13 +312,15 @@ def find_overlaps(facts: PodFacts) -> tuple[Overlap, ...]:
 
 
 def analyse(facts: PodFacts, answers: Mapping[tuple[str, str], Mapping],
-            plan: list[Probe] | None = None) -> Analysis:
+            plan: list[Probe] | None = None, rules_shown: int | None = None) -> Analysis:
     """`answers` maps (source, address) of each probe to the lookup's answer:
     {"oif": int, "table": int, "type": int, "error": errno or 0}. `plan` is
-    `probe_plan(facts)`, passed when the caller has it already."""
+    `probe_plan(facts)`, passed when the caller has it already; `rules_shown`
+    bounds the policy rules kept (the first by source and table)."""
     by_if = {a.interface: a for a in facts.attachments}
     mismatches = []
     plan = probe_plan(facts) if plan is None else plan
+    index = RouteIndex(facts.routes)
     for probe in plan:
         answer = answers.get((probe.source, probe.address))
         if answer is None:
@@ -277,14 +334,14 @@ def analyse(facts: PodFacts, answers: Mapping[tuple[str, str], Mapping],
         oif = answer.get("oif", 0)
         table = answer.get("table", MAIN_TABLE)
         mismatches.append(Mismatch(att, probe, facts.links.get(oif, f"if{oif}"), table,
-                                   responsible_route(facts.routes, table, probe.address, oif)))
+                                   index.find(table, probe.address, oif)))
     rp = []
     for att in facts.attachments:
         if att.interface in facts.rp_filter and "all" in facts.rp_filter:
             all_v, if_v = facts.rp_filter["all"], facts.rp_filter[att.interface]
             rp.append(RpFilter(att, effective_rp_filter(all_v, if_v), all_v, if_v))
     return Analysis(facts.namespace, facts.pod, len(facts.attachments) > 1, tuple(mismatches),
-                    find_overlaps(facts), tuple(rp), policy_rules(facts.rules), len(plan))
+                    find_overlaps(facts), tuple(rp), policy_rules(facts.rules)[:rules_shown], len(plan))
 
 
 # --- saying it ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 RTM_GETNEIGH and RTM_GETROUTE dumps decoded into `Neighbour` and `NextHop`."""
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ USER_HZ = 100           # nda_cacheinfo ages are clock_t: jiffies_to_clock_t() t
 _NDMSG = struct.Struct("=BxxxiHBB")         # family, ifindex, state, flags, type
 _CACHEINFO = struct.Struct("=IIII")         # confirmed, used, updated (ages), refcnt
 _RTMSG = struct.Struct("=BBBBBBBBI")        # family, dst_len, src_len, tos, table, proto, scope, type, flags
+_ROUTE_DUMP = _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)     # every table, both families
 _RTNEXTHOP = struct.Struct("=HBBi")         # len, flags, hops, ifindex
 _FAMILY_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
@@ -152,5 +154,12 @@ def neighbours_of(sock: RtnlSocket, wanted) -> list[Neighbour]:
 
 def next_hops(sock: RtnlSocket) -> list[NextHop]:
     """Every unicast route's gateway in every table, both families (RTM_GETROUTE dump)."""
-    per_route = sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0), parse_route_hops)
+    per_route = sock._dump(RTM_GETROUTE, RTM_NEWROUTE, _ROUTE_DUMP, parse_route_hops)
     return [hop for hops in per_route for hop in hops]
+
+
+def next_hops_bounded(sock: RtnlSocket, limit: int) -> tuple[list[NextHop], bool]:
+    """`next_hops` of the first `limit` routes the kernel dumps, and whether
+    there were more (then the dump was stopped half-way: reopen the socket)."""
+    per_route, why = sock._dump_bounded(RTM_GETROUTE, RTM_NEWROUTE, _ROUTE_DUMP, parse_route_hops, limit, math.inf)
+    return [hop for hops in per_route for hop in hops], bool(why)

@@ -8,6 +8,7 @@ pyroute2's decoding of the same namespaces (tests/test_rtnl_routes.py).
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import struct
 
@@ -86,6 +87,20 @@ def routes(sock: RtnlSocket, family: int) -> list[dict]:
 
 def rules(sock: RtnlSocket, family: int) -> list[dict]:
     return sock._dump(RTM_GETRULE, RTM_NEWRULE, _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), parse_rule)
+
+
+def routes_bounded(sock: RtnlSocket, family: int, limit: int) -> tuple[list[dict], bool]:
+    """The first `limit` routes the kernel dumps, and whether there were more
+    (then the socket is left busy: use it for nothing else)."""
+    out, why = sock._dump_bounded(RTM_GETROUTE, RTM_NEWROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0),
+                                  parse_route, limit, math.inf)
+    return out, bool(why)
+
+
+def rules_bounded(sock: RtnlSocket, family: int, limit: int) -> tuple[list[dict], bool]:
+    out, why = sock._dump_bounded(RTM_GETRULE, RTM_NEWRULE, _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0),
+                                  parse_rule, limit, math.inf)
+    return out, bool(why)
 
 
 def addresses(sock: RtnlSocket) -> list[dict]:

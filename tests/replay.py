@@ -161,7 +161,7 @@ def recording_read_pod(by_pod: dict):
     from collector.sources.routes import read_facts, read_rp_filter
     from kernel.nsenter import in_netns
 
-    def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+    def read_pod(netns_fd, procfs, namespace, pod, atts, links, budgets):
         entry = by_pod[f"{namespace}/{pod}"] = {"replies": {}}
         sock = None
         try:
@@ -169,7 +169,7 @@ def recording_read_pod(by_pod: dict):
                 sock = RtnlSocket.open()
                 entry["rp_filter"] = read_rp_filter(procfs, [a.interface for a in atts])
             return read_facts(RtnlSocket(RecordingSocket(sock._sock, entry["replies"])), entry["rp_filter"],
-                              namespace, pod, atts, links)
+                              namespace, pod, atts, links, budgets)
         finally:
             if sock is not None:
                 sock.close()
@@ -179,13 +179,13 @@ def recording_read_pod(by_pod: dict):
 def replay_read_pod(by_pod: dict):
     from collector.sources.routes import read_facts
 
-    def read_pod(netns_fd, procfs, namespace, pod, atts, links):
+    def read_pod(netns_fd, procfs, namespace, pod, atts, links, budgets):
         key = f"{namespace}/{pod}"
         if key not in by_pod:
             raise OSError(errno.ENOENT, f"{key}: not in the recording")
         entry = by_pod[key]
         return read_facts(RtnlSocket(ReplaySocket(entry["replies"], key)), entry["rp_filter"],
-                          namespace, pod, atts, links)
+                          namespace, pod, atts, links, budgets)
     return read_pod
 
 

@@ -267,6 +267,21 @@ def test_crowded_flapping_netns_costs_a_bounded_share(crowded, collector_factory
           f"max {max(durations) * 1e3:.0f} ms")
 
 
+def quiet_pod(good: Netns) -> dict:
+    """The honest tenant next to an attacker: one plane, 10.200.0.2/24 on eth0."""
+    return pod("tenant-a", "quiet", [entry("k8s-pod-network", "eth0", ["10.200.0.2/24"], mac=good.mac("eth0"),
+                                           default=True)])
+
+
+def start_with_routes(collector_factory, tmp_path, objects: list[dict], netns_dir: str, *flags: str,
+                      name: str = "pods.json"):
+    """planewatch on `objects` with the neighbours and routes sources (the ones reading routes)."""
+    c = collector_factory("--pods-file", write(tmp_path, objects, name), "--node-name", NODE,
+                          "--path.netns", netns_dir, "--no-collector.ebpf", "--no-collector.sriov", *flags)
+    c.wait_ready()
+    return c
+
+
 def gateway(n: int) -> str:
     """The n-th gateway of the attacker's /16 (never its own 10.77.0.2)."""
     return f"10.77.{(n + 10) >> 8}.{(n + 10) & 255}"
@@ -292,15 +307,10 @@ def test_routes_through_many_gateways_are_capped(routed, collector_factory, tmp_
     """A pod's routes name its gateways, and each gateway is 4 series: 2 000
     of them were 8 000+ series from one pod, beyond every other budget."""
     evil, good, netns_dir = routed
-    objects = [
-        pod("evil", "routes", [entry("k8s-pod-network", "eth0", ["10.77.0.2/16"], mac=evil.mac("eth0"),
-                                     default=True)]),
-        pod("tenant-a", "quiet", [entry("k8s-pod-network", "eth0", ["10.200.0.2/24"], mac=good.mac("eth0"),
-                                        default=True)]),
-    ]
-    c = collector_factory("--pods-file", write(tmp_path, objects), "--node-name", NODE, "--path.netns", netns_dir,
-                          "--no-collector.ebpf", "--no-collector.sriov")
-    c.wait_ready()
+    objects = [pod("evil", "routes", [entry("k8s-pod-network", "eth0", ["10.77.0.2/16"], mac=evil.mac("eth0"),
+                                            default=True)]),
+               quiet_pod(good)]
+    c = start_with_routes(collector_factory, tmp_path, objects, netns_dir)
     parsed, size, elapsed = scrape(c)
     state = "planewatch_gateway_neighbour_state"
     evil_gateways = {dict(l)["gateway"] for l in series(parsed, state, pod="routes")}
@@ -313,3 +323,57 @@ def test_routes_through_many_gateways_are_capped(routed, collector_factory, tmp_
     # the honest pod keeps both of its gateways and is not cut
     assert {dict(l)["gateway"] for l in series(parsed, state, pod="quiet")} == {"10.200.0.1", "10.200.0.254"}
     assert not series(parsed, "planewatch_gateway_budget_cut", pod="quiet")
+
+
+@pytest.fixture
+def misrouted(root, tmp_path):
+    """An attacker netns whose net1 routes 3 000 prefixes (all through one
+    gateway) while a policy rule sends net1's own address out by eth0: every
+    one of them is a route mismatch, and 600 more policy rules; an honest pod
+    with one plane and no rules."""
+    yield from attacker_and_honest(
+        tmp_path, "pwhm",
+        ["link add eth0 type veth peer name peer0", "link add net1 type veth peer name peer1"]
+        + [f"link set {link} up" for link in ("eth0", "peer0", "net1", "peer1")]
+        + ["addr add 10.77.0.2/16 dev eth0", "addr add 10.78.0.2/16 dev net1",
+           "route add default via 10.77.0.1 dev eth0 table 100", "rule add from 10.78.0.2 lookup 100"]
+        + [f"route add 172.16.{n >> 8}.{n & 255}/32 via 10.78.0.1 dev net1" for n in range(3000)]
+        + [f"rule add from 10.99.{n >> 8}.{n & 255} lookup {200 + n}" for n in range(600)],
+        ["link add eth0 type veth peer name peer0", "link set eth0 up", "link set peer0 up",
+         "addr add 10.200.0.2/24 dev eth0", "route add default via 10.200.0.1 dev eth0"])
+
+
+def test_routes_written_to_mismatch_are_checked_within_budget(misrouted, collector_factory, tmp_path):
+    """Each route via an attachment is a lookup (a netlink round trip) and,
+    when it leaves by another interface, a series: a tenant writes both."""
+    evil, good, netns_dir = misrouted
+    objects = [pod("evil", "misrouted", [entry("k8s-pod-network", "eth0", ["10.77.0.2/16"], mac=evil.mac("eth0"),
+                                               default=True),
+                                         entry("evil/signaling", "net1", ["10.78.0.2/16"], mac=evil.mac("net1"))]),
+               quiet_pod(good)]
+    c = start_with_routes(collector_factory, tmp_path, objects, netns_dir)
+    parsed, size, elapsed = scrape(c)
+    mismatches = series(parsed, "planewatch_route_mismatch", pod="misrouted", interface="net1")
+    rules = series(parsed, "planewatch_pod_policy_rule_info", pod="misrouted")
+    print(f"\n{len(mismatches)} mismatch series, {len(rules)} policy rule series, {size} bytes, "
+          f"{elapsed * 1e3:.0f} ms")
+    # the subnet and the gateway of net1 first, then routes up to the budget
+    assert 0 < len(mismatches) <= 256 and len(rules) <= 256
+    destinations = {dict(l)["destination"] for l in mismatches}
+    assert "10.78.0.0/16" in destinations
+    assert {dict(l)["egress_interface"] for l in mismatches} == {"eth0"}
+    reasons = {dict(l)["reason"] for l in series(parsed, "planewatch_pod_netns_cut_short", pod="misrouted")}
+    assert "route_checks" in reasons, reasons
+    assert not series(parsed, "planewatch_pod_netns_cut_short", pod="quiet")
+    assert series(parsed, "planewatch_pod_policy_routing", pod="misrouted") == {
+        frozenset({("namespace", "evil"), ("pod", "misrouted")}): 1}
+
+    # a budget of 1 000 routes read: the dump stops and says so
+    c2 = start_with_routes(collector_factory, tmp_path, objects, netns_dir, "--budget.netns-routes", "1000",
+                           name="pods2.json")
+    parsed, _, _ = scrape(c2)
+    reasons = {dict(l)["reason"] for l in series(parsed, "planewatch_pod_netns_cut_short", pod="misrouted")}
+    assert {"routes", "route_checks"} <= reasons, reasons
+    assert series(parsed, "planewatch_route_mismatch", pod="misrouted", interface="net1")
+    assert series(parsed, "planewatch_gateway_neighbour_state", pod="misrouted", gateway="10.78.0.1")
+    assert not series(parsed, "planewatch_pod_netns_cut_short", pod="quiet")

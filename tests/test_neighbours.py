@@ -500,14 +500,36 @@ def test_probe_refuses_a_reused_netns_path(two_ns):
         gp.probe_once(wrong, timeout=0.3)
 
 
+def test_hop_cache_reads_at_most_the_route_budget_and_says_so(two_ns):
+    """A pod's owner writes its routes: the next-hop dump stops at the budget,
+    the pod is marked cut short ("routes"), and the netns socket the dump left
+    busy is replaced, so the other readers of the pod still get their answers."""
+    import collector.sources.neighbours as nb
+    from collector.netns_pool import NetnsPool
+    a, _ = two_ns
+    pool = NetnsPool()
+    try:
+        ns = pool.open(f"/run/netns/{a}")
+        whole = nb.HopCache().hops(ns, 10_000)
+        assert ns.read_cuts["neighbours"] == ()
+        busy = ns.rtnl
+        part = nb.HopCache().hops(ns, 2)
+        assert ns.read_cuts["neighbours"] == ("routes",)
+        assert len(part) < len(whole) and set(part) <= set(whole)
+        assert ns.rtnl is not busy and busy._sock.fileno() == -1       # replaced and closed
+        assert {l.name for l in ns.rtnl.links()} >= {"lo", "eth0"}       # the new socket answers
+    finally:
+        pool.close()
+
+
 def test_hop_cache_rereads_routes_only_after_a_route_event(two_ns, monkeypatch):
     import collector.sources.neighbours as nb
     from collector.netns_pool import NetnsPool
     a, _ = two_ns
     path = f"/run/netns/{a}"
     dumps = []
-    real = nb.next_hops
-    monkeypatch.setattr(nb, "next_hops", lambda sock: dumps.append(1) or real(sock))
+    real = nb.next_hops_bounded
+    monkeypatch.setattr(nb, "next_hops_bounded", lambda sock, limit: dumps.append(1) or real(sock, limit))
     cache, pool, other = nb.HopCache(), NetnsPool(), NetnsPool()
     try:
         ns = pool.open(path)

@@ -12,6 +12,7 @@ from collector.routes_analysis import (
     RTN_LOCAL,
     Attached,
     PodFacts,
+    RouteIndex,
     analyse,
     effective_rp_filter,
     findings,
@@ -21,6 +22,7 @@ from collector.routes_analysis import (
     responsible_route,
     rule_tables,
     subnets,
+    within,
 )
 from collector.sources.routes import families
 from exporters.exposition import render
@@ -247,6 +249,73 @@ def test_responsible_route(table, address, oif, want):
     routes = BASE_ROUTES + (route("10.71.5.0/24", ETH0), route("default", NET1, table=101))
     found = responsible_route(routes, table, address, oif)
     assert (found["dst"] if found else None) == want
+
+
+def walk(routes, table, address, oif):
+    """What responsible_route did before RouteIndex: a walk of every route."""
+    addr = ipaddress.ip_address(address)
+    best, best_len = None, -1
+    for r in routes:
+        if r["table"] != table or oif not in r.get("oifs", ()):
+            continue
+        dst = ipaddress.ip_network("0.0.0.0/0" if r["dst"] == "default" and r["family"] == 4 else
+                                   "::/0" if r["dst"] == "default" else r["dst"], strict=False)
+        if dst.version == addr.version and addr in dst and dst.prefixlen > best_len:
+            best, best_len = r, dst.prefixlen
+    return best
+
+
+def test_route_index_finds_what_the_walk_of_every_route_found():
+    """Random tables of overlapping prefixes (both families, several tables and
+    interfaces, the same network twice): the index decides as the walk did."""
+    import random
+    rng = random.Random(16)
+    for _ in range(20):
+        routes = []
+        for _ in range(rng.randrange(1, 200)):
+            table, oif = rng.choice((254, 100, 101)), rng.choice((ETH0, NET1, NET2))
+            if rng.random() < 0.8:
+                plen = rng.choice((0, 8, 12, 16, 20, 24, 28, 32))
+                net = ipaddress.ip_network((rng.randrange(1 << 32) & ~((1 << (32 - plen)) - 1) if plen else 0, plen))
+                routes.append(route("default" if plen == 0 else str(net), oif, table))
+                routes[-1]["mark"] = len(routes)          # which of two equal networks decided
+            else:
+                plen = rng.choice((0, 48, 64, 128))
+                net = ipaddress.ip_network(((0xfd00 << 112) | rng.randrange(1 << 16) << 96) >> (128 - plen) << (128 - plen)
+                                           if plen else 0, plen) if plen else ipaddress.ip_network("::/0")
+                routes.append(route("default" if plen == 0 else str(net), oif, table, family=6))
+            if rng.random() < 0.1:
+                routes.append(dict(routes[-1], mark=-len(routes)))      # the same network again
+        index = RouteIndex(tuple(routes))
+        for _ in range(100):
+            r = rng.choice(routes)
+            base = ipaddress.ip_network("0.0.0.0/0" if r["dst"] == "default" and r["family"] == 4 else
+                                        "::/0" if r["dst"] == "default" else r["dst"])
+            address = str(base.network_address + rng.randrange(base.num_addresses))
+            table, oif = rng.choice((254, 100, 101, 7)), rng.choice((ETH0, NET1, NET2))
+            assert index.find(table, address, oif) is walk(routes, table, address, oif), (table, address, oif)
+
+
+def test_lookups_beyond_the_budget_keep_gateways_subnets_and_wider_prefixes():
+    """A pod's owner writes its routes, and each lookup is a netlink round trip
+    (and a mismatch a series): within the budget, every attachment's gateway and
+    subnets come first, then the routes' prefixes, wider first, in plan order."""
+    extra = tuple(route(f"10.{80 + n // 250}.{n % 250}.0/24", NET1) for n in range(300))
+    extra += (route("10.60.0.0/14", NET1), route("10.61.0.0/16", NET2))
+    f = facts(routes=BASE_ROUTES + extra)
+    plan = probe_plan(f)
+    assert len(plan) > 300
+    kept = within(plan, 10)
+    assert len(kept) == 10
+    assert [p for p in plan if p in kept] == kept                       # plan order
+    first = [p for p in plan if p.reason in ("gateway", "subnet")]
+    assert set(first) <= set(kept) and len(first) < 10
+    prefix = lambda p: int(p.destination.rpartition("/")[2])     # noqa: E731
+    routes_kept = [p for p in kept if p not in first]
+    dropped = [p for p in plan if p not in kept]
+    assert {p.destination for p in routes_kept} >= {"10.60.0.0/14", "10.61.0.0/16"}
+    assert max(map(prefix, routes_kept)) <= min(map(prefix, dropped))
+    assert within(plan, len(plan)) == plan and probe_plan(f, 10) == kept
 
 
 # --- overlaps, rp_filter, policy rules -------------------------------------------------------

@@ -81,13 +81,14 @@ class AttachmentsSource:
                      "Items of a pod left out of the metrics by a budget (attachments, IPs, ...), by reason.",
                      ("namespace", "pod", "reason"))
         short = Family("planewatch_pod_netns_cut_short", GAUGE,
-                       "1 when the pod's netns was read only in part (links, addresses or time budget "
-                       "spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
+                       "1 when the pod's netns was read only in part (links, addresses, routes, route_checks "
+                       "or time budget spent) or a link change's re-read was deferred (refresh_deferred), by reason.",
                        ("namespace", "pod", "reason"))
         for view in snapshot.pods:
             pod = view.pod
             ns = snapshot.netns_of(view)
-            for reason in sorted(ns.short if ns is not None else ()):
+            reasons = set(ns.short).union(*ns.read_cuts.values()) if ns is not None else ()
+            for reason in sorted(reasons):
                 short.add((pod.namespace, pod.name, reason), 1)
             for reason, n in sorted((snapshot.budget_cuts.get(pod.uid) or {}).items()):
                 cut.add((pod.namespace, pod.name, reason), n)

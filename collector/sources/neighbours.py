@@ -40,6 +40,7 @@ from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
+from collector.routes_analysis import CUT_ROUTES
 from kernel import nlbatch
 from kernel.rtnl_events import ChangeWatch
 from kernel.rtnl_neighbours import (
@@ -48,7 +49,7 @@ from kernel.rtnl_neighbours import (
     Neighbour,
     NextHop,
     neighbour_gets,
-    next_hops,
+    next_hops_bounded,
     parse_neigh,
     read_neighbours,
 )
@@ -239,18 +240,23 @@ class HopCache:
         self._watch = ChangeWatch()
         self._by_inode: dict[int, tuple[list[NextHop], float]] = {}     # inode -> (hops, when)
 
-    def hops(self, ns) -> list[NextHop]:
+    def hops(self, ns, limit: int = Budgets.netns_routes) -> list[NextHop]:
+        """The next hops of the first `limit` routes the kernel dumps (more:
+        planewatch_pod_netns_cut_short{reason="routes"} for the pod)."""
         known = self._by_inode.get(ns.inode)
         now = self._clock()
         # changed() drains the notifications before the dump: no change is missed
         if not self._watch.changed(ns) and known is not None and now - known[1] <= HOPS_TTL:
             return known[0]
         try:
-            hops = next_hops(ns.rtnl)
+            hops, more = next_hops_bounded(ns.rtnl, limit)
+            if more:
+                ns.reopen()         # the stopped dump left the socket busy
         except OSError:
             self._by_inode.pop(ns.inode, None)
             self._watch.forget(ns.inode)
             raise
+        ns.read_cuts["neighbours"] = (CUT_ROUTES,) if more else ()
         self._by_inode[ns.inode] = (hops, now)
         return hops
 
@@ -349,7 +355,8 @@ class NeighboursSource:
         where the kernel announced a route change)."""
         planned = []
         live = set()
-        limit = (snapshot.budgets or Budgets()).attachment_gateways
+        budgets = snapshot.budgets or Budgets()
+        limit = budgets.attachment_gateways
 
         def make(view: PodView, hops: list[NextHop]) -> GatewayPlan:
             return GatewayPlan(view, hops, limit)
@@ -360,7 +367,7 @@ class NeighboursSource:
                 continue
             live.add(ns.inode)
             try:
-                hops = self.hop_cache.hops(ns)
+                hops = self.hop_cache.hops(ns, budgets.netns_routes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue

@@ -31,12 +31,26 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
+from collector.budgets import Budgets
 from collector.family import GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.registry import Config, NoData, Option, SameObjects, Snapshot, register
-from collector.routes_analysis import LOCAL_TABLE, Analysis, Attached, PodFacts, analyse, findings, probe_plan
+from collector.routes_analysis import (
+    CUT_CHECKS,
+    CUT_ROUTES,
+    LOCAL_TABLE,
+    Analysis,
+    Attached,
+    PodFacts,
+    analyse,
+    findings,
+    policy_rules,
+    probe_plan,
+    within,
+)
 from kernel import rtnl_routes
 from kernel.nsenter import in_netns
 from kernel.rtnl import NetlinkError, RtnlSocket
@@ -49,6 +63,7 @@ DEFAULT_MIN_GAP = 1.0          # a pod whose routing keeps changing: at most one
 DEFAULT_BUDGET = 0.2           # seconds of analysis per scrape for pods already known
 DEFAULT_BUDGET_NEW = 2.0       # ... and for pods never analysed (the first scrape shows them all)
 FAMILY_VERSION = rtnl_routes.FAMILY_VERSION
+DEFAULT_BUDGETS = Budgets()
 # errnos of a route lookup that mean "no route", not "the analysis failed"
 NO_ROUTE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.EACCES, errno.EPERM}
 
@@ -78,35 +93,55 @@ def read_rp_filter(procfs: str, interfaces) -> dict[str, int]:
 
 
 def read_pod(netns_fd: int, procfs: str, namespace: str, pod: str,
-             atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+             atts: tuple[Attached, ...], links: dict[int, str],
+             budgets: Budgets = DEFAULT_BUDGETS) -> tuple[PodFacts, list, dict]:
     """Everything the analysis needs from one netns: the facts, the lookups
     planned and their answers."""
-    sock = None
+    socks: list[RtnlSocket] = []
+
+    def fresh() -> RtnlSocket:          # another socket in the netns (a cut dump leaves one busy)
+        socks.append(RtnlSocket.open(netns_fd))
+        return socks[-1]
     try:
         with in_netns(netns_fd):
-            sock = RtnlSocket.open()            # the socket is made here: inside
+            socks.append(RtnlSocket.open())         # the socket is made here: inside
             rp_filter = read_rp_filter(procfs, [a.interface for a in atts])
-        return read_facts(sock, rp_filter, namespace, pod, atts, links)
+        return read_facts(socks[0], rp_filter, namespace, pod, atts, links, budgets, fresh)
     finally:
-        if sock is not None:
+        for sock in socks:
             sock.close()
 
 
 def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod: str,
-               atts: tuple[Attached, ...], links: dict[int, str]) -> tuple[PodFacts, list, dict]:
+               atts: tuple[Attached, ...], links: dict[int, str], budgets: Budgets = DEFAULT_BUDGETS,
+               reopen: Callable[[], RtnlSocket] | None = None) -> tuple[PodFacts, list, dict]:
     """The dumps and lookups of `read_pod` on an open rtnetlink socket (one whose
-    replies were recorded: tests/replay.py)."""
+    replies were recorded: tests/replay.py), within the budgets: at most
+    `netns_routes` routes and rules of each family (a dump stopped there leaves
+    the socket busy: `reopen` gives another), at most `pod_route_checks` lookups."""
     versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
     families = [f for f, v in FAMILY_VERSION.items() if v in versions]
     addresses = rtnl_routes.addresses(sock)
-    routes, rules = [], []
+    routes: list[dict] = []
+    rules: list[dict] = []
+    cut: list[str] = []
     for fam in families:
-        routes += [r for r in rtnl_routes.routes(sock, fam)
-                   if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
-        rules += rtnl_routes.rules(sock, fam)
+        for dump, into in ((rtnl_routes.routes_bounded, routes), (rtnl_routes.rules_bounded, rules)):
+            got, more = dump(sock, fam, budgets.netns_routes)
+            into += got
+            if more:
+                if reopen is None:
+                    raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
+                sock = reopen()
+                cut = [CUT_ROUTES]
+    routes = [r for r in routes if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
     facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
     answers = {}
-    plan = probe_plan(facts)
+    wanted = probe_plan(facts)
+    plan = within(wanted, budgets.pod_route_checks)
+    if len(plan) < len(wanted) or len(policy_rules(facts.rules)) > budgets.pod_route_checks:
+        cut.append(CUT_CHECKS)
+    facts = replace(facts, cut=tuple(cut))
     for probe in plan:
         try:
             answers[(probe.source, probe.address)] = rtnl_routes.route_get(sock, probe.address, probe.source)
@@ -180,12 +215,13 @@ class RoutesSource:
                 self._dirty.add(uid)
         self.watch.keep_only({v[1].inode for v in live.values()})
         now, started = self._clock(), time.perf_counter()
+        budgets = snapshot.budgets or Budgets()
         for n, uid in enumerate(self._due(live, now)):
             limit = self.budget_new if uid not in self._cache else self.budget
             if n and time.perf_counter() - started > limit:
                 break       # the rest waits for the next scrape; at least one pod progresses
             view, ns, atts, fp = live[uid]
-            self._analyse(uid, view, ns, atts, fp, now)
+            self._analyse(uid, view, ns, atts, fp, now, budgets)
         return [self._cache[u] for u in live if u in self._cache]
 
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
@@ -210,18 +246,20 @@ class RoutesSource:
                         and now - cache[u].at >= self.interval), key=lambda u: cache[u].at)
         return new + changed + stale
 
-    def _analyse(self, uid: str, view: PodView, ns, atts, fp, now: float) -> None:
+    def _analyse(self, uid: str, view: PodView, ns, atts, fp, now: float, budgets: Budgets) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         self._dirty.discard(uid)        # events from here on are after what we read
         try:
-            links = {l.ifindex: l.name for l in ns.rtnl.links()}
+            # the link table the pool read within its budget, not another dump of it
+            links = {ifindex: link.name for ifindex, link in ns.by_index.items()}
             facts, plan, answers = self.read_pod(ns.fd, self.procfs, view.pod.namespace, view.pod.name,
-                                                 atts, links)
+                                                 atts, links, budgets)
         except OSError as err:          # the pod's netns went away meanwhile: not a failure
             log.debug("pod %s: %s", view.pod.key, err)
             self._cache.pop(uid, None)
             return
-        analysis = analyse(facts, answers, plan)
+        ns.read_cuts["routes"] = facts.cut
+        analysis = analyse(facts, answers, plan, budgets.pod_route_checks)
         self._cache[uid] = Cached(fp, facts, analysis, now, time.perf_counter() - t0, time.thread_time() - c0)
 
     def collect(self, snapshot: Snapshot) -> list[Family]:
