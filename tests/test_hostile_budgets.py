@@ -304,8 +304,9 @@ def routed(root, tmp_path):
 
 
 def test_routes_through_many_gateways_are_capped(routed, collector_factory, tmp_path):
-    """A pod's routes name its gateways, and each gateway is 4 series: 2 000
-    of them were 8 000+ series from one pod, beyond every other budget."""
+    """A pod's routes name its gateways, and each gateway is 9 state series (3
+    more with an entry): 2 000 of them were 18 000+ series from one pod, beyond
+    every other budget."""
     evil, good, netns_dir = routed
     objects = [pod("evil", "routes", [entry("k8s-pod-network", "eth0", ["10.77.0.2/16"], mac=evil.mac("eth0"),
                                             default=True)]),
