@@ -378,3 +378,32 @@ def test_routes_written_to_mismatch_are_checked_within_budget(misrouted, collect
     assert series(parsed, "planewatch_route_mismatch", pod="misrouted", interface="net1")
     assert series(parsed, "planewatch_gateway_neighbour_state", pod="misrouted", gateway="10.78.0.1")
     assert not series(parsed, "planewatch_pod_netns_cut_short", pod="quiet")
+
+
+def test_a_cut_dump_moves_the_analysis_to_another_socket(misrouted):
+    """Each dump the routing analysis stops at its budget (addresses, routes,
+    rules) leaves its socket busy: the analysis goes on on a fresh socket in
+    the same netns, and its lookups are all answered."""
+    from collector.budgets import Budgets
+    from collector.routes_analysis import Attached
+    from collector.sources.routes import read_pod
+    from kernel.rtnl import RtnlSocket
+    evil, _, _ = misrouted
+    fd = os.open(f"/run/netns/{evil.name}", os.O_RDONLY)
+    try:
+        with RtnlSocket.open(fd) as sock:
+            links = {l.ifindex: l.name for l in sock.links()}
+        index = {name: i for i, name in links.items()}
+        atts = (Attached(("evil", "m", "k8s-pod-network", "eth0", "mgmt"), "eth0", index["eth0"], "k8s-pod-network",
+                         ("10.77.0.2/16",), (), True),
+                Attached(("evil", "m", "evil/signaling", "net1", "sig"), "net1", index["net1"], "evil/signaling",
+                         ("10.78.0.2/16",)))
+        facts, plan, answers = read_pod(fd, "/proc", "evil", "m", atts, links,
+                                        Budgets(netns_addresses=3, netns_routes=100, pod_route_checks=5))
+        assert facts.cut == ("addresses", "routes", "route_checks")
+        assert len(facts.addresses) == 3 and len(facts.routes) <= 100 and len(facts.rules) <= 100
+        assert len(plan) == 5 and set(answers) == {(p.source, p.address) for p in plan}
+        facts, plan, answers = read_pod(fd, "/proc", "evil", "m", atts, links)
+        assert facts.cut == ("route_checks",) and len(facts.routes) > 3000 and len(plan) == 256
+    finally:
+        os.close(fd)

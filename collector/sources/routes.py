@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from typing import Callable
 from collector.budgets import Budgets
 from collector.family import GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
+from collector.netns_pool import SHORT_ADDRESSES
 from collector.registry import Config, NoData, Option, SameObjects, Snapshot, register
 from collector.routes_analysis import (
     CUT_CHECKS,
@@ -118,13 +120,20 @@ def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod:
     """The dumps and lookups of `read_pod` on an open rtnetlink socket (one whose
     replies were recorded: tests/replay.py), within the budgets: at most
     `netns_routes` routes and rules of each family (a dump stopped there leaves
-    the socket busy: `reopen` gives another), at most `pod_route_checks` lookups."""
+    the socket busy: `reopen` gives another), at most `netns_addresses` addresses,
+    at most `pod_route_checks` lookups."""
     versions = {6 if ":" in ip else 4 for a in atts for ip in a.ips} or {4}
     families = [f for f, v in FAMILY_VERSION.items() if v in versions]
-    addresses = rtnl_routes.addresses(sock)
     routes: list[dict] = []
     rules: list[dict] = []
     cut: list[str] = []
+    found, why = sock.addresses_bounded(budgets.netns_addresses, math.inf)
+    addresses = [{"ifindex": ifindex, "address": f"{ip}/{prefixlen}"} for ifindex, ip, prefixlen in found]
+    if why:
+        if reopen is None:
+            raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
+        sock = reopen()
+        cut.append(SHORT_ADDRESSES)
     for fam in families:
         for dump, into in ((rtnl_routes.routes_bounded, routes), (rtnl_routes.rules_bounded, rules)):
             got, more = dump(sock, fam, budgets.netns_routes)
@@ -133,7 +142,7 @@ def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod:
                 if reopen is None:
                     raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
                 sock = reopen()
-                cut = [CUT_ROUTES]
+                cut += [CUT_ROUTES] if CUT_ROUTES not in cut else []
     routes = [r for r in routes if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
     facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
     answers = {}
