@@ -45,6 +45,7 @@ class Namespace:
     links: list[LinkStats] = field(default_factory=list)
     by_index: dict[int, LinkStats] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)     # ip -> ifindex
+    prefixes: list[tuple[int, str, int]] = field(default_factory=list)    # (ifindex, ip, prefix length)
     refreshed: float = 0.0
     read_generation: int = -1           # events.generation the tables were read at
     cost: float = 0.0                   # seconds the last refresh took
@@ -77,6 +78,7 @@ class Namespace:
         self.links = links
         self.by_index = {l.ifindex: l for l in links}
         self.addresses = {ip: idx for idx, ip, _ in addresses}
+        self.prefixes = addresses
         self.short = short
         self.refreshed = now
 

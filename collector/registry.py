@@ -94,13 +94,15 @@ class Config:
 class PodNetns(Protocol):
     """What a source may use of a pod namespace kept open by the resolver
     (collector/netns_pool.py `Namespace`): its identity, a netlink socket bound in it,
-    the link table of the last refresh, and the counters of some links."""
+    the link and address tables of the last refresh (within the netns budgets),
+    and the counters of some links."""
 
     path: str
     inode: int
     fd: int
     rtnl: RtnlSocket
     by_index: dict[int, LinkStats]
+    prefixes: list[tuple[int, str, int]]
     short: dict[str, int]
     read_cuts: dict[str, tuple[str, ...]]
 

@@ -428,7 +428,7 @@ class NeighboursSource:
                     found = plan.with_entries([parse_neigh(buf, s, e)
                                                for _, buf, s, e in gets.answers(k - 1, RTM_NEWNEIGH)])
                 if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
-                    targets += probe_targets(view, found, ns.rtnl.addresses(), self.probe_planes)
+                    targets += probe_targets(view, found, ns.prefixes, self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue
