@@ -11,6 +11,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from collector import gateway_probe as gp
+from collector.budgets import Budgets
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
 from collector.sources.neighbours import (
     STATE_NAMES,
@@ -510,14 +511,58 @@ def test_hop_cache_reads_at_most_the_route_budget_and_says_so(two_ns):
     pool = NetnsPool()
     try:
         ns = pool.open(f"/run/netns/{a}")
-        whole = nb.HopCache().hops(ns, 10_000)
+        whole = nb.HopCache().hops(ns, Budgets(netns_routes=10_000))
         assert ns.read_cuts["neighbours"] == ()
         busy = ns.rtnl
-        part = nb.HopCache().hops(ns, 2)
+        part = nb.HopCache().hops(ns, Budgets(netns_routes=2))
         assert ns.read_cuts["neighbours"] == ("routes",)
         assert len(part) < len(whole) and set(part) <= set(whole)
         assert ns.rtnl is not busy and busy._sock.fileno() == -1       # replaced and closed
         assert {l.name for l in ns.rtnl.links()} >= {"lo", "eth0"}       # the new socket answers
+    finally:
+        pool.close()
+
+
+def test_hop_cache_defers_costly_rereads_of_a_flapping_netns(two_ns):
+    """A tenant flapping one of many routes: the next hops are read again at
+    most at the refresh share of the time (always after CUT_BACKOFF when the
+    dump was cut), the pod says refresh_deferred meanwhile; small tables are
+    read again at once."""
+    import collector.sources.neighbours as nb
+    from collector.netns_pool import CUT_BACKOFF, NetnsPool
+    a, _ = two_ns
+    subprocess.run(["ip", "-n", a, "-batch", "-"], check=True, text=True,
+                   input="".join(f"route add 10.90.{n}.0/24 via 10.252.0.2\n" for n in range(200)))
+    now = [1000.0]
+    pool = NetnsPool()
+    try:
+        ns = pool.open(f"/run/netns/{a}")
+        for budgets, cut in ((Budgets(), False), (Budgets(netns_routes=150), True)):
+            cache = nb.HopCache(clock=lambda: now[0])
+            first = {h.destination for h in cache.hops(ns, budgets)}
+            assert ("routes" in ns.read_cuts["neighbours"]) is cut
+            subprocess.run(["ip", "-n", a, "route", "replace", "10.90.0.0/24", "via", "10.252.0.9"], check=True)
+            pool.poll()
+            now[0] += 0.000_001         # well under any dump's cost / 5 %
+            assert {h.destination for h in cache.hops(ns, budgets)} == first
+            assert "refresh_deferred" in ns.read_cuts["neighbours"]
+            now[0] += CUT_BACKOFF + 1
+            got = cache.hops(ns, budgets)
+            assert any(h.gateway == "10.252.0.9" for h in got) or cut      # a cut dump may not reach it
+            assert ns.read_cuts["neighbours"] == (("routes",) if cut else ())
+            subprocess.run(["ip", "-n", a, "route", "replace", "10.90.0.0/24", "via", "10.252.0.2"], check=True)
+            pool.poll()
+        # a small table is read again at the next look, whatever it cost
+        small = nb.HopCache(clock=lambda: now[0])
+        subprocess.run(["ip", "-n", a, "-batch", "-"], check=True, text=True,
+                       input="".join(f"route del 10.90.{n}.0/24\n" for n in range(200)))
+        pool.poll()
+        small.hops(ns)
+        subprocess.run(["ip", "-n", a, "route", "add", "10.91.0.0/24", "via", "10.252.0.7"], check=True)
+        pool.poll()
+        now[0] += 0.000_001
+        assert any(h.gateway == "10.252.0.7" for h in small.hops(ns))
+        assert ns.read_cuts["neighbours"] == ()
     finally:
         pool.close()
 

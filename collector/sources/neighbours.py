@@ -39,9 +39,11 @@ from collector.budgets import Budgets
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
+from collector.netns_pool import CUT_BACKOFF, SHORT_DEFERRED
 from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
 from collector.routes_analysis import CUT_ROUTES
 from kernel import nlbatch
+from kernel.rtnl import TIME_CUT_AFTER
 from kernel.rtnl_events import ChangeWatch
 from kernel.rtnl_neighbours import (
     RTM_GETNEIGH,
@@ -229,40 +231,71 @@ def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: fro
 
 GW_LABELS = ATTACHMENT_LABELS + ("gateway",)
 HOPS_TTL = 300.0            # a safety net: route notifications trigger the re-read
+DEFAULT_BUDGETS = Budgets()
+
+
+@dataclass
+class _Hops:
+    hops: list[NextHop]
+    when: float             # clock() of the dump
+    cost: float             # seconds it took
+    cut: bool               # stopped at the routes budget
 
 
 class HopCache:
     """Next hops per pod netns, re-read when the kernel announced a change there
-    (kernel/rtnl_events.py) or past the TTL."""
+    (kernel/rtnl_events.py) or past the TTL, within the budgets: at most
+    `netns_routes` routes a dump, and a netns whose dump is costly (a tenant
+    flapping one of thousands of routes) re-read at most at the refresh share
+    of the time (at most every CUT_BACKOFF when cut), as the pool does for links."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
         self._watch = ChangeWatch()
-        self._by_inode: dict[int, tuple[list[NextHop], float]] = {}     # inode -> (hops, when)
+        self._by_inode: dict[int, _Hops] = {}
+        self._pending: set[int] = set()         # a change announced, its re-read deferred
 
-    def hops(self, ns, limit: int = Budgets.netns_routes) -> list[NextHop]:
-        """The next hops of the first `limit` routes the kernel dumps (more:
+    def hops(self, ns, budgets: Budgets = DEFAULT_BUDGETS) -> list[NextHop]:
+        """The next hops of the first `netns_routes` routes the kernel dumps (more:
         planewatch_pod_netns_cut_short{reason="routes"} for the pod)."""
         known = self._by_inode.get(ns.inode)
         now = self._clock()
         # changed() drains the notifications before the dump: no change is missed
-        if not self._watch.changed(ns) and known is not None and now - known[1] <= HOPS_TTL:
-            return known[0]
+        if self._watch.changed(ns):
+            self._pending.add(ns.inode)
+        if known is not None and now - known.when <= HOPS_TTL:
+            if ns.inode not in self._pending:
+                return known.hops
+            if now - known.when < self._backoff(known, budgets):
+                ns.read_cuts["neighbours"] = ((CUT_ROUTES,) if known.cut else ()) + (SHORT_DEFERRED,)
+                return known.hops
+        started = time.monotonic()
         try:
-            hops, more = next_hops_bounded(ns.rtnl, limit)
+            hops, more = next_hops_bounded(ns.rtnl, budgets.netns_routes)
             if more:
                 ns.reopen()         # the stopped dump left the socket busy
         except OSError:
             self._by_inode.pop(ns.inode, None)
+            self._pending.discard(ns.inode)
             self._watch.forget(ns.inode)
             raise
+        self._pending.discard(ns.inode)
         ns.read_cuts["neighbours"] = (CUT_ROUTES,) if more else ()
-        self._by_inode[ns.inode] = (hops, now)
+        self._by_inode[ns.inode] = _Hops(hops, now, time.monotonic() - started, more)
         return hops
+
+    @staticmethod
+    def _backoff(known: _Hops, budgets: Budgets) -> float:
+        if known.cut:
+            return max(CUT_BACKOFF, known.cost / budgets.netns_refresh_share)
+        if len(known.hops) <= TIME_CUT_AFTER:
+            return 0.0          # a small table: a pod's route change shows at the next scrape
+        return known.cost / budgets.netns_refresh_share
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._by_inode if i not in inodes]:
             del self._by_inode[inode]
+        self._pending &= inodes
         self._watch.keep_only(inodes)
 
 
@@ -367,7 +400,7 @@ class NeighboursSource:
                 continue
             live.add(ns.inode)
             try:
-                hops = self.hop_cache.hops(ns, budgets.netns_routes)
+                hops = self.hop_cache.hops(ns, budgets)
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
                 continue
