@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 LOCAL_TABLE, MAIN_TABLE, DEFAULT_TABLE = 255, 254, 253
@@ -381,6 +381,16 @@ WHAT = {"gateway": "its gateway {}", "subnet": "its subnet {}", "route": "{} (ro
 
 def probe_target(p: Probe) -> str:
     return WHAT.get(p.reason, "{}").format(p.destination, p.interface)
+
+
+def for_findings(facts: PodFacts) -> PodFacts:
+    """The facts as `findings` reads them, for keeping between analyses: without
+    the routes and rules (a mismatch carries its route) and with the addresses
+    of the attachments' interfaces only. Thousands of routes a pod's owner
+    wrote are ~2 MiB kept per pod otherwise."""
+    ifindexes = {a.ifindex for a in facts.attachments}
+    return replace(facts, routes=(), rules=(),
+                   addresses=tuple(a for a in facts.addresses if a["ifindex"] in ifindexes))
 
 
 def findings(facts: PodFacts, analysis: Analysis) -> list[dict]:

@@ -16,6 +16,7 @@ from collector.routes_analysis import (
     analyse,
     effective_rp_filter,
     findings,
+    for_findings,
     policy_rules,
     probe_plan,
     representative,
@@ -205,6 +206,8 @@ def test_mismatch(answer, egress, route_text):
     assert [(m.attached.interface, m.probe.destination, m.egress_interface) for m in a.mismatches] == [
         ("net1", "10.71.5.0/24", egress)]
     (finding,) = findings(f, a)
+    kept = for_findings(f)              # what the source keeps between analyses
+    assert findings(kept, a) == [finding] and kept.routes == () and kept.rules == ()
     assert finding["kind"] == "route_mismatch" and finding["interface"] == "net1"
     assert set(finding) == {"namespace", "pod", "interface", "kind", "sentence", "fix"}
     assert "ip rule add from 10.71.0.10 table 102" in finding["fix"]
@@ -336,6 +339,7 @@ def test_overlaps(net2_ips, net2_addresses, want):
     assert {(o.attached.interface, o.other.interface, o.subnet, o.other_subnet) for o in a.overlaps} == want
     kinds = [(x["interface"], x["kind"]) for x in findings(f, a) if x["kind"] == "subnet_overlap"]
     assert sorted(kinds) == sorted((w[0], "subnet_overlap") for w in want)
+    assert findings(for_findings(f), a) == findings(f, a)
 
 
 @pytest.mark.parametrize("all_value, if_value, want", [

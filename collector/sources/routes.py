@@ -49,6 +49,7 @@ from collector.routes_analysis import (
     PodFacts,
     analyse,
     findings,
+    for_findings,
     policy_rules,
     probe_plan,
     within,
@@ -269,7 +270,8 @@ class RoutesSource:
             return
         ns.read_cuts["routes"] = facts.cut
         analysis = analyse(facts, answers, plan, budgets.pod_route_checks)
-        self._cache[uid] = Cached(fp, facts, analysis, now, time.perf_counter() - t0, time.thread_time() - c0)
+        self._cache[uid] = Cached(fp, for_findings(facts), analysis, now, time.perf_counter() - t0,
+                                  time.thread_time() - c0)
 
     def collect(self, snapshot: Snapshot) -> list[Family]:
         results = self.refresh(snapshot)
