@@ -27,7 +27,7 @@ Figures, per planewatch build:
 The machine's loadavg is printed at the start and the end: on a shared
 machine read the spreads, not one number.
 
-    sudo python3 bench/footprint.py [--pods 250] [--rounds 30] [--base DIR] [--datapath] [--json out.json]
+    sudo python3 bench/footprint.py [--pods 250] [--rounds 30] [--base DIR] [--datapath] [--gzip] [--json out.json]
 """
 from __future__ import annotations
 
@@ -182,7 +182,8 @@ def scrape_rounds(targets: list[Target], ref: Target, rounds: int, warmup: int =
         out[t.name] = {"p50_ms": percentile(lat[t.name], 50) * 1000, "p99_ms": percentile(lat[t.name], 99) * 1000,
                        "cpu_ms": (cpu_seconds(t.pid) - cpu0[t.name]) / rounds * 1000,
                        "rss_mib": mem["VmRSS"] / MIB, "hwm_mib": mem["VmHWM"] / MIB,
-                       "series": sum(1 for line in t.body.splitlines() if line and not line.startswith(b"#"))}
+                       "series": sum(1 for line in t.body.splitlines() if line and not line.startswith(b"#")),
+                       "wire_bytes": t.wire_bytes}
         if t is not ref:
             ratios = sorted(a / b for a, b in zip(lat[t.name], lat[ref.name]))
             out[t.name].update(ratio_median=statistics.median(ratios), ratio_p25=percentile(ratios, 25),
@@ -227,7 +228,8 @@ def run(args) -> dict:
     prefix = f"pwf{os.getpid() % 10000:04d}"[:8]
     ref_ns = f"{prefix}-nx"
     want = args.pods * INTERFACES_PER_POD
-    result: dict = {"pods": args.pods, "interfaces": want, "loadavg_start": loadavg(), "nproc": os.cpu_count()}
+    result: dict = {"pods": args.pods, "interfaces": want, "loadavg_start": loadavg(), "nproc": os.cpu_count(),
+                    "gzip": args.gzip}
     print(f"nproc {os.cpu_count()}, loadavg {result['loadavg_start']}, {args.pods} pods x {INTERFACES_PER_POD}")
     procs: list[subprocess.Popen] = []
     live: dict[str, tuple] = {}         # name -> (process, target) of the cold starts
@@ -267,12 +269,12 @@ def run(args) -> dict:
                 proc = start_collector(trees[name], kubeconfig, port, os.path.join(workdir, f"{name}.log"))
                 procs.append(proc)
                 fresh.append(proc)
-                targets.append(Target(name, proc.pid, port))
+                targets.append(Target(name, proc.pid, port, gzip=args.gzip))
             wait_attached(targets, fresh, want)
             port = free_port()
             ne = start_node_exporter(ref_ns, port)
             procs.append(ne)
-            ref = Target("node_exporter", ne.pid, port, netns=f"/run/netns/{ref_ns}")
+            ref = Target("node_exporter", ne.pid, port, netns=f"/run/netns/{ref_ns}", gzip=args.gzip)
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -322,6 +324,8 @@ def print_table(result: dict) -> None:
     row("  p50 / p99 ms", [f"{scrape[n]['p50_ms']:.1f} / {scrape[n]['p99_ms']:.1f}" for n in names])
     row("  CPU ms per scrape", [f"{scrape[n]['cpu_ms']:.1f}" for n in names])
     row("  series", [str(scrape[n]["series"]) for n in names])
+    row("  bytes on the wire" + (" (gzip)" if result.get("gzip") else ""),
+        [f"{scrape[n]['wire_bytes']:,}" for n in names])
 
     def cells(key):
         return [" / ".join("-" if c.get(key) is None else f"{c[key]:.2f}" for c in cold[n]) for n in names]
@@ -332,7 +336,7 @@ def print_table(result: dict) -> None:
                                                for c in cold[n]) for n in names], "no")
     ne = scrape["node_exporter"]
     print(f"node_exporter: p50 {ne['p50_ms']:.1f} ms, p99 {ne['p99_ms']:.1f} ms, CPU {ne['cpu_ms']:.1f} ms/scrape, "
-          f"RSS {ne['rss_mib']:.1f} MiB, {ne['series']} series")
+          f"RSS {ne['rss_mib']:.1f} MiB, {ne['series']} series, {ne['wire_bytes']:,} bytes on the wire")
     if result.get("datapath"):
         print("\ndatapath:\n" + result["datapath"].split("medians", 1)[-1])
 
@@ -347,6 +351,8 @@ def main() -> int:
     p.add_argument("--datapath", action="store_true", help="also run bench/datapath.py on both builds")
     p.add_argument("--datapath-rounds", type=int, default=4)
     p.add_argument("--datapath-seconds", type=int, default=5)
+    p.add_argument("--gzip", action="store_true",
+                   help="scrape with Accept-Encoding: gzip, as Prometheus does (both collectors compress)")
     p.add_argument("--json", default="", help="write every number here")
     args = p.parse_args()
     if os.geteuid() != 0:
