@@ -299,6 +299,86 @@ def test_route_index_finds_what_the_walk_of_every_route_found():
             assert index.find(table, address, oif) is walk(routes, table, address, oif), (table, address, oif)
 
 
+def walked_plan(f):
+    """The probe plan as it was made before _RouteSpans: every route looked at
+    for every attachment (the oracle of the test below)."""
+    from collector.routes_analysis import MAIN_TABLE, _ip_or_none, _route_network, own_addresses, sources
+    own = own_addresses(f)
+    kernel = {ipaddress.ip_interface(a["address"]).ip for a in f.addresses}
+    plan = {}
+    routes = [(r, net) for r in f.routes if r.get("type", 1) == 1
+              for net in [_route_network(r)] if net is not None and not net.is_link_local]
+    for a in f.attachments:
+        srcs, nets = sources(a, kernel), subnets(a, f.addresses)
+
+        def add(a, source, destination, address, reason):
+            if address is not None and ipaddress.ip_address(address) not in own:
+                plan.setdefault((a.interface, source, address), (a.interface, source, destination, address, reason))
+        for gw in a.gateways:
+            addr = _ip_or_none(gw)
+            if addr is not None and not addr.is_link_local and addr.version in srcs:
+                add(a, srcs[addr.version], str(addr), str(addr), "gateway")
+        for net in nets:
+            if net.version in srcs:
+                add(a, srcs[net.version], str(net), representative(net, own), "subnet")
+        tables = {v: {MAIN_TABLE} | rule_tables(f.rules, src) for v, src in srcs.items()}
+        for r, dst in routes:
+            if dst.version not in srcs or dst in nets:
+                continue
+            via = a.ifindex in r.get("oifs", ()) and r["table"] in tables[dst.version]
+            carves = r["table"] == MAIN_TABLE and any(
+                n.version == dst.version and dst.prefixlen > n.prefixlen and dst.subnet_of(n) for n in nets)
+            if via or carves:
+                add(a, srcs[dst.version], str(dst), representative(dst, own), "route" if via else "carve-out")
+    return list(plan.values())
+
+
+def test_probe_plan_is_the_walk_of_every_route_for_every_attachment():
+    """Random pods (attachments with and without prefix lengths, rules, routes
+    in several tables, carve-outs, duplicates, link-local, other types): the
+    plan made from _RouteSpans is the walk's, probe for probe, in order."""
+    import random
+    rng = random.Random(8)
+    seen = set()
+    for _ in range(60):
+        atts, addresses = [], [{"ifindex": 1, "address": "127.0.0.1/8"}]
+        for k in range(rng.randrange(1, 5)):
+            ifindex = 10 + k
+            ip4, ip6 = f"10.{k}.{rng.randrange(4)}.{rng.randrange(2, 250)}", f"fd00:{k}::{rng.randrange(2, 999):x}"
+            ips = [ip4 + rng.choice(("", "/16", "/24")), ip6 + rng.choice(("", "/64"))][:rng.randrange(1, 3)]
+            atts.append(att(f"net{k}", ifindex, ips, f"n{k}", [f"10.{k}.0.1"] if rng.random() < 0.5 else []))
+            addresses += [{"ifindex": ifindex, "address": f"{ip4}/{rng.choice((16, 24))}"},
+                          {"ifindex": ifindex, "address": f"{ip6}/64"}]
+        routes = []
+        for _ in range(rng.randrange(0, 80)):
+            k, table = rng.randrange(len(atts) + 1), rng.choice((254, 254, 100, 255))
+            if rng.random() < 0.7:
+                length = rng.choice((8, 16, 20, 24, 28, 32))
+                base = (10 << 24) | (rng.randrange(len(atts)) << 16) | rng.randrange(1 << 16)
+                dst = str(ipaddress.ip_network((base >> (32 - length) << (32 - length), length)))
+                routes.append(route(rng.choice((dst, dst, "default")), 10 + k, table, type=rng.choice((1, 1, 1, 2))))
+            else:
+                length = rng.choice((48, 64, 96, 128))
+                net = ipaddress.ip_network((((0xfd00 << 112) | (rng.randrange(len(atts)) << 96) | rng.randrange(1 << 60))
+                                            >> (128 - length) << (128 - length), length))
+                routes.append(route(rng.choice((str(net), "fe80::/64")), 10 + k, table, family=6))
+            if rng.random() < 0.1:
+                routes.append(dict(routes[-1]))
+        for a in addresses[1:]:         # the edges of a subnet: its first and last address
+            net = ipaddress.ip_interface(a["address"]).network
+            for edge in (net.network_address, net.broadcast_address):
+                if rng.random() < 0.3:
+                    routes.append(route(f"{edge}/{edge.max_prefixlen}", 10 + rng.randrange(len(atts)), 254,
+                                        family=edge.version))
+        rules = DEFAULT_RULES + tuple({"family": 4, "priority": 100 + k, "src": a.ips[0].split("/")[0] + "/32",
+                                       "table": 100, "action": 1} for k, a in enumerate(atts) if rng.random() < 0.3)
+        f = facts(atts=atts, routes=tuple(routes), rules=rules, addresses=tuple(addresses))
+        want = walked_plan(f)
+        assert [(p.interface, p.source, p.destination, p.address, p.reason) for p in probe_plan(f)] == want
+        seen.update(p[4] for p in want)
+    assert seen == {"gateway", "subnet", "route", "carve-out"}      # every kind of lookup was compared
+
+
 def test_lookups_beyond_the_budget_keep_gateways_subnets_and_wider_prefixes():
     """A pod's owner writes its routes, and each lookup is a netlink round trip
     (and a mismatch a series): within the budget, every attachment's gateway and
