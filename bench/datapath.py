@@ -26,6 +26,11 @@ programs' real ns per run, runs per packet (kfree_skb included: UDP at -b 0
 overflows the receiver's socket buffer, and each dropped datagram runs it)
 and their share of the CPU time.
 
+With `--pin`, the sending CPU's busy time (/proc/stat ticks, steal excluded)
+around each run is printed per datagram sent (per KB for TCP): that CPU runs
+the whole path, so the without/with ratio of that cost is what the programs
+take from a saturated sender, next to the throughput ratio.
+
 `--noop` adds a mode with bench_noop on every hook: what the hooks and the
 kfree_skb program cost with no work in the tc programs, i.e. the noise floor
 of the ratios. `--variants` adds bpf_stats runs with each bench variant
@@ -63,14 +68,34 @@ def iperf3(client_ns: str, server_ns: str, server_ip: str, seconds: int, udp: bo
                *(["-A", str(pin[0])] if pin else [])]
         if udp:
             cmd += ["-u", "-b", "0", "-l", "64"]
+        busy0 = cpu_busy_ticks(pin[0]) if pin else 0
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
+        busy = cpu_busy_ticks(pin[0]) - busy0 if pin else 0
     finally:
         try:
             server.wait(timeout=5)          # -1: the server leaves after one client
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return summarise(json.loads(out), udp)
+    got = summarise(json.loads(out), udp)
+    if pin:
+        # the sending CPU's busy time per unit sent: it runs the whole path (both
+        # tc programs, veth, bridge, the receive softirq), so this is the path's
+        # cost, whatever the receiver or the scheduler did meanwhile
+        busy_ns = busy * 1e9 / os.sysconf("SC_CLK_TCK")
+        got["client_cpu_ns"] = busy_ns / (got["sent_packets"] if udp else got["bytes"] / 1000)
+    return got
+
+
+def cpu_busy_ticks(cpu: int) -> int:
+    """Busy clock ticks of one CPU since boot: user, nice, system, irq, softirq
+    (not idle, iowait, or steal: time the hypervisor gave someone else)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in line.split()[1:8])
+                return user + nice + system + irq + softirq
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
 
 
 def summarise(report: dict, udp: bool) -> dict:
@@ -87,6 +112,7 @@ def summarise(report: dict, udp: bool) -> dict:
         # (veth, bridge, the ingress softirq all run on the sending CPU)
         return {"gbps": s["bits_per_second"] / 1e9, "mpps": received / s["seconds"] / 1e6,
                 "sent_mpps": sent["packets"] / sent["seconds"] / 1e6, "packets": s["packets"],
+                "sent_packets": sent["packets"],
                 "lost_percent": s.get("lost_percent", 0.0), "cpu_sender": cpu.get("host_total", 0.0),
                 "cpu_receiver": cpu.get("remote_total", 0.0)}
     s = end["sum_received"]
@@ -222,6 +248,20 @@ def print_summary(results: dict, loads: list, builds: list[str]) -> None:
                   f"         ratio of medians {statistics.median(with_) / statistics.median(without):.3f}; "
                   f"paired median of per-round ratios {q2:.3f} IQR [{q1:.3f}-{q3:.3f}] "
                   f"min-max [{min(per_round):.3f}-{max(per_round):.3f}], {below}/{len(per_round)} rounds < 1")
+    for load, udp in loads:
+        if "client_cpu_ns" not in results[(load, "without")][0]:
+            continue            # not pinned: no one CPU runs the whole path
+        unit = "datagram sent" if udp else "KB received"
+        without = [g["client_cpu_ns"] for g in results[(load, "without")]]
+        print(f"  {load:<6} without: sending CPU busy {statistics.median(without):.0f} ns per {unit}")
+        for mode in builds:
+            with_ = [g["client_cpu_ns"] for g in results[(load, mode)]]
+            # as a throughput ratio: what the path's cost allows, the sending CPU saturated
+            per_round = [wo / w for w, wo in zip(with_, without)]
+            q1, q2, q3 = quartiles(per_round)
+            print(f"  {load:<6} {mode}: {statistics.median(with_):.0f} ns per {unit}; "
+                  f"without/with, paired median {q2:.3f} IQR [{q1:.3f}-{q3:.3f}], "
+                  f"ratio of medians {statistics.median(without) / statistics.median(with_):.3f}")
 
 
 def profile_variants(mode: str, objects: str, namespaces: list[str], loads, one_run) -> None:
