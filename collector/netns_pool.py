@@ -20,8 +20,10 @@ LINKS_TTL = 300.0          # notifications keep the tables fresh; this is a safe
 # Reasons of planewatch_pod_netns_cut_short: the link table of the pod's netns was
 # read only in part (the budget in links, addresses or time ran out), or a
 # link change is known but its re-read deferred (refresh_deferred). The sources
-# add theirs in Namespace.read_cuts: "routes" (a route or rule dump stopped at
-# --budget.netns-routes), "route_checks" (--budget.pod-route-checks).
+# that read more of the netns add theirs in Namespace.read_cuts: "routes" (a
+# route or rule dump stopped at --budget.netns-routes), "route_checks"
+# (--budget.pod-route-checks), and "addresses" / "refresh_deferred" of their own
+# reads (collector/sources/routes.py, neighbours.py).
 SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED = "links", "addresses", "time", "refresh_deferred"
 SHORT_REASONS = (SHORT_LINKS, SHORT_ADDRESSES, SHORT_TIME, SHORT_DEFERRED)
 # Above this many links more than the ones wanted, counters are asked for per

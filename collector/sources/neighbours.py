@@ -41,7 +41,7 @@ from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.netns_pool import CUT_BACKOFF, SHORT_DEFERRED
 from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
-from collector.routes_analysis import CUT_ROUTES
+from collector.routes_analysis import CUT_ROUTES, MAIN_TABLE
 from kernel import nlbatch
 from kernel.rtnl import TIME_CUT_AFTER
 from kernel.rtnl_events import ChangeWatch
@@ -100,7 +100,6 @@ class Gateway:
         return state_name(self.neighbour.state) if self.neighbour else "none"
 
 
-MAIN_TABLE = 254
 SOURCES_KEPT = 8            # route sources remembered per gateway (debug detail, not exported)
 
 
@@ -117,7 +116,7 @@ def gateway_addresses(view: PodView, hops: list[NextHop], limit: int = Budgets.a
     """Per live interface of the pod: gateway address -> [sources, on-link route],
     at most `limit` addresses (the annotation's gateways first, then the routes'
     by `_importance`), and how many more there were. A pod's owner writes its
-    routes: without the limit, routes through thousands of gateways were four
+    routes: without the limit, routes through thousands of gateways were nine
     series each."""
     ranked = sorted(hops, key=_importance)
     out = []
@@ -165,7 +164,7 @@ def gateways_of(view: PodView, hops: list[NextHop], table: list[Neighbour],
 class GatewayPlan:
     """What reading a pod's gateways needs that changes only with its view or its
     next hops: the gateways of each interface, the neighbour gets to send, and
-    the gateways left out by the budget (labels -> count). NeighboursSource keeps
+    the gateways left out by the budget ((labels, count) per attachment). NeighboursSource keeps
     it per pod netns while both are the same objects (the resolver and HopCache
     hand out the same ones while nothing changed)."""
 

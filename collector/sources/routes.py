@@ -232,6 +232,9 @@ class RoutesSource:
                 break       # the rest waits for the next scrape; at least one pod progresses
             view, ns, atts, fp = live[uid]
             self._analyse(uid, view, ns, atts, fp, now, budgets)
+        for uid, (_, ns, _, _) in live.items():
+            if uid in self._cache:      # (a netns reopened since keeps saying it)
+                ns.read_cuts["routes"] = self._cache[uid].facts.cut
         return [self._cache[u] for u in live if u in self._cache]
 
     def _live(self, snapshot: Snapshot) -> dict[str, tuple]:
@@ -268,7 +271,6 @@ class RoutesSource:
             log.debug("pod %s: %s", view.pod.key, err)
             self._cache.pop(uid, None)
             return
-        ns.read_cuts["routes"] = facts.cut
         analysis = analyse(facts, answers, plan, budgets.pod_route_checks)
         self._cache[uid] = Cached(fp, for_findings(facts), analysis, now, time.perf_counter() - t0,
                                   time.thread_time() - c0)
