@@ -490,3 +490,22 @@ def test_families_round_trip_through_the_parser():
     (rule,) = series(parsed, "planewatch_pod_policy_rule_info")
     assert dict(rule) == {"namespace": "telco", "pod": "upf", "source": "10.72.0.10/32", "table": "103"}
     assert series(parsed, "planewatch_subnet_overlap") == {}
+
+
+def test_a_pod_no_longer_analysed_stops_saying_its_cuts():
+    """The routes source marks what its last analysis of a pod left out on the
+    pod's netns (planewatch_pod_netns_cut_short); a pod with nothing left to
+    analyse (its attachments' interfaces gone) says it no more."""
+    from collector.model import Attachment, InterfaceView, Pod, PodView
+    from collector.registry import Config, Snapshot
+    from collector.sources.routes import RoutesSource
+
+    class Netns:
+        inode, fd = 7, -1
+        read_cuts = {"routes": ("routes", "route_checks"), "neighbours": ("routes",)}
+
+    a = Attachment("ns", "p", "uid-1", "core/n4", "net1", ips=("10.71.0.10",), plane="signaling")
+    view = PodView(Pod("ns", "p", "uid-1", attachments=(a,)), "/run/netns/x", 7, "", (InterfaceView(a, None),))
+    source = RoutesSource(Config())
+    assert source.refresh(Snapshot((view,), netns={7: Netns()})) == []
+    assert Netns.read_cuts == {"neighbours": ("routes",)}

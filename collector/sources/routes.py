@@ -247,6 +247,8 @@ class RoutesSource:
             atts = self._attached.get(view.pod.uid, (view,), attached_interfaces)
             if atts:
                 live[view.pod.uid] = (view, ns, atts, (view.netns_inode, atts))
+            else:
+                ns.read_cuts.pop("routes", None)        # nothing of it is analysed any more
         self._attached.sweep()
         return live
 
