@@ -12,6 +12,7 @@ at the end, even on failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -22,17 +23,32 @@ from collector.budgets import Budgets
 from collector.netns_pool import NetnsPool
 
 
-def build(name: str, pairs: int, addresses: int) -> None:
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def crowd(pairs: int, addresses: int) -> list[str]:
+    """`ip -batch` lines: `pairs` veth pairs, `addresses` /32s spread over them."""
     lines = [f"link add a{i} type veth peer name b{i}" for i in range(pairs)]
     lines += [f"link set a{i} up" for i in range(min(pairs, 2))]
     links = [f"a{i}" for i in range(pairs)] + [f"b{i}" for i in range(pairs)]
     for n in range(addresses):
         lines.append(f"addr add 10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}/32 dev {links[n % len(links)]}")
-    with tempfile.NamedTemporaryFile("w", suffix=".batch") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        subprocess.run(["ip", "-n", name, "-batch", f.name], check=True)
+    return lines
+
+
+@contextlib.contextmanager
+def scratch_netns(name: str, lines: list[str]):
+    """A netns `name` made by `ip -batch` `lines`; its path, and the seconds that
+    took. Deleted on the way out, whatever happened."""
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".batch") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            subprocess.run(["ip", "-n", name, "-batch", f.name], check=True)
+        yield f"/run/netns/{name}", time.perf_counter() - t0
+    finally:
+        t1 = time.perf_counter()
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        print(f"netns deleted in {time.perf_counter() - t1:.2f} s")
 
 
 def time_refresh(path: str, budgets: Budgets, rounds: int) -> tuple[float, int, int, dict]:
@@ -75,12 +91,8 @@ def main() -> None:
     ap.add_argument("--addresses", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    name = f"pwbench{os.getpid() % 10000}"
-    t0 = time.perf_counter()
-    try:
-        build(name, args.pairs, args.addresses)
-        print(f"built {2 * args.pairs} links, {args.addresses} addresses in {time.perf_counter() - t0:.1f} s")
-        path = f"/run/netns/{name}"
+    with scratch_netns(f"pwbench{os.getpid() % 10000}", crowd(args.pairs, args.addresses)) as (path, took):
+        print(f"built {2 * args.pairs} links, {args.addresses} addresses in {took:.1f} s")
         unbounded = Budgets(netns_links=1 << 30, netns_addresses=1 << 30, netns_refresh_seconds=3600)
         for label, budgets in (("unbounded (main)", unbounded), ("default budgets", Budgets())):
             median, links, addrs, short = time_refresh(path, budgets, args.rounds)
@@ -88,10 +100,6 @@ def main() -> None:
                   f"cut short: {short or '-'}")
         dump, targeted = time_stats(path, args.rounds)
         print(f"counters of 2 attached interfaces: dump {dump * 1000:.2f} ms, per interface {targeted * 1000:.3f} ms")
-    finally:
-        t1 = time.perf_counter()
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        print(f"netns deleted in {time.perf_counter() - t1:.2f} s")
 
 
 if __name__ == "__main__":

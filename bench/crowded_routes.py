@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from crowded_netns import scratch_netns  # noqa: E402  (bench/, the script's own directory)
 
 from collector.budgets import Budgets  # noqa: E402
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView  # noqa: E402
@@ -33,8 +33,9 @@ from kernel.rtnl import RtnlSocket  # noqa: E402
 from kernel.rtnl_neighbours import next_hops_bounded  # noqa: E402
 
 
-def build(name: str, routes: int, gateways: int, rules: int) -> None:
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def misrouted(routes: int, gateways: int, rules: int) -> list[str]:
+    """`ip -batch` lines: eth0 and net1, `routes` routes via net1 through
+    `gateways` gateways, a rule sending net1's address out by eth0, `rules` more."""
     lines = ["link add eth0 type veth peer name peer0", "link add net1 type veth peer name peer1"]
     lines += [f"link set {link} up" for link in ("eth0", "peer0", "net1", "peer1")]
     lines += ["addr add 10.77.0.2/16 dev eth0", "addr add 10.78.0.2/16 dev net1",
@@ -44,10 +45,7 @@ def build(name: str, routes: int, gateways: int, rules: int) -> None:
         prefix = f"{16 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}.0/24"
         lines.append(f"route add {prefix} via 10.78.{g >> 8}.{g & 255} dev net1")
     lines += [f"rule add from 10.99.{n >> 8 & 255}.{n & 255} lookup {1000 + n}" for n in range(rules)]
-    with tempfile.NamedTemporaryFile("w", suffix=".batch") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        subprocess.run(["ip", "-n", name, "-batch", f.name], check=True)
+    return lines
 
 
 def timed(fn, rounds: int):
@@ -87,13 +85,10 @@ def main() -> None:
     ap.add_argument("--rules", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    name = f"pwbenchr{os.getpid() % 10000}"
-    t0 = time.perf_counter()
-    try:
-        build(name, args.routes, args.gateways, args.rules)
+    with scratch_netns(f"pwbenchr{os.getpid() % 10000}", misrouted(args.routes, args.gateways, args.rules)) \
+            as (path, took):
         print(f"built {args.routes} routes via {args.gateways} gateways, {args.rules} rules "
-              f"in {time.perf_counter() - t0:.1f} s; loadavg {os.getloadavg()[0]:.2f}")
-        path = f"/run/netns/{name}"
+              f"in {took:.1f} s; loadavg {os.getloadavg()[0]:.2f}")
         fd = os.open(path, os.O_RDONLY)
         try:
             with RtnlSocket.open(fd) as sock:
@@ -113,11 +108,6 @@ def main() -> None:
                 measure(label, budgets, fd, view, atts, links, args.rounds)
         finally:
             os.close(fd)
-    finally:
-        t1 = time.perf_counter()
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        print(f"netns deleted in {time.perf_counter() - t1:.2f} s")
-
 
 if __name__ == "__main__":
     main()

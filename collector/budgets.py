@@ -62,8 +62,11 @@ class Budgets:
     netns_refresh_share: float = 0.05       # share of wall time a netns' event-driven refreshes may take
 
 
+DEFAULT_BUDGETS = Budgets()             # what a snapshot without budgets of its own uses
+
+
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
-    d = Budgets()
+    d = DEFAULT_BUDGETS
     add = p.add_argument
     add("--budget.pod-attachments", dest="budget_pod_attachments", type=int, default=d.pod_attachments,
         help="attachments exported per pod; the rest counted in planewatch_pod_budget_cut "

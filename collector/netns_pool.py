@@ -34,6 +34,19 @@ STATS_DUMP_SLACK = 16
 CUT_BACKOFF = 30.0
 
 
+def refresh_backoff(cost: float, share: float, cut: bool, rows: int) -> float:
+    """Least time between two event-driven re-reads of a table of a pod netns
+    that took `cost` seconds and held `rows` rows: the refresh share for a large
+    table, at least CUT_BACKOFF for one read only in part (`cut`). A small table
+    is never held back: its read was slow only if the machine was (and a pod's
+    flap must show at the next scrape)."""
+    if cut:
+        return max(CUT_BACKOFF, cost / share)
+    if rows <= TIME_CUT_AFTER:
+        return 0.0
+    return cost / share
+
+
 @dataclass
 class Namespace:
     """A network namespace kept open: an fd (so the inode stays valid) and a socket."""
@@ -108,15 +121,10 @@ class Namespace:
         return pending
 
     def backoff(self) -> float:
-        """Least time between two event-driven refreshes: the refresh share for a
-        large namespace, at least CUT_BACKOFF for one over its budgets."""
-        if self.short.keys() - {SHORT_DEFERRED}:
-            return max(CUT_BACKOFF, self.cost / self.budgets.netns_refresh_share)
-        # A small namespace is never held back: its refresh was slow only if the
-        # machine was (and a pod's flap must show at the next scrape).
-        if len(self.links) + len(self.addresses) <= TIME_CUT_AFTER:
-            return 0.0
-        return self.cost / self.budgets.netns_refresh_share
+        """Least time between two event-driven refreshes (`refresh_backoff`)."""
+        return refresh_backoff(self.cost, self.budgets.netns_refresh_share,
+                               cut=bool(self.short.keys() - {SHORT_DEFERRED}),
+                               rows=len(self.links) + len(self.addresses))
 
     def dump_cap(self, ifindexes: set[int]) -> int:
         """How many links one RTM_GETSTATS dump of the whole namespace may bring

@@ -104,7 +104,18 @@ def rules_bounded(sock: RtnlSocket, family: int, limit: int) -> tuple[list[dict]
 
 
 def addresses(sock: RtnlSocket) -> list[dict]:
-    return [{"ifindex": ifindex, "address": f"{ip}/{prefixlen}"} for ifindex, ip, prefixlen in sock.addresses()]
+    return [_address(*row) for row in sock.addresses()]
+
+
+def addresses_bounded(sock: RtnlSocket, limit: int) -> tuple[list[dict], bool]:
+    """The first `limit` addresses, and whether there were more (the socket is
+    then left busy, as by routes_bounded)."""
+    rows, why = sock.addresses_bounded(limit, math.inf)
+    return [_address(*row) for row in rows], bool(why)
+
+
+def _address(ifindex: int, ip: str, prefixlen: int) -> dict:
+    return {"ifindex": ifindex, "address": f"{ip}/{prefixlen}"}
 
 
 def _attr(kind: int, value: bytes) -> bytes:

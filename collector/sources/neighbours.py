@@ -35,15 +35,14 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from collector.budgets import Budgets
+from collector.budgets import DEFAULT_BUDGETS, Budgets
 from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
-from collector.netns_pool import CUT_BACKOFF, SHORT_DEFERRED
+from collector.netns_pool import SHORT_DEFERRED, refresh_backoff
 from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
 from collector.routes_analysis import CUT_ROUTES, MAIN_TABLE
 from kernel import nlbatch
-from kernel.rtnl import TIME_CUT_AFTER
 from kernel.rtnl_events import ChangeWatch
 from kernel.rtnl_neighbours import (
     RTM_GETNEIGH,
@@ -230,7 +229,6 @@ def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: fro
 
 GW_LABELS = ATTACHMENT_LABELS + ("gateway",)
 HOPS_TTL = 300.0            # a safety net: route notifications trigger the re-read
-DEFAULT_BUDGETS = Budgets()
 
 
 @dataclass
@@ -265,7 +263,8 @@ class HopCache:
         if known is not None and now - known.when <= HOPS_TTL:
             if ns.inode not in self._pending:
                 return known.hops
-            if now - known.when < self._backoff(known, budgets):
+            if now - known.when < refresh_backoff(known.cost, budgets.netns_refresh_share, known.cut,
+                                                  len(known.hops)):
                 ns.read_cuts["neighbours"] = ((CUT_ROUTES,) if known.cut else ()) + (SHORT_DEFERRED,)
                 return known.hops
         started = time.monotonic()
@@ -282,14 +281,6 @@ class HopCache:
         ns.read_cuts["neighbours"] = (CUT_ROUTES,) if more else ()
         self._by_inode[ns.inode] = _Hops(hops, now, time.monotonic() - started, more)
         return hops
-
-    @staticmethod
-    def _backoff(known: _Hops, budgets: Budgets) -> float:
-        if known.cut:
-            return max(CUT_BACKOFF, known.cost / budgets.netns_refresh_share)
-        if len(known.hops) <= TIME_CUT_AFTER:
-            return 0.0          # a small table: a pod's route change shows at the next scrape
-        return known.cost / budgets.netns_refresh_share
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in [i for i in self._by_inode if i not in inodes]:
@@ -387,7 +378,7 @@ class NeighboursSource:
         where the kernel announced a route change)."""
         planned = []
         live = set()
-        budgets = snapshot.budgets or Budgets()
+        budgets = snapshot.budgets or DEFAULT_BUDGETS
         limit = budgets.attachment_gateways
 
         def make(view: PodView, hops: list[NextHop]) -> GatewayPlan:

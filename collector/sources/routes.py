@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from collector.budgets import Budgets
+from collector.budgets import DEFAULT_BUDGETS, Budgets
 from collector.family import GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, PodView
 from collector.netns_pool import SHORT_ADDRESSES
@@ -66,7 +65,6 @@ DEFAULT_MIN_GAP = 1.0          # a pod whose routing keeps changing: at most one
 DEFAULT_BUDGET = 0.2           # seconds of analysis per scrape for pods already known
 DEFAULT_BUDGET_NEW = 2.0       # ... and for pods never analysed (the first scrape shows them all)
 FAMILY_VERSION = rtnl_routes.FAMILY_VERSION
-DEFAULT_BUDGETS = Budgets()
 # errnos of a route lookup that mean "no route", not "the analysis failed"
 NO_ROUTE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.EACCES, errno.EPERM}
 
@@ -128,22 +126,23 @@ def read_facts(sock: RtnlSocket, rp_filter: dict[str, int], namespace: str, pod:
     routes: list[dict] = []
     rules: list[dict] = []
     cut: list[str] = []
-    found, why = sock.addresses_bounded(budgets.netns_addresses, math.inf)
-    addresses = [{"ifindex": ifindex, "address": f"{ip}/{prefixlen}"} for ifindex, ip, prefixlen in found]
-    if why:
-        if reopen is None:
-            raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
-        sock = reopen()
-        cut.append(SHORT_ADDRESSES)
+
+    def bounded(dump, into: list, limit: int, reason: str, *args) -> None:
+        nonlocal sock
+        got, more = dump(sock, *args, limit)
+        into += got
+        if more:                # the stopped dump left the socket busy
+            if reopen is None:
+                raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
+            sock = reopen()
+            if reason not in cut:
+                cut.append(reason)
+
+    addresses: list[dict] = []
+    bounded(rtnl_routes.addresses_bounded, addresses, budgets.netns_addresses, SHORT_ADDRESSES)
     for fam in families:
-        for dump, into in ((rtnl_routes.routes_bounded, routes), (rtnl_routes.rules_bounded, rules)):
-            got, more = dump(sock, fam, budgets.netns_routes)
-            into += got
-            if more:
-                if reopen is None:
-                    raise OSError(errno.EBUSY, "a cut dump left the socket busy and there is no other")
-                sock = reopen()
-                cut += [CUT_ROUTES] if CUT_ROUTES not in cut else []
+        bounded(rtnl_routes.routes_bounded, routes, budgets.netns_routes, CUT_ROUTES, fam)
+        bounded(rtnl_routes.rules_bounded, rules, budgets.netns_routes, CUT_ROUTES, fam)
     routes = [r for r in routes if r["table"] != LOCAL_TABLE]     # local/broadcast entries: nothing to check
     facts = PodFacts(namespace, pod, atts, links, tuple(addresses), tuple(routes), tuple(rules), rp_filter)
     answers = {}
@@ -225,7 +224,7 @@ class RoutesSource:
                 self._dirty.add(uid)
         self.watch.keep_only({v[1].inode for v in live.values()})
         now, started = self._clock(), time.perf_counter()
-        budgets = snapshot.budgets or Budgets()
+        budgets = snapshot.budgets or DEFAULT_BUDGETS
         for n, uid in enumerate(self._due(live, now)):
             limit = self.budget_new if uid not in self._cache else self.budget
             if n and time.perf_counter() - started > limit:
