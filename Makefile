@@ -14,7 +14,7 @@ LISTEN ?= 127.0.0.1:9808
 # mmdebstrap base, busybox-static for workload pods, gcc for the static pause).
 # netavark: buildah's network backend; trixie's buildah is built without CNI
 # support and refuses to start without it, even for --network host builds.
-APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 zlib1g-dev bpftool iproute2 nftables iputils-ping iperf3 libcap2-bin \
                 openssl procps python3-venv prometheus prometheus-node-exporter \
                 containerd runc containernetworking-plugins iptables conntrack socat \
                 buildah netavark mmdebstrap busybox-static gcc libc6-dev git
@@ -41,7 +41,8 @@ $(VENV)/.installed: pyproject.toml
 ebpf:
 	@$(MAKE) -s -C ebpf
 
-# the netlink batch (counters, neighbour gets) the collector calls with ctypes (kernel/nlbatch.c)
+# the netlink batch (counters, neighbour gets) and the gzip stream the collector calls with
+# ctypes (kernel/nlbatch.c, kernel/gzstream.c)
 kernel:
 	@$(MAKE) -s -C kernel
 

@@ -12,7 +12,7 @@ metrics` in tests/test_exposition.py, including hostile label values.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 from collector.family import HISTOGRAM, Family, format_value
 
@@ -90,6 +90,35 @@ def _lines(name: bytes, series: list[bytes], values: list) -> bytes:
     return name + b" " + hole % args[0]
 
 
+class Stream:
+    """The exposition rendered a batch of families at a time (the scraper hands
+    each source's families as soon as the source is done), so a sink (the gzip
+    stream, exporters/http.py) can take each batch's pieces while the next
+    sources run. A family's lines must be together and its name said once:
+    families of one batch are merged (`merge`), and a batch naming a family an
+    earlier batch rendered is refused whole (`add` returns the clashing names)."""
+
+    def __init__(self, sink: Callable[[Sequence[bytes]], None] | None = None):
+        self.parts: list[bytes] = []
+        self._names: set[str] = set()
+        self._sink = sink
+
+    def add(self, families: Iterable[Family]) -> list[str]:
+        """Render `families` after what came before; the names an earlier batch
+        already rendered, and nothing rendered, if any."""
+        families = merge(families)
+        clash = [fam.name for fam in families if fam.name in self._names]
+        if clash:
+            return clash
+        self._names.update(fam.name for fam in families)
+        sink = self._sink
+        for parts in _render(families):
+            self.parts += parts
+            if sink is not None:
+                sink(parts)
+        return []
+
+
 def render_parts(families: Iterable[Family]) -> list[bytes]:
     """The exposition in pieces (a family's HELP/TYPE, then its lines), bytes
     from the first `%` on: at 1 000 interfaces the body is ~3 MB and every copy
@@ -97,21 +126,24 @@ def render_parts(families: Iterable[Family]) -> list[bytes]:
     every collection). Formatting str, encoding and joining made four copies and
     ~3 700 page faults a scrape; the HTTP server writes these pieces as they are
     (bench/RESULTS.md)."""
-    out: list[bytes] = []
+    return [part for parts in _render(merge(families)) for part in parts]
+
+
+def _render(families: list[Family]) -> Iterator[tuple[bytes, bytes]]:
+    """Each family's (HELP and TYPE, sample lines)."""
     # The last series list found free of duplicates: a source fills several
     # families from one column of label sets (netlink 11, eBPF traffic 6), and
     # comparing a list with an equal one is a pointer compare per element,
     # where the set is a hash and insert.
     unique: list[bytes] = []
-    for fam in merge(families):
-        out.append(f"# HELP {fam.name} {escape_help(fam.help)}\n# TYPE {fam.name} {fam.type}\n".encode())
+    for fam in families:
+        head = f"# HELP {fam.name} {escape_help(fam.help)}\n# TYPE {fam.name} {fam.type}\n".encode()
         series, values = fam.series, fam.values
         if series != unique:
             series, values = _unique(series, values)
             unique = series
         lines = _histogram_lines if fam.type == HISTOGRAM else _lines
-        out.append(lines(fam.name.encode(), series, values))
-    return out
+        yield head, lines(fam.name.encode(), series, values)
 
 
 def render(families: Iterable[Family]) -> bytes:

@@ -18,8 +18,7 @@ import concurrent.futures
 import json
 import logging
 import time
-import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from aiohttp import payload, web
 
@@ -28,6 +27,8 @@ from collector.model import PodView
 from collector.registry import Snapshot
 from exporters.exposition import CONTENT_TYPE
 from exporters.metrics import Scraper
+from kernel.gzstream import GzipStream
+from kernel.gzstream import gzip as gzip_pieces
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,11 @@ class Server:
         # attaching BPF to 1000 interfaces takes ~25 s: never on the scrape thread
         self._reconcile_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="reconcile")
+        # deflates a collection's pieces while the collection goes on (GzipStream)
+        self._gzip_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gzip")
         self._inflight: asyncio.Future | None = None      # the collection running now
         self._next: asyncio.Future | None = None          # the one queued behind it
+        self._next_gzip = False                           # someone waiting for _next wants gzip
         self.app = web.Application(middlewares=list(middlewares))
         self.app.add_routes([
             web.get("/", self.landing),
@@ -118,15 +122,16 @@ class Server:
             fut.add_done_callback(lambda _done: self._debug.pop(kind, None))
         return await asyncio.shield(fut)
 
-    async def _scrape(self) -> list[bytes]:
+    async def _scrape(self, gzip: bool) -> Answer:
         if self._inflight is None:
-            return await asyncio.shield(self._start_collection())
+            return await asyncio.shield(self._start_collection(gzip))
+        self._next_gzip |= gzip
         if self._next is None:          # the running one started before we arrived
             self._next = asyncio.ensure_future(self._after(self._inflight))
         return await asyncio.shield(self._next)
 
-    def _start_collection(self) -> asyncio.Future:
-        fut = asyncio.ensure_future(self._in_worker(self.scraper.scrape_parts))
+    def _start_collection(self, gzip: bool) -> asyncio.Future:
+        fut = asyncio.ensure_future(self._in_worker(self._collect, gzip))
         self._inflight = fut
         fut.add_done_callback(self._clear_inflight)
         # The collection's garbage is freed: give its pages back, on the worker
@@ -135,22 +140,43 @@ class Server:
         fut.add_done_callback(lambda _: self._executor.submit(trim))
         return fut
 
-    async def _after(self, running: asyncio.Future) -> list[bytes]:
+    def _collect(self, gzip: bool) -> Answer:
+        """One collection; deflated as it goes when a waiting request asked for
+        gzip (as Prometheus does): the pieces of each source are compressed on
+        the gzip thread, outside the GIL, while the next sources run."""
+        if not gzip:
+            return Answer(self.scraper.scrape_parts())
+        stream = GzipStream(self._gzip_executor)
+        try:
+            parts = self.scraper.scrape_parts(stream.feed)
+        finally:
+            zipped = stream.finish()        # also on failure: the gzip thread waits for it
+        if stream.fed != sum(map(len, parts)):      # a scraper that did not stream all it returned
+            log.error("the gzip stream has %d bytes of a %d-byte body: deflated again",
+                      stream.fed, sum(map(len, parts)))
+            zipped = gzip_pieces(parts)
+        return Answer(parts, zipped)
+
+    async def _after(self, running: asyncio.Future) -> Answer:
         await asyncio.wait([running])
-        self._next = None
-        return await self._start_collection()
+        self._next, gzip, self._next_gzip = None, self._next_gzip, False
+        return await self._start_collection(gzip)
 
     def _clear_inflight(self, fut) -> None:
         if self._inflight is fut:
             self._inflight = None
 
     async def metrics(self, request: web.Request) -> web.Response:
-        parts = await self._scrape()
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        answer = await self._scrape(gzip)
         headers = {"Content-Type": CONTENT_TYPE}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
+        if gzip:
+            # every request waiting for a collection said what it wants before
+            # the collection started (_scrape, _after)
+            assert answer.gzipped is not None
             headers["Content-Encoding"] = "gzip"
-            return web.Response(body=await self._in_worker(_gzip, parts), headers=headers)
-        return web.Response(body=ExpositionPayload(parts), headers=headers)
+            return web.Response(body=answer.gzipped, headers=headers)
+        return web.Response(body=ExpositionPayload(answer.parts), headers=headers)
 
     async def landing(self, request):
         return web.Response(text=LANDING, content_type="text/html")
@@ -213,6 +239,7 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(None, self._reconcile_executor.shutdown, True)
         await self._in_worker(self.scraper.close)
         self._executor.shutdown(wait=True)
+        self._gzip_executor.shutdown(wait=True)
 
 
 class ExpositionPayload(payload.Payload):
@@ -238,9 +265,12 @@ class ExpositionPayload(payload.Payload):
         return b"".join(self._value).decode(encoding, errors)
 
 
-def _gzip(parts: list[bytes]) -> bytes:
-    c = zlib.compressobj(1, zlib.DEFLATED, 31)
-    return b"".join([c.compress(part) for part in parts] + [c.flush()])
+@dataclass
+class Answer:
+    """One collection's exposition: its pieces, and their gzip when a request
+    waiting for it asked for gzip."""
+    parts: list[bytes]
+    gzipped: bytes | None = None
 
 
 def describe_pod(view: PodView) -> dict:

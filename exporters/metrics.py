@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from collector.discovery import Store
 from collector.family import GAUGE, Family
 from collector.netns import Resolver
 from collector.registry import NoData, Snapshot, Source
-from exporters.exposition import render_parts
+from exporters.exposition import Stream
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Scraper:
         self.sources = dict(sources)
         self.version = version
         self._lock = threading.Lock()
-        self._failures_logged: set[str] = set()
+        self._failures_logged: set = set()
         # Families about planewatch itself from outside the sources (HTTP refusals,
         # the API watch): each callable is asked at every scrape.
         self.extra: list[Callable[[], Iterable[Family]]] = []
@@ -65,7 +65,10 @@ class Scraper:
             plane_for_network=lambda key: plane_map.plane_for(
                 key, default=False, nad_plane=networks[key].plane if key in networks else ""))
 
-    def collect(self) -> tuple[list[Family], Snapshot]:
+    def collect(self, stream: Stream | None = None) -> tuple[list[Family], Snapshot]:
+        """Every source's families, and the snapshot they read. With a `stream`,
+        each source's families go into it as soon as the source is done (and
+        are not returned): its sink works on them while the next sources run."""
         with self._lock:
             started = time.perf_counter()
             families: list[Family] = []
@@ -75,10 +78,30 @@ class Scraper:
             for name, source in self.sources.items():
                 t0 = time.perf_counter()
                 ok = self._run(name, source, snapshot, families)
-                results.append((name, ok, time.perf_counter() - t0 + prefetched.get(name, 0.0)))
+                took = time.perf_counter() - t0 + prefetched.get(name, 0.0)
+                if ok and stream is not None:
+                    ok = self._streamed(stream, name, families)
+                    families = []
+                results.append((name, ok, took))
             for producer in self.extra:
                 families.extend(producer())
-            return families + health_families(results, self.version), snapshot
+            families += health_families(results, self.version)
+            if stream is not None:
+                self._streamed(stream, "scrape", families)
+                families = []
+            return families, snapshot
+
+    def _streamed(self, stream: Stream, name: str, families: list[Family]) -> bool:
+        """Hand `name`'s families to the stream; a family another collector
+        already rendered would be said twice, and Prometheus rejects a scrape
+        with a family name twice: the batch is left out and the collector
+        counts as failed (a bug: every family name belongs to one source)."""
+        clash = stream.add(families)
+        if clash and ("clash", name) not in self._failures_logged:
+            self._failures_logged.add(("clash", name))
+            log.error("collector %s: left out, it renders families another collector did: %s",
+                      name, ", ".join(clash))
+        return not clash
 
     def _prefetch(self, snapshot: Snapshot) -> dict[str, float]:
         """Let sources start kernel reads that run without the GIL (the netlink
@@ -151,11 +174,14 @@ class Scraper:
     def scrape(self) -> bytes:
         return b"".join(self.scrape_parts())
 
-    def scrape_parts(self) -> list[bytes]:
+    def scrape_parts(self, sink: Callable[[Sequence[bytes]], None] | None = None) -> list[bytes]:
         """The exposition as exporters/exposition.py's pieces (the HTTP server
-        writes them without joining them into one more copy)."""
-        families, _ = self.collect()
-        return render_parts(families)
+        writes them without joining them into one more copy). `sink` gets each
+        source's pieces as soon as they are rendered (the gzip stream deflates
+        them on its own thread while the next sources run)."""
+        stream = Stream(sink)
+        self.collect(stream)
+        return stream.parts
 
     def close(self) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from kernel.clib import open_library
 from kernel.rtnl import RECV_BUF, RtnlSocket, answers, waiting_for
 
 log = logging.getLogger(__name__)
@@ -40,22 +41,16 @@ def _load():
     global _lib, _lib_state
     if _lib_state:
         return _lib
-    if os.environ.get("PLANEWATCH_NO_NLBATCH"):
-        _lib_state = "disabled by PLANEWATCH_NO_NLBATCH"
-        return None
-    try:
-        lib = ctypes.CDLL(LIBRARY)
-        fn = lib.pw_stats64_dumps
-    except OSError as err:
-        _lib_state = f"not loaded: {err}"
+    lib, _lib_state = open_library(LIBRARY, "PLANEWATCH_NO_NLBATCH", ("pw_stats64_dumps", "pw_requests"))
+    if lib is None:
         log.debug("kernel/nlbatch: %s; counters are read by the Python path", _lib_state)
         return None
     p = ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
+    lib.pw_stats64_dumps.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_size_t]
+    lib.pw_stats64_dumps.restype = ctypes.c_int
     lib.pw_requests.argtypes = [ctypes.c_int, p, p, p, p, p, p, ctypes.c_size_t, p, p, p, ctypes.c_size_t]
     lib.pw_requests.restype = ctypes.c_int
-    _lib, _lib_state = lib, "ok"
+    _lib = lib
     return _lib
 
 

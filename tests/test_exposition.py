@@ -179,3 +179,39 @@ def test_same_objects_keeps_a_value_while_given_the_same_objects():
     memo.sweep()
     memo.sweep()                                        # a pass that did not ask for "k"
     assert len(memo) == 0 and memo.get("k", (a,), make) == 4
+
+
+def test_a_stream_renders_batch_by_batch_what_render_does_at_once():
+    """The scraper hands each source's families to a Stream as the source ends;
+    the pieces (and what the sink saw, in order) are render's bytes, a family a
+    batch names twice merged as render merges it."""
+    from exporters.exposition import Stream
+
+    first, second = families()[:2], families()[2:]
+    again = Family("planewatch_test_events_total", COUNTER, "Events.\nSecond line with \\ backslash.", ("a", "b"))
+    again.add(("more", "x"), 7)
+    seen: list[bytes] = []
+    stream = Stream(seen.extend)
+    assert stream.add(first + [again]) == []
+    assert stream.add(second) == []
+    want = render(families() + [again])
+    assert b"".join(stream.parts) == want == b"".join(seen)
+    assert b'planewatch_test_events_total{a="more",b="x"} 7\n' in want
+
+
+def test_a_batch_naming_a_family_an_earlier_batch_rendered_is_refused_whole():
+    """Prometheus rejects a scrape that says a family name twice: a later batch
+    repeating a name is left out whole (its other families too), and the names
+    are returned for the scraper to report."""
+    from exporters.exposition import Stream
+
+    stream = Stream()
+    stream.add(families()[:2])
+    other = Family("planewatch_test_other", GAUGE, "Other.", ("a",))
+    other.add(("x",), 1)
+    repeat = Family("planewatch_test_level", GAUGE, "A level.", ("a",))
+    repeat.add(("late",), 2)
+    assert stream.add([other, repeat]) == ["planewatch_test_level"]
+    text = b"".join(stream.parts).decode()
+    assert "planewatch_test_other" not in text and 'a="late"' not in text
+    assert {f.name for f in text_string_to_metric_families(text)} == {"planewatch_test_events", "planewatch_test_level"}

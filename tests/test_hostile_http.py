@@ -609,10 +609,12 @@ class HangingScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape_parts(self) -> list[bytes]:
+    def scrape_parts(self, sink=None) -> list[bytes]:
         self.collections += 1
         self.release.wait()
         time.sleep(0.05)
+        if sink is not None:
+            sink([b"planewatch_test 1\n"])
         return [b"planewatch_test 1\n"]
 
     def snapshot(self):

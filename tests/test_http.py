@@ -11,6 +11,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from exporters.http import Server
 
 
+def streamed(parts: list[bytes], sink) -> list[bytes]:
+    """What a scraper does with the sink the server gives it (a gzip request's
+    stream): every piece goes through it, in order."""
+    if sink is not None:
+        for i in range(0, len(parts), 2):
+            sink(parts[i:i + 2])
+    return parts
+
+
 class SlowScraper:
     """Counts collections; each takes 0.3 s and reports when it started."""
 
@@ -20,12 +29,12 @@ class SlowScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape_parts(self) -> list[bytes]:
+    def scrape_parts(self, sink=None) -> list[bytes]:
         with self.lock:
             self.started.append(time.monotonic())
             n = len(self.started)
         time.sleep(0.3)
-        return [b"planewatch_test_collection ", b"%d\n" % n]
+        return streamed([b"planewatch_test_collection ", b"%d\n" % n], sink)
 
     def reconcile(self):
         pass
@@ -41,8 +50,8 @@ class PiecesScraper(SlowScraper):
         super().__init__()
         self.parts = parts
 
-    def scrape_parts(self) -> list[bytes]:
-        return self.parts
+    def scrape_parts(self, sink=None) -> list[bytes]:
+        return streamed(self.parts, sink)
 
 
 def test_requests_during_a_collection_share_the_next_one():
@@ -217,10 +226,10 @@ def test_the_pieces_are_let_go_once_written():
     made: list = []
 
     class Scraper(SlowScraper):
-        def scrape_parts(self) -> list[bytes]:
+        def scrape_parts(self, sink=None) -> list[bytes]:
             parts = Pieces([b"x" * 200_000 + b"\n" for _ in range(5)])
             made.append(weakref.ref(parts))
-            return parts
+            return streamed(parts, sink)
 
     async def run():
         server = Server(Scraper(), reconcile_seconds=3600)
@@ -235,3 +244,37 @@ def test_the_pieces_are_let_go_once_written():
     finally:
         gc.enable()
     assert length == 5 * 200_001 and released
+
+
+def test_a_collection_streams_gzip_when_any_request_waiting_for_it_asked():
+    """Requests arriving during a plain collection share the next one; one of
+    them asking for gzip makes that one stream into the gzip thread, and the
+    plain requests sharing it still get the plain body."""
+    import gzip
+
+    class Recording(SlowScraper):
+        def __init__(self):
+            super().__init__()
+            self.sinks: list[bool] = []
+
+        def scrape_parts(self, sink=None):
+            self.sinks.append(sink is not None)
+            return super().scrape_parts(sink)
+
+    async def run():
+        scraper = Recording()
+        server = Server(scraper, reconcile_seconds=3600)
+        async with TestClient(TestServer(server.app)) as client:
+            async def get(delay, encoding):
+                await asyncio.sleep(delay)
+                resp = await client.get("/metrics", headers={"Accept-Encoding": encoding}, auto_decompress=False)
+                return resp.headers.get("Content-Encoding"), await resp.read()
+            answers = await asyncio.gather(get(0, "identity"), get(0.1, "identity"), get(0.1, "gzip"),
+                                           get(0.15, "identity"))
+        return scraper.sinks, answers
+    sinks, answers = asyncio.run(run())
+    assert sinks == [False, True]
+    (e0, b0), (e1, b1), (e2, b2), (e3, b3) = answers
+    assert (e0, e1, e3) == (None, None, None) and e2 == "gzip"
+    assert b0 == b"planewatch_test_collection 1\n"
+    assert b1 == b3 == gzip.decompress(b2) == b"planewatch_test_collection 2\n"

@@ -1,0 +1,144 @@
+"""kernel/gzstream.c: the gzip member deflated on its own thread while the
+pieces are still coming, against Python's zlib (the path without the library),
+and the HTTP answer Prometheus gets from it."""
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import gzip
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from kernel import gzstream
+
+
+def test_library_is_built():
+    """`make test` builds it (kernel/Makefile): without it every other test
+    here would pass on the Python path alone."""
+    assert gzstream.available(), gzstream._lib_state
+
+
+@pytest.fixture(params=["library", "python"])
+def path(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(gzstream, "_lib", None)
+        monkeypatch.setattr(gzstream, "_lib_state", "not loaded: test")
+    return request.param
+
+
+@pytest.fixture
+def executor():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
+        yield ex
+
+
+def pieces(seed: int) -> list[bytes]:
+    """Exposition-like text and incompressible bytes, empty pieces among them:
+    ~4.5 MB, so the member outgrows the first output buffer (256 KiB) twice."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(60):
+        kind = rng.choice(("empty", "text", "random", "text"))
+        if kind == "empty":
+            out.append(b"")
+        elif kind == "text":
+            out.append(b"".join(b'planewatch_x{pod="p%d",interface="net%d"} %d\n' % (i, j, rng.randrange(10**12))
+                                for j in range(rng.randrange(1, 3000))))
+        else:
+            out.append(os.urandom(rng.randrange(1, 200_000)))
+    out.append(os.urandom(1_500_000))
+    return out
+
+
+def test_the_member_is_the_pieces_in_order(path, executor):
+    parts = pieces(16)
+    stream = gzstream.GzipStream(executor)
+    for i in range(0, len(parts), 3):
+        stream.feed(parts[i:i + 3])
+    member = stream.finish()
+    assert stream.fed == sum(map(len, parts))
+    assert gzip.decompress(member) == b"".join(parts)
+    assert member[:2] == b"\x1f\x8b"            # one gzip member, as Content-Encoding: gzip says
+
+
+def test_nothing_fed_is_an_empty_member(path, executor):
+    assert gzip.decompress(gzstream.GzipStream(executor).finish()) == b""
+
+
+def test_pieces_from_another_thread_in_bursts(path, executor):
+    """The feeding thread stops and starts: the deflating thread waits for
+    pieces in between, and takes what queued up meanwhile."""
+    parts = pieces(17)
+    stream = gzstream.GzipStream(executor)
+
+    def produce():
+        for i, part in enumerate(parts):
+            stream.feed([part])
+            if i % 7 == 0:
+                time.sleep(0.01)
+    feeder = threading.Thread(target=produce)
+    feeder.start()
+    feeder.join()
+    assert gzip.decompress(stream.finish()) == b"".join(parts)
+
+
+def test_the_pieces_are_deflated_before_finish(executor):
+    """What the library is for: the deflating runs while the feeding thread
+    keeps the GIL busy. The feeder here spins in Python without a blocking
+    call; the C loop still takes every piece. (The Python path takes none:
+    it deflates in finish.)"""
+    parts = pieces(18)
+    stream = gzstream.GzipStream(executor)
+    stream.feed(parts)
+    deadline = time.monotonic() + 20
+    while stream.taken() < len(parts) and time.monotonic() < deadline:
+        sum(range(1000))
+    taken = stream.taken()
+    member = stream.finish()
+    assert taken == len(parts)
+    assert gzip.decompress(member) == b"".join(parts)
+
+
+def test_finish_after_a_failed_collection(path, executor):
+    """The collection raised half way: finish still ends the deflating thread
+    (the executor is free again) and what was fed is a valid member."""
+    parts = pieces(19)[:10]
+    stream = gzstream.GzipStream(executor)
+    try:
+        stream.feed(parts)
+        raise RuntimeError("a source failed")
+    except RuntimeError:
+        pass
+    finally:
+        member = stream.finish()
+    assert gzip.decompress(member) == b"".join(parts)
+    assert executor.submit(lambda: 42).result(timeout=5) == 42
+
+
+def test_a_push_after_the_end_is_refused():
+    lib = gzstream._load()
+    assert lib is not None, gzstream._lib_state
+    gz = lib.pw_gz_new(1)
+    try:
+        assert lib.pw_gz_push(gz, b"abc", 3) == 0
+        lib.pw_gz_end(gz)
+        assert lib.pw_gz_push(gz, b"def", 3) == errno.EINVAL
+        assert gzstream._run(gz) == 0
+        assert lib.pw_gz_taken(gz) == 1
+    finally:
+        lib.pw_gz_free(gz)
+
+
+def test_no_library_env_means_python(monkeypatch, executor):
+    monkeypatch.setattr(gzstream, "_lib", None)
+    monkeypatch.setattr(gzstream, "_lib_state", "")
+    monkeypatch.setenv("PLANEWATCH_NO_GZSTREAM", "1")
+    stream = gzstream.GzipStream(executor)
+    stream.feed([b"a" * 1000])
+    assert stream.taken() == 0
+    assert gzip.decompress(stream.finish()) == b"a" * 1000
+    assert "PLANEWATCH_NO_GZSTREAM" in gzstream._lib_state
