@@ -27,7 +27,7 @@ def vf_claimants(views: Iterable[PodView]) -> dict[str, set[str]]:
     """VF PCI address -> UIDs of the pods whose annotation claims it."""
     out: dict[str, set[str]] = defaultdict(set)
     for view in views:
-        for iv in view.interfaces:
+        for iv in view.devices:
             dev = iv.attachment.device
             if dev.type in VF_DEVICE_TYPES and dev.pci_address:
                 out[dev.pci_address].add(view.pod.uid)

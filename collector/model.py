@@ -186,3 +186,11 @@ class PodView:
     conflicts: tuple[tuple[str, str], ...] = ()
     # IP -> ifindex the kernel shows in the pod's namespace (resolved pods only)
     addresses: Mapping[str, int] = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def devices(self) -> tuple[InterfaceView, ...]:
+        """The interfaces whose annotation names a device (a PCI address or an
+        RDMA device): all the SR-IOV and RDMA sources and the VF claims look at.
+        Most attachments name none; worked out once a view, not every scrape."""
+        return tuple(iv for iv in self.interfaces
+                     if iv.attachment.device.pci_address or iv.attachment.device.rdma_device)

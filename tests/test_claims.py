@@ -85,3 +85,16 @@ def test_interface_series_follow_a_new_view_and_only_then():
     rows = source._rows[before.pod.uid]
     assert scrape(after) == ({"true"}, {"02:00:00:00:00:99"}) and source._rows[before.pod.uid] is rows
     assert scrape(before) == ({"false"}, {"02:00:00:00:00:07"})
+
+
+def test_only_interfaces_naming_a_device_are_looked_at_for_claims():
+    """PodView.devices: what the VF claims and the SR-IOV and RDMA sources walk
+    instead of every interface of every pod each scrape."""
+    atts = [Attachment("ran", "du-5", "u5", "default", "eth0"),
+            Attachment("ran", "du-5", "u5", "ran/fronthaul", "net1", device=VF),
+            Attachment("ran", "du-5", "u5", "ran/rdma", "net2", device=DeviceInfo(rdma_device="mlx5_3")),
+            Attachment("ran", "du-5", "u5", "ran/memif", "net3", device=DeviceInfo(type="memif", path="/x"))]
+    ivs = tuple(InterfaceView(a, None) for a in atts)
+    pod_view = PodView(Pod("ran", "du-5", "u5", attachments=tuple(atts)), interfaces=ivs)
+    assert pod_view.devices == ivs[1:3]
+    assert [addr for _, addr, _ in vf_attachments(Snapshot((pod_view,)))] == ["0000:af:02.3"]

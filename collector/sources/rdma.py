@@ -123,7 +123,7 @@ class RdmaSource:
         """(labels, rdma-device as written or "", validated pci address or "")."""
         out, seen = [], set()
         for view in snapshot.pods:
-            for iv in view.interfaces:
+            for iv in view.devices:
                 dev = iv.attachment.device
                 address = pci_address(dev.pci_address) or "" if dev.pci_address else ""
                 if dev.pci_address and not address:

@@ -142,7 +142,7 @@ def vf_attachments(snapshot: Snapshot, refused: list | None = None) -> list[tupl
     out, seen = [], set()
     contested = contested_vfs(snapshot.pods)     # claimed by two pods: nobody's (collector/claims.py)
     for view in snapshot.pods:
-        for iv in view.interfaces:
+        for iv in view.devices:
             dev = iv.attachment.device
             if dev.type not in VF_DEVICE_TYPES or not dev.pci_address or dev.pci_address in contested:
                 continue
