@@ -60,14 +60,24 @@ def _histogram_lines(name: bytes, series: list[bytes], values: list) -> bytes:
     return b"".join(lines)
 
 
-def _lines(name: bytes, series: list[bytes], values: list) -> bytes:
-    """The family's sample lines. One `%` over a format of n identical lines and
-    the interleaved (labels, value) tuple: the loop runs in C, not one f-string
-    per series in Python. Integers (the kernel's counters) go into `%d`, anything
-    else through format_value. Label strings are arguments, never part of the
-    format, so a `%` in a label value is just text."""
+# Series a piece: ~36 KB of text, below glibc's mmap threshold (128 KiB,
+# collector/memory.py). One `%` over a whole family's 1 000+ series grew its
+# buffer by realloc to ~140 KB, copying into fresh pages each time: two thirds
+# of a scrape's page faults (perf, minor-faults, dwarf stacks). Pieces of this
+# size come from the heap the last ones freed (the gzip stream lets each go
+# once deflated).
+CHUNK = 256
+
+
+def _lines(name: bytes, series: list[bytes], values: list) -> list[bytes]:
+    """The family's sample lines, CHUNK series a piece. One `%` a piece over a
+    format of n identical lines and the interleaved (labels, value) tuple: the
+    loop runs in C, not one f-string per series in Python. Integers (the
+    kernel's counters) go into `%d`, anything else through format_value. Label
+    strings are arguments, never part of the format, so a `%` in a label value
+    is just text."""
     if not series:
-        return b""
+        return []
     args: list = values
     # ints only (bools too): their sum is an int, in C and ~2x cheaper than the
     # set of the values' types; one float makes it a float, anything else raises
@@ -79,15 +89,21 @@ def _lines(name: bytes, series: list[bytes], values: list) -> bytes:
         hole = b"%d\n"
     else:
         hole, args = b"%s\n", [format_value(v).encode() for v in values]
-    if series[0]:
-        # (labels, value, labels, value, ...) by two slice assignments: chain(zip())
-        # made a pair and an iterator over it per series, ~30 % of the formatting
-        interleaved: list = [None] * (2 * len(series))
-        interleaved[0::2] = series
-        interleaved[1::2] = args
-        return (name + b"{%s} " + hole) * len(series) % tuple(interleaved)
-    # no labels: one series (more would be duplicates)
-    return name + b" " + hole % args[0]
+    if not series[0]:
+        # no labels: one series (more would be duplicates)
+        return [name + b" " + hole % args[0]]
+    # (labels, value, labels, value, ...) by two slice assignments: chain(zip())
+    # made a pair and an iterator over it per series, ~30 % of the formatting
+    interleaved: list = [None] * (2 * len(series))
+    interleaved[0::2] = series
+    interleaved[1::2] = args
+    line = name + b"{%s} " + hole
+    full = line * CHUNK
+    out = []
+    for start in range(0, 2 * len(series), 2 * CHUNK):
+        pairs = tuple(interleaved[start:start + 2 * CHUNK])
+        out.append((full if len(pairs) == 2 * CHUNK else line * (len(pairs) // 2)) % pairs)
+    return out
 
 
 class Stream:
@@ -98,8 +114,9 @@ class Stream:
     families of one batch are merged (`merge`), and a batch naming a family an
     earlier batch rendered is refused whole (`add` returns the clashing names)."""
 
-    def __init__(self, sink: Callable[[Sequence[bytes]], None] | None = None):
-        self.parts: list[bytes] = []
+    def __init__(self, sink: Callable[[Sequence[bytes]], None] | None = None, keep: bool = True):
+        self.parts: list[bytes] = []            # every piece, unless not `keep`: then the sink's alone
+        self._keep = keep
         self._names: set[str] = set()
         self._sink = sink
 
@@ -113,7 +130,8 @@ class Stream:
         self._names.update(fam.name for fam in families)
         sink = self._sink
         for parts in _render(families):
-            self.parts += parts
+            if self._keep:
+                self.parts += parts
             if sink is not None:
                 sink(parts)
         return []
@@ -129,8 +147,8 @@ def render_parts(families: Iterable[Family]) -> list[bytes]:
     return [part for parts in _render(merge(families)) for part in parts]
 
 
-def _render(families: list[Family]) -> Iterator[tuple[bytes, bytes]]:
-    """Each family's (HELP and TYPE, sample lines)."""
+def _render(families: list[Family]) -> Iterator[list[bytes]]:
+    """Each family's pieces: its HELP and TYPE, then its sample lines."""
     # The last series list found free of duplicates: a source fills several
     # families from one column of label sets (netlink 11, eBPF traffic 6), and
     # comparing a list with an equal one is a pointer compare per element,
@@ -142,8 +160,10 @@ def _render(families: list[Family]) -> Iterator[tuple[bytes, bytes]]:
         if series != unique:
             series, values = _unique(series, values)
             unique = series
-        lines = _histogram_lines if fam.type == HISTOGRAM else _lines
-        yield head, lines(fam.name.encode(), series, values)
+        if fam.type == HISTOGRAM:
+            yield [head, _histogram_lines(fam.name.encode(), series, values)]
+        else:
+            yield [head, *_lines(fam.name.encode(), series, values)]
 
 
 def render(families: Iterable[Family]) -> bytes:

@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 
 from aiohttp import payload, web
 
-from collector.memory import trim
+from collector.memory import Trimmer
 from collector.model import PodView
 from collector.registry import Snapshot
 from exporters.exposition import CONTENT_TYPE
 from exporters.metrics import Scraper
 from kernel.gzstream import GzipStream
-from kernel.gzstream import gzip as gzip_pieces
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,7 @@ class Server:
         self._debug: dict[str, asyncio.Future] = {}         # debug jobs running, by kind
         self.asymmetric_flows = asymmetric_flows        # callable(n) -> list[dict], or None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
+        self._trim = Trimmer()
         # attaching BPF to 1000 interfaces takes ~25 s: never on the scrape thread
         self._reconcile_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="reconcile")
@@ -64,7 +64,7 @@ class Server:
         self._gzip_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gzip")
         self._inflight: asyncio.Future | None = None      # the collection running now
         self._next: asyncio.Future | None = None          # the one queued behind it
-        self._next_gzip = False                           # someone waiting for _next wants gzip
+        self._next_wants: set[str] = set()                # "gzip", "plain": what _next's waiters asked
         self.app = web.Application(middlewares=list(middlewares))
         self.app.add_routes([
             web.get("/", self.landing),
@@ -122,45 +122,43 @@ class Server:
             fut.add_done_callback(lambda _done: self._debug.pop(kind, None))
         return await asyncio.shield(fut)
 
-    async def _scrape(self, gzip: bool) -> Answer:
+    async def _scrape(self, want: str) -> Answer:
         if self._inflight is None:
-            return await asyncio.shield(self._start_collection(gzip))
-        self._next_gzip |= gzip
+            return await asyncio.shield(self._start_collection({want}))
+        self._next_wants.add(want)
         if self._next is None:          # the running one started before we arrived
             self._next = asyncio.ensure_future(self._after(self._inflight))
         return await asyncio.shield(self._next)
 
-    def _start_collection(self, gzip: bool) -> asyncio.Future:
-        fut = asyncio.ensure_future(self._in_worker(self._collect, gzip))
+    def _start_collection(self, wants: set[str]) -> asyncio.Future:
+        fut = asyncio.ensure_future(self._in_worker(self._collect, frozenset(wants)))
         self._inflight = fut
         fut.add_done_callback(self._clear_inflight)
-        # The collection's garbage is freed: give its pages back, on the worker
-        # after the answer is on its way (~0.1 ms at 1 000 interfaces since a scrape
-        # stopped allocating per sample; RSS ~60 MiB instead of 62-65, collector/memory.py)
-        fut.add_done_callback(lambda _: self._executor.submit(trim))
+        # The collection's garbage is freed: give its pages back when there are
+        # enough of them, on the worker after the answer is on its way
+        # (collector/memory.py; RSS ~60 MiB instead of 62-65 when trimming began)
+        fut.add_done_callback(lambda _: self._executor.submit(self._trim))
         return fut
 
-    def _collect(self, gzip: bool) -> Answer:
-        """One collection; deflated as it goes when a waiting request asked for
-        gzip (as Prometheus does): the pieces of each source are compressed on
-        the gzip thread, outside the GIL, while the next sources run."""
-        if not gzip:
+    def _collect(self, wants: frozenset[str]) -> Answer:
+        """One collection, in the encodings its waiting requests asked for.
+        For gzip (as Prometheus asks) each family's text is deflated on the
+        gzip thread, outside the GIL, as soon as it is rendered, while the next
+        sources run; unless a plain request waits too, the text is let go once
+        deflated."""
+        if "gzip" not in wants:
             return Answer(self.scraper.scrape_parts())
         stream = GzipStream(self._gzip_executor)
         try:
-            parts = self.scraper.scrape_parts(stream.feed)
+            parts = self.scraper.scrape_parts(stream.feed, keep="plain" in wants)
         finally:
             zipped = stream.finish()        # also on failure: the gzip thread waits for it
-        if stream.fed != sum(map(len, parts)):      # a scraper that did not stream all it returned
-            log.error("the gzip stream has %d bytes of a %d-byte body: deflated again",
-                      stream.fed, sum(map(len, parts)))
-            zipped = gzip_pieces(parts)
         return Answer(parts, zipped)
 
     async def _after(self, running: asyncio.Future) -> Answer:
         await asyncio.wait([running])
-        self._next, gzip, self._next_gzip = None, self._next_gzip, False
-        return await self._start_collection(gzip)
+        self._next, wants, self._next_wants = None, self._next_wants, set()
+        return await self._start_collection(wants)
 
     def _clear_inflight(self, fut) -> None:
         if self._inflight is fut:
@@ -168,11 +166,11 @@ class Server:
 
     async def metrics(self, request: web.Request) -> web.Response:
         gzip = "gzip" in request.headers.get("Accept-Encoding", "")
-        answer = await self._scrape(gzip)
+        # every request waiting for a collection says what it wants before the
+        # collection starts (_scrape, _after): the answer has it
+        answer = await self._scrape("gzip" if gzip else "plain")
         headers = {"Content-Type": CONTENT_TYPE}
         if gzip:
-            # every request waiting for a collection said what it wants before
-            # the collection started (_scrape, _after)
             assert answer.gzipped is not None
             headers["Content-Encoding"] = "gzip"
             return web.Response(body=answer.gzipped, headers=headers)
@@ -267,8 +265,8 @@ class ExpositionPayload(payload.Payload):
 
 @dataclass
 class Answer:
-    """One collection's exposition: its pieces, and their gzip when a request
-    waiting for it asked for gzip."""
+    """One collection's exposition: its pieces when a request waiting for it
+    asked for it plain, its gzip member when one asked for gzip."""
     parts: list[bytes]
     gzipped: bytes | None = None
 

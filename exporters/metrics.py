@@ -174,12 +174,15 @@ class Scraper:
     def scrape(self) -> bytes:
         return b"".join(self.scrape_parts())
 
-    def scrape_parts(self, sink: Callable[[Sequence[bytes]], None] | None = None) -> list[bytes]:
+    def scrape_parts(self, sink: Callable[[Sequence[bytes]], None] | None = None,
+                     keep: bool = True) -> list[bytes]:
         """The exposition as exporters/exposition.py's pieces (the HTTP server
         writes them without joining them into one more copy). `sink` gets each
-        source's pieces as soon as they are rendered (the gzip stream deflates
-        them on its own thread while the next sources run)."""
-        stream = Stream(sink)
+        family's pieces as soon as they are rendered (the gzip stream deflates
+        them on its own thread while the next sources run); with `keep` False
+        only the sink has them (nothing is returned): a body nobody asked for
+        plain is never whole in memory."""
+        stream = Stream(sink, keep)
         self.collect(stream)
         return stream.parts
 

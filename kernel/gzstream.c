@@ -10,8 +10,9 @@
  * 20 ms). Here the deflating thread waits for pieces and deflates them without
  * ever needing the GIL: Python calls pw_gz_run once on a thread of its own
  * (ctypes releases the GIL for the whole call) and pw_gz_push from the scrape
- * thread; the pieces stay owned by Python, which keeps them alive until
- * pw_gz_run has returned.
+ * thread; the pieces stay owned by Python, which keeps each alive until
+ * pw_gz_done counts it (and lets it go then: the body is never whole in
+ * memory when nobody asked for it plain).
  *
  * Built by kernel/Makefile against zlib; without the library the body is
  * deflated after the collection with Python's zlib, the same bytes.
@@ -33,6 +34,7 @@ struct pw_gz {
 	pthread_cond_t more;
 	struct piece *pieces;	/* pushed so far; [taken, count) still to deflate */
 	size_t count, cap, taken;
+	size_t done;		/* pieces deflated: the caller may free [0, done) */
 	int ended;		/* pw_gz_end was called: no more pieces */
 	int waiting;		/* pw_gz_run waits for a piece: wake it */
 	z_stream zs;
@@ -159,18 +161,22 @@ int pw_gz_run(struct pw_gz *gz)
 			if (rc != Z_OK)
 				return rc;
 		}
+		pthread_mutex_lock(&gz->lock);
+		gz->done++;
+		pthread_mutex_unlock(&gz->lock);
 	}
 }
 
-/* How many pushed pieces pw_gz_run has taken so far. */
-size_t pw_gz_taken(struct pw_gz *gz)
+/* How many pushed pieces pw_gz_run has deflated so far: the first `done`
+ * pieces are not read again, their memory may go. */
+size_t pw_gz_done(struct pw_gz *gz)
 {
-	size_t taken;
+	size_t done;
 
 	pthread_mutex_lock(&gz->lock);
-	taken = gz->taken;
+	done = gz->done;
 	pthread_mutex_unlock(&gz->lock);
-	return taken;
+	return done;
 }
 
 /* The member: its bytes at *data, their number returned. */

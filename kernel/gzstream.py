@@ -3,8 +3,8 @@
 
 `GzipStream(executor)` starts the deflating on one of `executor`'s threads;
 `feed(pieces)` hands over pieces as they are rendered (they are not copied:
-the stream keeps them alive until `finish`), `finish()` waits for the rest
-and returns the member. The C loop never needs the GIL between pieces, so the
+the stream keeps each alive until the C side has deflated it, then lets it
+go), `finish()` waits for the rest and returns the member. The C loop never needs the GIL between pieces, so the
 scrape thread's Python does not hold it up (a Python thread calling zlib did
 not overlap at all: it waited up to the switch interval for the GIL after each
 call). Without the library (not built, or `PLANEWATCH_NO_GZSTREAM=1`) the
@@ -42,7 +42,7 @@ def _load():
     # mutex for a moment and never wait; letting go of the GIL at each of the
     # ~200 pushes a scrape makes handed it to the netlink batch thread each
     # time and waited to get it back (~2 ms a scrape, py-spy).
-    symbols = ("pw_gz_new", "pw_gz_push", "pw_gz_end", "pw_gz_run", "pw_gz_taken", "pw_gz_output", "pw_gz_free")
+    symbols = ("pw_gz_new", "pw_gz_push", "pw_gz_end", "pw_gz_run", "pw_gz_done", "pw_gz_output", "pw_gz_free")
     lib, _lib_state = open_library(LIBRARY, "PLANEWATCH_NO_GZSTREAM", symbols, dll=ctypes.PyDLL)
     if lib is None:
         log.debug("kernel/gzstream: %s; gzip is deflated after the collection", _lib_state)
@@ -59,8 +59,8 @@ def _load():
     run.restype = ctypes.c_int
     lib.pw_gz_output.argtypes = [p, ctypes.POINTER(ctypes.c_void_p)]
     lib.pw_gz_output.restype = ctypes.c_size_t
-    lib.pw_gz_taken.argtypes = [p]
-    lib.pw_gz_taken.restype = ctypes.c_size_t
+    lib.pw_gz_done.argtypes = [p]
+    lib.pw_gz_done.restype = ctypes.c_size_t
     lib.pw_gz_free.argtypes = [p]
     lib.pw_gz_free.restype = None
     _lib, _run = lib, run
@@ -80,16 +80,20 @@ def gzip(pieces: list[bytes], level: int = LEVEL) -> bytes:
 class GzipStream:
     def __init__(self, executor: Executor, level: int = LEVEL):
         self._level = level
-        self._pieces: list[bytes] = []          # alive until finish: the C side reads them
+        # Fed pieces the C side may still read (None once deflated: a body
+        # nobody asked for plain is then never whole in memory, and each
+        # family's text reuses the heap the last one freed)
+        self._pieces: list[bytes | None] = []
+        self._kept_from = 0                     # _pieces[:_kept_from] are let go
         self.fed = 0                            # bytes fed so far
-        self._lib = _load()
-        self._gz = self._lib.pw_gz_new(level) if self._lib is not None else None
+        lib = self._lib = _load()
+        self._gz = lib.pw_gz_new(level) if lib is not None else None
         if self._gz is not None:
             assert _run is not None             # loaded with the library
             try:
                 self._done = executor.submit(_run, self._gz)
             except BaseException:
-                self._lib.pw_gz_free(self._gz)
+                lib.pw_gz_free(self._gz)
                 raise
 
     def feed(self, pieces: Sequence[bytes]) -> None:
@@ -97,21 +101,25 @@ class GzipStream:
         self.fed += sum(map(len, pieces))
         if self._gz is None:
             return
-        push, gz = self._lib.pw_gz_push, self._gz
+        lib, gz = self._lib, self._gz
         for piece in pieces:
-            if push(gz, piece, len(piece)):
+            if lib.pw_gz_push(gz, piece, len(piece)):
                 raise MemoryError("gzip stream: no room for one more piece")
+        done = lib.pw_gz_done(gz)
+        for i in range(self._kept_from, done):
+            self._pieces[i] = None
+        self._kept_from = max(self._kept_from, done)
 
-    def taken(self) -> int:
-        """Pieces the deflating thread has taken so far (without the library:
-        none, everything waits for `finish`)."""
-        return self._lib.pw_gz_taken(self._gz) if self._gz is not None else 0
+    def done(self) -> int:
+        """Pieces deflated so far (without the library: none, everything
+        waits for `finish`)."""
+        return self._lib.pw_gz_done(self._gz) if self._gz is not None else 0
 
     def finish(self) -> bytes:
         """The member. Call it once, also when the collection failed: the
         deflating thread waits for it."""
         if self._gz is None:
-            return gzip(self._pieces, self._level)
+            return gzip([piece for piece in self._pieces if piece is not None], self._level)
         lib, gz = self._lib, self._gz
         self._gz = None
         lib.pw_gz_end(gz)

@@ -215,3 +215,24 @@ def test_a_batch_naming_a_family_an_earlier_batch_rendered_is_refused_whole():
     text = b"".join(stream.parts).decode()
     assert "planewatch_test_other" not in text and 'a="late"' not in text
     assert {f.name for f in text_string_to_metric_families(text)} == {"planewatch_test_events", "planewatch_test_level"}
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])
+def test_a_long_family_comes_in_pieces_of_chunk_series_with_every_line(n):
+    """Big families are formatted CHUNK series a piece (each piece below the
+    mmap threshold); the lines are the same, in order, floats and ints."""
+    from exporters.exposition import CHUNK, render_parts
+
+    ints = Family("planewatch_test_packets_total", COUNTER, "Packets.", ("pod",))
+    floats = Family("planewatch_test_seconds", GAUGE, "Seconds.", ("pod",))
+    for i in range(n):
+        ints.add((f"p{i}",), i * 7)
+        floats.add((f"p{i}",), i / 4)
+    parts = render_parts([ints, floats])
+    pieces_per_family = -(-n // CHUNK)
+    assert len(parts) == 2 * (1 + pieces_per_family)
+    lines = b"".join(parts).decode().splitlines()
+    assert [line for line in lines if line.startswith("planewatch_test_packets_total{")] == \
+        [f'planewatch_test_packets_total{{pod="p{i}"}} {i * 7}' for i in range(n)]
+    assert [line for line in lines if line.startswith("planewatch_test_seconds{")] == \
+        [f'planewatch_test_seconds{{pod="p{i}"}} {format_value(i / 4)}' for i in range(n)]

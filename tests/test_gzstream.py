@@ -86,21 +86,40 @@ def test_pieces_from_another_thread_in_bursts(path, executor):
     assert gzip.decompress(stream.finish()) == b"".join(parts)
 
 
-def test_the_pieces_are_deflated_before_finish(executor):
+def test_the_pieces_are_deflated_before_finish_and_then_let_go(executor):
     """What the library is for: the deflating runs while the feeding thread
     keeps the GIL busy. The feeder here spins in Python without a blocking
-    call; the C loop still takes every piece. (The Python path takes none:
-    it deflates in finish.)"""
+    call; the C loop still deflates every piece. (The Python path does none:
+    it deflates in finish.) The stream lets go of a piece once deflated: its
+    memory is free before the rest of the body is made."""
     parts = pieces(18)
+    let_go = Probe()
     stream = gzstream.GzipStream(executor)
-    stream.feed(parts)
+    stream.feed(parts + [let_go])
+    del let_go
     deadline = time.monotonic() + 20
-    while stream.taken() < len(parts) and time.monotonic() < deadline:
+    while stream.done() < len(parts) + 1 and time.monotonic() < deadline:
         sum(range(1000))
-    taken = stream.taken()
+    done = stream.done()
+    stream.feed([b"next"])              # a feed drops what is deflated
+    alive = Probe.alive
     member = stream.finish()
-    assert taken == len(parts)
-    assert gzip.decompress(member) == b"".join(parts)
+    assert done == len(parts) + 1
+    assert alive == 0
+    assert gzip.decompress(member) == b"".join(parts) + Probe.TEXT + b"next"
+
+
+class Probe(bytes):
+    """A piece that counts its live copies."""
+    TEXT = b"probe\n" * 1000
+    alive = 0
+
+    def __new__(cls):
+        Probe.alive += 1
+        return super().__new__(cls, cls.TEXT)
+
+    def __del__(self):
+        Probe.alive -= 1
 
 
 def test_finish_after_a_failed_collection(path, executor):
@@ -128,7 +147,7 @@ def test_a_push_after_the_end_is_refused():
         lib.pw_gz_end(gz)
         assert lib.pw_gz_push(gz, b"def", 3) == errno.EINVAL
         assert gzstream._run(gz) == 0
-        assert lib.pw_gz_taken(gz) == 1
+        assert lib.pw_gz_done(gz) == 1
     finally:
         lib.pw_gz_free(gz)
 
@@ -139,6 +158,6 @@ def test_no_library_env_means_python(monkeypatch, executor):
     monkeypatch.setenv("PLANEWATCH_NO_GZSTREAM", "1")
     stream = gzstream.GzipStream(executor)
     stream.feed([b"a" * 1000])
-    assert stream.taken() == 0
+    assert stream.done() == 0
     assert gzip.decompress(stream.finish()) == b"a" * 1000
     assert "PLANEWATCH_NO_GZSTREAM" in gzstream._lib_state

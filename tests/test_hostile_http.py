@@ -609,7 +609,7 @@ class HangingScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape_parts(self, sink=None) -> list[bytes]:
+    def scrape_parts(self, sink=None, keep=True) -> list[bytes]:
         self.collections += 1
         self.release.wait()
         time.sleep(0.05)

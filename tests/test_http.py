@@ -29,7 +29,7 @@ class SlowScraper:
         self.store = type("S", (), {"ready": True, "node_name": "n"})()
         self.sources = {}
 
-    def scrape_parts(self, sink=None) -> list[bytes]:
+    def scrape_parts(self, sink=None, keep=True) -> list[bytes]:
         with self.lock:
             self.started.append(time.monotonic())
             n = len(self.started)
@@ -50,7 +50,7 @@ class PiecesScraper(SlowScraper):
         super().__init__()
         self.parts = parts
 
-    def scrape_parts(self, sink=None) -> list[bytes]:
+    def scrape_parts(self, sink=None, keep=True) -> list[bytes]:
         return streamed(self.parts, sink)
 
 
@@ -226,7 +226,7 @@ def test_the_pieces_are_let_go_once_written():
     made: list = []
 
     class Scraper(SlowScraper):
-        def scrape_parts(self, sink=None) -> list[bytes]:
+        def scrape_parts(self, sink=None, keep=True) -> list[bytes]:
             parts = Pieces([b"x" * 200_000 + b"\n" for _ in range(5)])
             made.append(weakref.ref(parts))
             return streamed(parts, sink)
@@ -257,9 +257,9 @@ def test_a_collection_streams_gzip_when_any_request_waiting_for_it_asked():
             super().__init__()
             self.sinks: list[bool] = []
 
-        def scrape_parts(self, sink=None):
-            self.sinks.append(sink is not None)
-            return super().scrape_parts(sink)
+        def scrape_parts(self, sink=None, keep=True):
+            self.sinks.append((sink is not None, keep))
+            return super().scrape_parts(sink, keep)
 
     async def run():
         scraper = Recording()
@@ -273,7 +273,7 @@ def test_a_collection_streams_gzip_when_any_request_waiting_for_it_asked():
                                            get(0.15, "identity"))
         return scraper.sinks, answers
     sinks, answers = asyncio.run(run())
-    assert sinks == [False, True]
+    assert sinks == [(False, True), (True, True)]
     (e0, b0), (e1, b1), (e2, b2), (e3, b3) = answers
     assert (e0, e1, e3) == (None, None, None) and e2 == "gzip"
     assert b0 == b"planewatch_test_collection 1\n"

@@ -46,3 +46,44 @@ def test_dropped_buffers_leave_the_process():
     held_plain = after - before
     print(f"RSS held after the churn: tuned {held_tuned} MiB, glibc defaults {held_plain} MiB")
     assert held_tuned < 4 and held_plain >= held_tuned + 4, (held_tuned, held_plain)
+
+
+def test_a_trim_only_when_the_process_grew_past_the_slack():
+    """After every collection the server asks its Trimmer: trimming gives back
+    what the next collection faults in again, so only growth past the slack
+    since the last trim is worth it (the first call always trims)."""
+    from collector.memory import Trimmer
+
+    rss, trims = [50 << 20], []
+
+    def fake_trim():
+        trims.append(rss[0])
+        rss[0] = 50 << 20
+    trimmer = Trimmer(slack=2 << 20, rss=lambda: rss[0], trim=fake_trim)
+    assert trimmer() is True and trims == [50 << 20]
+    rss[0] += 1 << 20
+    assert trimmer() is False                 # 1 MiB above what the last trim left
+    rss[0] += 1 << 20
+    assert trimmer() is False                 # 2 MiB: not more than the slack
+    rss[0] += 1
+    assert trimmer() is True and trims[-1] == (52 << 20) + 1
+    assert trimmer() is False
+
+
+def test_the_trimmer_gives_back_a_heap_that_grew():
+    """The real thing: small blocks (heap, not mmapped) freed after a spike
+    leave the process at the Trimmer's next call."""
+    code = """
+from collector.memory import Trimmer, resident_bytes, tune_malloc
+tune_malloc()
+trimmer = Trimmer()
+trimmer()
+spike = [bytearray(4000) for _ in range(6000)]      # ~24 MiB in heap blocks
+keep = bytearray(4000)                              # above them: the heap cannot shrink from its top
+del spike
+before = resident_bytes()
+print(trimmer(), before >> 20, resident_bytes() >> 20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True" and int(out[1]) - int(out[2]) >= 16, out

@@ -102,20 +102,24 @@ def test_gzip_and_plain_answers_from_the_real_scraper(tmp_path):
         {k: v for k, v in plain.items() if k not in durations}
 
 
-def test_a_scraper_that_does_not_stream_still_gets_its_body_deflated(caplog):
-    """The server checks the stream has every byte the collection returned; a
-    scraper that returned pieces it did not hand to the sink gets them
-    deflated after the collection (and an error in the log), not a body
-    missing them."""
-    parts = [b"planewatch_test_a 1\n", b"planewatch_test_b 2\n"]
+def test_a_body_only_asked_for_gzip_is_not_kept(tmp_path):
+    """Prometheus asks for gzip: the server has the scraper stream into the
+    gzip thread without keeping the pieces (each is let go once deflated); a
+    plain request waiting for the same collection makes it keep them."""
+    log: list = []
+    sources = {"a": FakeSource("a", log, {"planewatch_test_a": [(str(i), i) for i in range(3000)]})}
+    real = scraper(tmp_path, sources)
+    seen: list[bytes] = []
+    assert real.scrape_parts(seen.extend, keep=False) == []
+    assert b"planewatch_test_a{v=\"2999\"} 2999\n" in b"".join(seen)
+    kept: list = []
 
-    class Partial:
-        store = type("S", (), {"ready": True, "node_name": "n"})()
-        sources: dict = {}
+    class Watching:
+        store, sources = real.store, real.sources
 
-        def scrape_parts(self, sink=None):
-            if sink is not None:
-                sink(parts[:1])
+        def scrape_parts(self, sink=None, keep=True):
+            parts = real.scrape_parts(sink, keep)
+            kept.append((keep, len(parts)))
             return parts
 
         def reconcile(self):
@@ -125,11 +129,10 @@ def test_a_scraper_that_does_not_stream_still_gets_its_body_deflated(caplog):
             pass
 
     async def run():
-        server = Server(Partial(), reconcile_seconds=3600)
+        server = Server(Watching(), reconcile_seconds=3600)
         async with TestClient(TestServer(server.app)) as client:
             resp = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
             return await resp.read()
-    with caplog.at_level(logging.ERROR, logger="exporters.http"):
-        body = asyncio.run(run())
-    assert gzip.decompress(body) == b"".join(parts)
-    assert any("gzip stream has 20 bytes of a 40-byte body" in r.getMessage() for r in caplog.records)
+    body = gzip.decompress(asyncio.run(run()))
+    assert kept == [(False, 0)]
+    assert parsed(body)[("planewatch_test_a", (("v", "2999"),))] == 2999
