@@ -34,6 +34,7 @@ struct pw_gz {
 	pthread_cond_t more;
 	struct piece *pieces;	/* pushed so far; [taken, count) still to deflate */
 	size_t count, cap, taken;
+	size_t pending;		/* bytes pushed and not taken */
 	size_t done;		/* pieces deflated: the caller may free [0, done) */
 	int ended;		/* pw_gz_end was called: no more pieces */
 	int waiting;		/* pw_gz_run waits for a piece: wake it */
@@ -43,6 +44,9 @@ struct pw_gz {
 };
 
 #define OUT_START (256u << 10)
+/* A waiting pw_gz_run is woken once this much is pending (or at the end):
+ * a futex wake per family piece (~300 a scrape) cost more than it saved. */
+#define WAKE_BYTES (64u << 10)
 
 struct pw_gz *pw_gz_new(int level)
 {
@@ -80,7 +84,9 @@ int pw_gz_push(struct pw_gz *gz, const void *data, size_t len)
 	}
 	if (!err) {
 		gz->pieces[gz->count++] = (struct piece){data, len};
-		if (gz->waiting)	/* else it takes the piece when done with its own */
+		gz->pending += len;
+		/* a busy pw_gz_run takes the piece when done with its own */
+		if (gz->waiting && gz->pending >= WAKE_BYTES)
 			pthread_cond_signal(&gz->more);
 	}
 	pthread_mutex_unlock(&gz->lock);
@@ -144,6 +150,7 @@ int pw_gz_run(struct pw_gz *gz)
 		struct piece next;
 
 		pthread_mutex_lock(&gz->lock);
+		/* every piece taken: wait for enough bytes, or the end */
 		while (gz->taken == gz->count && !gz->ended) {
 			gz->waiting = 1;
 			pthread_cond_wait(&gz->more, &gz->lock);
@@ -154,6 +161,7 @@ int pw_gz_run(struct pw_gz *gz)
 			return deflate_all(gz, NULL, 0, Z_FINISH);
 		}
 		next = gz->pieces[gz->taken++];
+		gz->pending -= next.len;
 		pthread_mutex_unlock(&gz->lock);
 		if (next.len) {
 			int rc = deflate_all(gz, next.data, next.len, Z_NO_FLUSH);
