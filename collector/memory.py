@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 THRESHOLD = 128 * 1024          # glibc's initial default, made fixed
 TRIM_SLACK = 2 << 20            # growth since the last trim worth giving back
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _libc = None
 
@@ -66,9 +67,6 @@ def resident_bytes() -> int:
     """This process's resident set (the second field of /proc/self/statm)."""
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[1]) * PAGE
-
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Trimmer:

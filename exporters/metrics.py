@@ -43,7 +43,7 @@ class Scraper:
         self.sources = dict(sources)
         self.version = version
         self._lock = threading.Lock()
-        self._failures_logged: set = set()
+        self._failures_logged: set[str | tuple[str, str]] = set()      # name, or ("clash", name)
         # Families about planewatch itself from outside the sources (HTTP refusals,
         # the API watch): each callable is asked at every scrape.
         self.extra: list[Callable[[], Iterable[Family]]] = []

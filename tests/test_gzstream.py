@@ -161,3 +161,18 @@ def test_no_library_env_means_python(monkeypatch, executor):
     assert stream.done() == 0
     assert gzip.decompress(stream.finish()) == b"a" * 1000
     assert "PLANEWATCH_NO_GZSTREAM" in gzstream._lib_state
+
+
+def test_a_library_lacking_a_symbol_its_python_side_calls_is_not_used(monkeypatch):
+    """kernel/clib.py, the loader of both C libraries: a build older than its
+    Python (a symbol missing) means the Python path, not an AttributeError at
+    the first scrape; the switch variable turns a library off."""
+    from kernel.clib import open_library
+
+    monkeypatch.delenv("PLANEWATCH_TEST_NO_LIB", raising=False)
+    lib, state = open_library(gzstream.LIBRARY, "PLANEWATCH_TEST_NO_LIB", ("pw_gz_new", "pw_gz_not_there"))
+    assert lib is None and state.startswith("not loaded:") and "pw_gz_not_there" in state
+    lib, state = open_library(gzstream.LIBRARY, "PLANEWATCH_TEST_NO_LIB", ("pw_gz_new",))
+    assert lib is not None and state == "ok"
+    monkeypatch.setenv("PLANEWATCH_TEST_NO_LIB", "1")
+    assert open_library(gzstream.LIBRARY, "PLANEWATCH_TEST_NO_LIB", ()) == (None, "disabled by PLANEWATCH_TEST_NO_LIB")
