@@ -171,17 +171,24 @@ def scrape_rounds(targets: list[Target], ref: Target, rounds: int, warmup: int =
             t.scrape()
     cpu0 = {t.name: cpu_seconds(t.pid) for t in targets + [ref]}
     lat: dict[str, list[float]] = {t.name: [] for t in targets + [ref]}
+    # RSS read after every round: one reading after the last round moved by
+    # ±2 MiB between processes (the heap kept between trims, collector/memory.py)
+    rss: dict[str, list[float]] = {t.name: [] for t in targets + [ref]}
     for r in range(rounds):
         order = targets + [ref]
         order = order[r % len(order):] + order[:r % len(order)]       # rotate who goes first
         for t in order:
             lat[t.name].append(t.scrape())
+        for t in order:
+            rss[t.name].append(memory(t.pid)["VmRSS"] / MIB)
     out = {}
     for t in targets + [ref]:
         mem = memory(t.pid)
         out[t.name] = {"p50_ms": percentile(lat[t.name], 50) * 1000, "p99_ms": percentile(lat[t.name], 99) * 1000,
                        "cpu_ms": (cpu_seconds(t.pid) - cpu0[t.name]) / rounds * 1000,
                        "rss_mib": mem["VmRSS"] / MIB, "hwm_mib": mem["VmHWM"] / MIB,
+                       "rss_rounds_median_mib": statistics.median(rss[t.name]),
+                       "rss_rounds_max_mib": max(rss[t.name]),
                        "series": sum(1 for line in t.body.splitlines() if line and not line.startswith(b"#")),
                        "wire_bytes": t.wire_bytes}
         if t is not ref:
@@ -317,6 +324,8 @@ def print_table(result: dict) -> None:
         print(f"{label:<44}" + "".join(f"{c:>26}" for c in cells) + f"{target:>12}")
     row("RSS MiB after the rounds (peak)", [f"{scrape[n]['rss_mib']:.1f} ({scrape[n]['hwm_mib']:.1f})"
                                            for n in names], "<= 60")
+    row("  after each round: median, max", [f"{scrape[n]['rss_rounds_median_mib']:.1f}, "
+                                            f"{scrape[n]['rss_rounds_max_mib']:.1f}" for n in names])
     row("scrape / node_exporter, per round: median", [f"{scrape[n]['ratio_median']:.2f} "
                                                       f"[{scrape[n]['ratio_p25']:.2f}-{scrape[n]['ratio_p75']:.2f}]"
                                                       for n in names], "<= 0.5")
