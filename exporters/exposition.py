@@ -98,6 +98,8 @@ def _lines(name: bytes, series: list[bytes], values: list) -> list[bytes]:
     interleaved[0::2] = series
     interleaved[1::2] = args
     line = name + b"{%s} " + hole
+    if len(series) <= CHUNK:            # most families: one piece, no slicing
+        return [line * len(series) % tuple(interleaved)]
     full = line * CHUNK
     out = []
     for start in range(0, 2 * len(series), 2 * CHUNK):

@@ -85,7 +85,6 @@ class GzipStream:
         # family's text reuses the heap the last one freed)
         self._pieces: list[bytes | None] = []
         self._kept_from = 0                     # _pieces[:_kept_from] are let go
-        self.fed = 0                            # bytes fed so far
         lib = self._lib = _load()
         self._gz = lib.pw_gz_new(level) if lib is not None else None
         if self._gz is not None:
@@ -98,7 +97,6 @@ class GzipStream:
 
     def feed(self, pieces: Sequence[bytes]) -> None:
         self._pieces.extend(pieces)
-        self.fed += sum(map(len, pieces))
         if self._gz is None:
             return
         lib, gz = self._lib, self._gz
