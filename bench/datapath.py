@@ -9,7 +9,7 @@ datagrams (per-packet cost shows). Then, if bench/ebpf_prog_test_run.py is
 there, the per-packet cost measured in the kernel by BPF_PROG_TEST_RUN.
 
     sudo python3 bench/datapath.py [--rounds 12] [--seconds 4] [--no-udp] [--objects DIR ...]
-                                   [--noop] [--variants] [--no-profile] [--pin]
+                                   [--noop] [--drops-only] [--variants] [--no-profile] [--pin]
 
 `--objects` compares several builds of the programs (ebpf/build directories of
 two checkouts, say): each round runs "without" and every build, in an order
@@ -33,7 +33,9 @@ take from a saturated sender, next to the throughput ratio.
 
 `--noop` adds a mode with bench_noop on every hook: what the hooks and the
 kfree_skb program cost with no work in the tc programs, i.e. the noise floor
-of the ratios. `--variants` adds bpf_stats runs with each bench variant
+of the ratios. `--drops-only` adds a mode with no tc program at all, the
+interfaces only watched by the kfree_skb program: what an interface on a plane
+outside `--collector.ebpf.flow-planes` costs. `--variants` adds bpf_stats runs with each bench variant
 attached in place of the real programs, step by step as
 bench/ebpf_prog_test_run.py measures them.
 
@@ -129,11 +131,13 @@ def pod_interfaces(netns: str) -> list[int]:
         sock.close()
 
 
-def attach_all(loader, namespaces: list[str]) -> int:
+def attach_all(loader, namespaces: list[str], programs: bool = True) -> int:
+    """The programs on every pod interface; `programs=False`: watched for drops
+    only, as an interface outside --collector.ebpf.flow-planes is."""
     count = 0
     for ns in namespaces:
         for ifindex in pod_interfaces(ns):
-            loader.attach(f"/run/netns/{ns}", ifindex)
+            (loader.attach if programs else loader.watch)(f"/run/netns/{ns}", ifindex)
             count += 1
     return count
 
@@ -181,7 +185,7 @@ def run(args) -> None:
         server_ip = state.addresses[k1]["eth0"][0]
         loads = [("tcp", False)] + ([] if args.no_udp else [("udp64", True)])
         builds = {"with" if len(args.objects) < 2 else f"with {d}": d for d in args.objects or [""]}
-        modes = ["without", *(["noop"] if args.noop else []), *builds]
+        modes = ["without", *(["noop"] if args.noop else []), *(["drops"] if args.drops_only else []), *builds]
         results = {(load, mode): [] for load, _ in loads for mode in modes}
         for r in range(args.rounds):
             # rotate which goes first, so none always runs on a warmer machine
@@ -192,6 +196,10 @@ def run(args) -> None:
                     loader = Loader(objects, bench=True) if objects else Loader(bench=True)
                     loader.ingress_fd = loader.egress_fd = loader.program_fd("bench_noop")
                     attached = attach_all(loader, [ns0, ns1])
+                elif mode == "drops":
+                    objects = (args.objects or [""])[-1]
+                    loader = Loader(objects) if objects else Loader()
+                    attached = attach_all(loader, [ns0, ns1], programs=False)
                 elif mode != "without":
                     loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
@@ -200,7 +208,8 @@ def run(args) -> None:
                     results[(load, mode)].append(got)
                     extra = f", {got['mpps']:.3f} Mpps received, {got['sent_mpps']:.3f} sent" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
-                          f"{f' (BPF on {attached} interfaces)' if mode != 'without' else ''}"
+                          f"{f' (BPF on {attached} interfaces)' if mode not in ('without', 'drops') else ''}"
+                          f"{f' ({attached} interfaces watched, no tc program)' if mode == 'drops' else ''}"
                           f"  loadavg {loadavg()}", flush=True)
                 if loader is not None:
                     loader.close()
@@ -352,6 +361,9 @@ def main() -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the bpf_stats runs")
     p.add_argument("--noop", action="store_true",
                    help="also a mode with bench_noop on every hook (and kfree_skb): what the hooks cost")
+    p.add_argument("--drops-only", action="store_true",
+                   help="also a mode with no tc program, the interfaces watched by kfree_skb only: "
+                        "an interface outside --collector.ebpf.flow-planes")
     p.add_argument("--variants", action="store_true",
                    help="bpf_stats runs of each bench variant attached in place of the real programs")
     p.add_argument("--pin", action="store_true",

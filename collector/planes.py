@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import yaml
 
@@ -31,6 +31,36 @@ from collector.model import UNCLASSIFIED
 NAD_PLANE_ANNOTATION = "planewatch.io/plane"
 DEFAULT_NETWORK_PLANE = "management"
 _PLANE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class PlaneSelector:
+    """The planes a flag names (`--collector.ebpf.flow-planes`,
+    `--collector.neighbours.probe-planes`): comma-separated, each a whole plane
+    name or a glob as in the plane map (`*`, `?`, `[...]`; plane names never hold
+    those characters); case as written. Empty selects no plane (and is false)."""
+
+    CACHED = 1024                       # planes come from NADs tenants write: bounded
+
+    def __init__(self, names: str | Iterable[str] = ""):
+        if isinstance(names, str):
+            names = names.split(",")
+        self.patterns = tuple(n.strip() for n in names if n.strip())
+        self._regex = re.compile("|".join(map(fnmatch.translate, self.patterns))) if self.patterns else None
+        self._seen: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return self._regex is not None
+
+    def __call__(self, plane: str) -> bool:
+        got = self._seen.get(plane)
+        if got is None:
+            got = self._regex is not None and self._regex.match(plane) is not None
+            if len(self._seen) < self.CACHED:
+                self._seen[plane] = got
+        return got
+
+    def __repr__(self) -> str:
+        return f"PlaneSelector({','.join(self.patterns)!r})"
 
 
 class PlaneMapError(ValueError):

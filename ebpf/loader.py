@@ -102,6 +102,8 @@ class Loader:
             raise ValueError(f"attach_mode {attach_mode!r} not in {ATTACH_MODES}")
         self.mode = attach_mode
         self.hooks: dict[tuple[int, int], Hook] = {}
+        # Interfaces whose drops are counted with no program on them (watch()).
+        self.watch_only: set[tuple[int, int]] = set()
         self._lock = threading.RLock()
         self._objects: list[int] = []
         self._drop_link = 0
@@ -239,6 +241,23 @@ class Loader:
             self.hooks[key] = hook
             return hook
 
+    def watch(self, netns_path: str, ifindex: int) -> tuple[int, int]:
+        """Count `ifindex`'s drops (kfree_skb) without attaching any program to
+        it: nothing runs per packet. Returns its (netns inode, ifindex) key.
+        Raises OSError when the netns is gone or the watch map is full."""
+        with self._lock:
+            key = (netns_inode(netns_path), ifindex)
+            if key in self.hooks or key in self.watch_only:
+                return key
+            try:
+                maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
+            except OSError as err:
+                if err.errno == errno.E2BIG:
+                    self.refused["watched"] += 1
+                raise
+            self.watch_only.add(key)
+            return key
+
     def _attach_here(self, netns_path: str, key: tuple[int, int]) -> Hook:
         netns, ifindex = key
         if self.mode in ("auto", "tcx"):
@@ -270,6 +289,7 @@ class Loader:
             hook = self.hooks.pop((netns_inode, ifindex), None)
             if hook is not None:
                 self._unhook(hook)
+            self.watch_only.discard((netns_inode, ifindex))
             self._forget(netns_inode, ifindex)
 
     def _unhook(self, hook: Hook) -> None:
@@ -309,6 +329,11 @@ class Loader:
         with self._lock:
             return set(self.hooks)
 
+    def watched(self) -> set[tuple[int, int]]:
+        """The keys whose drops are counted: the hooked ones and the watch() ones."""
+        with self._lock:
+            return self.watch_only.union(self.hooks)
+
     def prune_dead(self) -> list[tuple[int, int]]:
         """Detach hooks whose interface is gone, returning their keys. A TCX link
         outlives its device (fdinfo then shows ifindex 0); without this, a new pod
@@ -328,6 +353,7 @@ class Loader:
                 except OSError as err:
                     log.warning("detach %s: %s", hook, err)
             self.hooks.clear()
+            self.watch_only.clear()
             if self._drop_link:
                 libbpf.destroy_link(self._drop_link)
                 self._drop_link = 0

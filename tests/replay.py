@@ -247,9 +247,11 @@ def replay_loader(bpf: dict, inode_of: dict[int, int]):
 
         def detach(self, netns_inode: int, ifindex: int) -> None:
             self.hooks.pop((netns_inode, ifindex), None)
+            self.watch_only.discard((netns_inode, ifindex))
 
         def close(self) -> None:
             self.hooks.clear()
+            self.watch_only.clear()
     return ReplayLoader()
 
 
@@ -258,6 +260,7 @@ def _replay_state(loader, bpf: dict, inode_of: dict[int, int]) -> None:
     loader.mode = bpf["mode"]
     loader.reasons = {int(code): name for code, name in bpf["reasons"].items()}
     loader.hooks = {(inode_of[n], i): None for n, i in bpf["attached"] if n in inode_of}
+    loader.watch_only = {(inode_of[n], i) for n, i in bpf.get("watch_only", ()) if n in inode_of}
     loader._lock = threading.Lock()
     loader._census = None
     loader.flow_census_seconds = 0.0
@@ -417,6 +420,7 @@ def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
         used = {pv.netns_path for pv in snapshot.pods if pv.netns_path}
         netns = {os.path.basename(p): r for p, r in replies_by_path.items() if p in used}
         inodes = {r["inode"] for r in netns.values()}
+        watch_only = sorted(k for k in loader.watch_only if k[0] in inodes)
         kernel = {
             "netns": netns,
             "routes": routes,
@@ -426,6 +430,7 @@ def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
                     "attached": sorted(k for k in loader.attached() if k[0] in inodes),
                     "refused": loader.map_refused(),
                     "stale_filters_removed": loader.stale_filters_removed,
+                    **({"watch_only": watch_only} if watch_only else {}),
                     "maps": {name: [e for e in got if struct.unpack_from("=I", _raw(e[0]))[0] in inodes]
                              for name, got in maps.items()}},
         }

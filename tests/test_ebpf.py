@@ -391,3 +391,60 @@ def test_vanished_pod_is_detached_and_reattached(lab, source):
     assert not [k for k in m if ("pod", "pod-b") in k[1]]
     scrape(source, lab.snapshot())
     assert b_keys <= set(source.loader.hooks)
+
+
+def test_planes_outside_flow_planes_get_no_program_but_their_drops(lab, source):
+    """--collector.ebpf.flow-planes=signaling: eth0 (management) loses its tc
+    programs (nothing runs per packet there) but stays watched for drops; back
+    to "*", it gets them again."""
+    from collector.planes import PlaneSelector
+    snapshot = lab.snapshot()
+    key = {(p, d): (lab.inode[p], lab.ifindex[(p, d)]) for p, d in ADDR if d != "net2"}
+    signaling = {k for (p, d), k in key.items() if d == "net1"}
+    source.with_programs = PlaneSelector("signaling")
+    try:
+        m0 = scrape(source, snapshot)
+        assert set(source.loader.hooks) == signaling
+        assert source.loader.watch_only == set(key.values()) - signaling
+        assert value(m0, "planewatch_ebpf_attached_interfaces") == 2
+        assert value(m0, "planewatch_ebpf_watched_interfaces") == 5
+        assert not [ls for (n, ls) in m0 if n.startswith("planewatch_ebpf_interface_")
+                    and ("interface", "eth0") in ls]
+        assert value(m0, "planewatch_ebpf_interface_receive_packets_total", pod="pod-b", interface="net1") >= 0
+        assert len([ls for (n, ls) in m0 if n == "planewatch_ebpf_interface_receive_packets_total"]) == 2
+
+        send_udp(lab, "a", (ADDR[("b", "eth0")][0], 7030))      # closed port: dropped in B
+        m1 = scrape(source, snapshot)
+        assert drops(m1, "b", "eth0", "NO_SOCKET") - drops(m0, "b", "eth0", "NO_SOCKET") == N
+        counted = source.loader.interface_counters()
+        assert key[("b", "eth0")] not in counted and key[("a", "eth0")] not in counted
+    finally:
+        source.with_programs = PlaneSelector("*")
+    m2 = scrape(source, snapshot)
+    assert set(source.loader.hooks) == set(key.values()) and not source.loader.watch_only
+    assert value(m2, "planewatch_ebpf_attached_interfaces") == value(m2, "planewatch_ebpf_watched_interfaces") == 5
+    with echo_server(lab, "b", (ADDR[("b", "eth0")][0], 7031)):
+        echo(lab, "a", (ADDR[("a", "eth0")][0], 0), (ADDR[("b", "eth0")][0], 7031))
+    m3 = scrape(source, snapshot)
+    assert value(m3, "planewatch_ebpf_interface_receive_packets_total", pod="pod-b", interface="eth0") >= N
+
+
+def test_a_reused_key_of_another_pod_starts_from_zero(lab, source):
+    """Another pod's interface under a watched (netns inode, ifindex) (the inode
+    and ifindex reused between two reconciles): detached and attached afresh, so
+    the old interface's drops are not carried into the new pod's series."""
+    snapshot = lab.snapshot()
+    m0 = scrape(source, snapshot)
+    send_udp(lab, "a", (ADDR[("b", "net1")][0], 7032))          # closed port: dropped in B's net1
+    m1 = scrape(source, snapshot)
+    assert drops(m1, "b", "net1", "NO_SOCKET") - drops(m0, "b", "net1", "NO_SOCKET") == N
+    b = lab.pod_view("b")
+    reborn = PodView(Pod("pwtebpf", "pod-b2", "uid-b2"), b.netns_path, b.netns_inode, "test",
+                     tuple(InterfaceView(Attachment("pwtebpf", "pod-b2", "uid-b2", v.attachment.network,
+                                                    v.attachment.interface, plane=v.attachment.plane), v.link)
+                           for v in b.interfaces))
+    other = Snapshot((lab.pod_view("a"), reborn, lab.pod_view("c")))
+    m2 = scrape(source, other)
+    assert drops(m2, "b2", "net1", "NO_SOCKET") == 0
+    assert not [ls for (n, ls) in m2 if ("pod", "pod-b") in ls]
+    scrape(source, snapshot)

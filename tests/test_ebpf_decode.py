@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
+from collector.planes import PlaneSelector
 from collector.registry import Snapshot
 from collector.sources.ebpf import (
     asymmetric_family,
@@ -320,10 +321,36 @@ def test_asymmetric_family_takes_the_ingress_identity():
 
 @pytest.mark.parametrize("reason,up", [("ok", 1), ("btf_missing", 0)])
 def test_status_families(reason, up):
-    fams = {f.name: f for f in status_families(reason, "tcx", 3)}
+    fams = {f.name: f for f in status_families(reason, "tcx", 3, 5)}
     assert samples(fams["planewatch_ebpf_up"]) == {"": up}
     assert samples(fams["planewatch_ebpf_info"]) == {f'reason="{reason}",attach_mode="tcx"': 1}
     assert samples(fams["planewatch_ebpf_attached_interfaces"]) == {"": 3}
+    assert samples(fams["planewatch_ebpf_watched_interfaces"]) == {"": 5}
+
+
+@pytest.mark.parametrize("globs,selected,left", [
+    ("*", ["signaling", "unclassified", "", "a,b"], []),
+    ("", [], ["signaling", "unclassified", "*"]),
+    (" , ", [], ["signaling"]),
+    ("signaling", ["signaling"], ["Signaling", "signaling2", "xsignaling"]),
+    ("data*, sig?al", ["data", "data-user", "signal", "sigXal"], ["user-data", "sigal", "signaling"]),
+    ("[ab]*", ["alpha", "beta"], ["gamma", "[ab]"]),
+    ("user.data", ["user.data"], ["userXdata"]),
+])
+def test_plane_selector(globs, selected, left):
+    """--collector.ebpf.flow-planes: comma-separated globs, whole plane names,
+    case as written (planes are label values); empty selects nothing."""
+    wants = PlaneSelector(globs)
+    assert [p for p in selected + left if wants(p)] == selected
+    assert [p for p in selected + left if wants(p)] == selected     # the cached answers
+    assert bool(wants) == bool(globs.strip(" ,"))
+
+
+def test_plane_selector_cache_is_bounded():
+    wants = PlaneSelector("p1*")
+    assert sum(wants(f"p{i}") for i in range(3 * PlaneSelector.CACHED)) == 1 + 10 + 100 + 1000     # p1, p10-19, p100-199, p1000-1999
+    assert len(wants._seen) == PlaneSelector.CACHED
+    assert PlaneSelector(["a", " b "]).patterns == ("a", "b")
 
 
 def test_label_flow():

@@ -13,6 +13,7 @@ from pyroute2 import IPRoute
 from collector import gateway_probe as gp
 from collector.budgets import Budgets
 from collector.model import Attachment, InterfaceView, Link, Pod, PodView
+from collector.planes import PlaneSelector
 from collector.sources.neighbours import (
     STATE_NAMES,
     Gateway,
@@ -350,12 +351,12 @@ def test_probe_targets_only_for_opted_in_planes_and_on_link():
     pv = view((att("core/n3", "net2", "data"), NET2), (att("core/n4", "net1", "signaling"), NET1))
     gateways = [gw(4, "192.168.3.1"), gw(4, "192.168.4.1"),
                 gw(3, "172.16.4.1", "signaling", "net1")]
-    targets = probe_targets(pv, gateways, ADDRS, frozenset({"data"}))
+    targets = probe_targets(pv, gateways, ADDRS, PlaneSelector("data"))
     assert [(t.gateway, t.ifname, t.source, t.mac, t.netns_inode) for t in targets] == \
         [("192.168.3.1", "net2", "192.168.3.5", NET2.mac, 42)]
-    both = probe_targets(pv, gateways, ADDRS, frozenset({"data", "signaling"}))
+    both = probe_targets(pv, gateways, ADDRS, PlaneSelector("data,signaling"))
     assert [t.gateway for t in both] == ["192.168.3.1", "172.16.4.1"]
-    assert probe_targets(pv, gateways, ADDRS, frozenset()) == []
+    assert probe_targets(pv, gateways, ADDRS, PlaneSelector("")) == []
 
 
 # --- metric families -----------------------------------------------------------------------

@@ -93,15 +93,21 @@ def serve_args(*argv: str) -> argparse.Namespace:
 def test_flags_reach_the_sources_settings():
     config = config_from_args(serve_args("--collector.routes.interval", "60", "--collector.ebpf.attach-mode",
                                          "clsact", "--collector.sriov.all-vfs", "--collector.sriov.host-netns", "",
-                                         "--collector.neighbours.probe-timeout", "0.5", "--path.procfs", "/p"))
+                                         "--collector.neighbours.probe-timeout", "0.5", "--path.procfs", "/p",
+                                         "--collector.ebpf.flow-planes", "signaling,data*"))
     assert config.settings("routes")["interval"] == 60.0
     assert config.settings("ebpf") == {"objects_dir": "", "btf_path": "/sys/kernel/btf/vmlinux",
-                                       "attach_mode": "clsact", "flow_entries": 16384}
+                                       "attach_mode": "clsact", "flow_entries": 16384,
+                                       "flow_planes": "signaling,data*"}
+    from collector.sources.ebpf import EbpfSource
+    wants = EbpfSource(config).with_programs
+    assert (wants("signaling"), wants("data-n3"), wants("management")) == (True, True, False)
     assert config.settings("sriov")["all_vfs"] is True and config.settings("sriov")["host_netns"] == ""
     assert config.settings("neighbours")["probe_timeout"] == 0.5
     assert config.paths.procfs == "/p"
     defaults = config_from_args(serve_args())
     assert defaults.settings("sriov")["all_vfs"] is False and defaults.settings("sriov")["host_netns"] is None
+    assert EbpfSource(defaults).with_programs("any-plane")          # every plane unless told
 
 
 def test_a_value_outside_the_choices_is_refused(capsys):

@@ -1,9 +1,10 @@
 """eBPF source: per-interface packets/bytes, drop reasons and asymmetric routing.
 
 The programs (ebpf/*.bpf.c) key everything by (netns inode, ifindex); this
-module keeps the programs attached to exactly the pod interfaces of the
-current snapshot and turns the map contents into families labelled by the
-InterfaceView found under the same key. Loading happens at the first collect,
+module keeps the tc programs attached to exactly the pod interfaces of the
+current snapshot on the planes `flow_planes` selects (the others are only
+watched for drops: nothing runs per packet on them) and turns the map contents
+into families labelled by the InterfaceView found under the same key. Loading happens at the first collect,
 once: when it fails (objects not built, no BTF, no CAP_BPF, verifier refusal,
 kernel too old) the reason is logged once and every scrape reports
 `planewatch_ebpf_up 0` plus `planewatch_ebpf_info{reason=...}` while the
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from collector.family import COUNTER, GAUGE, Family, render_labels
 from collector.model import ATTACHMENT_LABELS, InterfaceView
+from collector.planes import PlaneSelector
 from collector.registry import Config, NoData, Option, Snapshot, register
 from ebpf.maps import NOT_DROPS, reason_name
 
@@ -123,7 +125,7 @@ def asymmetric_family(index: Mapping[Key, InterfaceView],
     return fam
 
 
-def status_families(reason: str, attach_mode: str, attached: int) -> list[Family]:
+def status_families(reason: str, attach_mode: str, attached: int, watched: int = 0) -> list[Family]:
     up = Family("planewatch_ebpf_up", GAUGE,
                 "1 when planewatch's BPF programs are loaded; 0 otherwise, "
                 "with the reason on planewatch_ebpf_info.")
@@ -135,9 +137,14 @@ def status_families(reason: str, attach_mode: str, attached: int) -> list[Family
                   ("reason", "attach_mode"))
     info.add((reason, attach_mode), 1)
     count = Family("planewatch_ebpf_attached_interfaces", GAUGE,
-                   "Pod interfaces the BPF programs are attached to.")
+                   "Pod interfaces the tc programs are attached to (eBPF traffic counters and "
+                   "observed asymmetric flows): those on the planes --collector.ebpf.flow-planes selects.")
     count.add((), attached)
-    return [up, info, count]
+    watching = Family("planewatch_ebpf_watched_interfaces", GAUGE,
+                      "Pod interfaces whose drops the kfree_skb program counts: the attached ones "
+                      "and, with no program on them, those on the other planes.")
+    watching.add((), watched)
+    return [up, info, count, watching]
 
 
 def flow_families(index: Mapping[Key, InterfaceView],
@@ -189,6 +196,10 @@ def label_flow(flow: dict, index: Mapping[Key, InterfaceView]) -> dict:
     Option("attach_mode", "auto", "how programs attach to pod interfaces: tcx (kernel >= 6.6), clsact, or "
            "auto (tcx when the kernel has it)", choices=("auto", "tcx", "clsact")),
     Option("flow_entries", 16384, "entries of the flow table (asymmetric flows)", int),
+    Option("flow_planes", "*", "planes (comma-separated, globs allowed) whose pod interfaces get the tc programs: "
+           "eBPF traffic counters and observed asymmetric flows, at a cost on every packet. Interfaces "
+           "on other planes run no program per packet; their drop reasons are still counted. "
+           "Empty: no plane"),
 ))
 class EbpfSource:
     """eBPF per-interface counters, drop reasons and asymmetric flows (TCX/tc + kfree_skb)."""
@@ -202,6 +213,8 @@ class EbpfSource:
         self._lock = threading.Lock()
         self._closed = False
         self._attach_warned: set[Key] = set()
+        self.with_programs = PlaneSelector(self.options["flow_planes"])
+        self._owners: dict[Key, str] = {}  # the pod uid each watched key was set up for
 
     def _ensure_loaded(self):
         if self.reason:
@@ -230,26 +243,27 @@ class EbpfSource:
             loader = self._ensure_loaded()
         if loader is None:
             return status_families(self.reason, "none", 0)
-        attached = loader.attached()
-        self.index = index = self._index_of(snapshot, attached)
-        families = traffic_families(index, loader.interface_counters())
+        attached, watched = loader.attached(), loader.watched()
+        self.index = index = self._index_of(snapshot, watched)
+        traffic = index if len(attached) == len(watched) else {k: v for k, v in index.items() if k in attached}
+        families = traffic_families(traffic, loader.interface_counters())
         families.append(drop_family(index, loader.drop_counters(), loader.reasons))
         families.append(asymmetric_family(index, loader.asymmetric_packets()))
-        families.extend(status_families(self.reason, loader.mode, len(attached)))
+        families.extend(status_families(self.reason, loader.mode, len(attached), len(watched)))
         families.extend(flow_families(index, loader.flow_evictions()))
         families.extend(guard_families(loader.map_refused(), loader.stale_filters_removed))
         return families
 
-    def _index_of(self, snapshot: Snapshot, attached: set[Key]) -> dict[Key, InterfaceView]:
-        """The attached interfaces' views, in snapshot order: the same dict again
+    def _index_of(self, snapshot: Snapshot, watched: set[Key]) -> dict[Key, InterfaceView]:
+        """The watched interfaces' views, in snapshot order: the same dict again
         while the pods are the same view objects (the resolver hands them out
-        again while nothing changed) and the attachments the same set."""
+        again while nothing changed) and the watched keys the same set."""
         pods, known = snapshot.pods, self._index_for
-        if (known is not None and known[1] == attached and len(known[0]) == len(pods)
+        if (known is not None and known[1] == watched and len(known[0]) == len(pods)
                 and all(map(operator.is_, known[0], pods))):
             return known[2]
-        index = {key: view for key, (_, view) in wanted_attachments(snapshot).items() if key in attached}
-        self._index_for = (pods, attached, index)
+        index = {key: view for key, (_, view) in wanted_attachments(snapshot).items() if key in watched}
+        self._index_for = (pods, watched, index)
         return index
 
     def reconcile(self, snapshot: Snapshot) -> None:
@@ -264,17 +278,30 @@ class EbpfSource:
             self._reconcile(loader, wanted_attachments(snapshot))
 
     def _reconcile(self, loader, wanted: Mapping[Key, tuple[str, InterfaceView]]) -> None:
-        loader.prune_dead()     # a reused (netns inode, ifindex) must get fresh links
-        for key in loader.attached() - set(wanted):
-            loader.detach(*key)
-            self._attach_warned.discard(key)
-        for key, (path, _) in wanted.items():
+        for key in loader.prune_dead():     # a reused (netns inode, ifindex) must get fresh links
+            self._owners.pop(key, None)
+        hooked, owners = loader.attached(), self._owners
+        for key in loader.watched():
+            want = wanted.get(key)
+            # gone; now another pod's (a reused netns inode and ifindex: its counts
+            # and, under clsact, its filters were the old netns's); or its plane
+            # moved in or out of flow-planes
+            if (want is None or owners.get(key, want[1].attachment.uid) != want[1].attachment.uid
+                    or (key in hooked) != self.with_programs(want[1].attachment.plane)):
+                loader.detach(*key)
+                self._owners.pop(key, None)
+                self._attach_warned.discard(key)
+        for key, (path, view) in wanted.items():
             if self._closed:
                 return
-            if key in loader.hooks:
+            if key in loader.hooks or key in loader.watch_only:
                 continue
             try:
-                hook = loader.attach(path, key[1])
+                if self.with_programs(view.attachment.plane):
+                    hook = loader.attach(path, key[1])
+                    got = (hook.netns_inode, hook.ifindex)
+                else:
+                    got = loader.watch(path, key[1])
             except FileNotFoundError:
                 log.debug("netns %s vanished before attach", path)
                 continue
@@ -283,9 +310,11 @@ class EbpfSource:
                 self._attach_warned.add(key)
                 log.log(level, "attach to ifindex %d in %s: %s", key[1], path, err)
                 continue
-            if (hook.netns_inode, hook.ifindex) != key:
+            if got != key:
                 # the path now names another netns than the snapshot saw: not ours
-                loader.detach(hook.netns_inode, hook.ifindex)
+                loader.detach(*got)
+            else:
+                self._owners[key] = view.attachment.uid
 
     def top_asymmetric_flows(self, n: int = DEFAULT_TOP_FLOWS) -> list[dict]:
         """The n flows with most asymmetric packets, for /debug/asymmetric.

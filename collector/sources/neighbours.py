@@ -40,6 +40,7 @@ from collector.family import COUNTER, GAUGE, HISTOGRAM, Family, render_labels
 from collector.gateway_probe import RTT_BUCKETS, Prober, Target
 from collector.model import ATTACHMENT_LABELS, InterfaceView, Link, PodView
 from collector.netns_pool import SHORT_DEFERRED, refresh_backoff
+from collector.planes import PlaneSelector
 from collector.registry import Config, NoData, Option, PodNetns, SameObjects, Snapshot, register
 from collector.routes_analysis import CUT_ROUTES, MAIN_TABLE
 from kernel import nlbatch
@@ -209,13 +210,13 @@ def on_link_source(gateway: Gateway, addresses: list[tuple[int, str, int]]) -> s
     return fallback
 
 
-def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: frozenset[str]) -> list[Target]:
+def probe_targets(view: PodView, gateways: list[Gateway], addresses, planes: PlaneSelector) -> list[Target]:
     """The gateways of opted-in planes that may be probed: only the attachment's own
     gateways (by construction) and only when on-link for its interface."""
     macs = {iv.link.ifindex: iv.link.mac for iv in view.interfaces if iv.link}
     out = []
     for gw in gateways:
-        if gw.labels[4] not in planes:
+        if not planes(gw.labels[4]):
             continue
         source = on_link_source(gw, addresses)
         if not source or not macs.get(gw.ifindex):
@@ -346,16 +347,10 @@ def probe_families(results, delayed: int) -> list[Family]:
     return [probes, failures, rtt, waits]
 
 
-def _planes(value) -> frozenset[str]:
-    if isinstance(value, str):
-        value = value.split(",")
-    return frozenset(p.strip() for p in value or () if p.strip())
-
-
 @register("neighbours", help="Neighbour state of each attachment's gateways (and opt-in ARP/NDP probes).",
           options=(
-              Option("probe_planes", "", "comma list of planes whose gateways are probed (ARP/NDP from the "
-                     "pod's netns); none by default"),
+              Option("probe_planes", "", "planes (comma-separated, globs allowed) whose gateways are probed "
+                     "(ARP/NDP from the pod's netns); none by default"),
               Option("probe_rate", DEFAULT_PROBE_RATE, "most probe packets per second, for the whole node", float),
               Option("probe_interval", DEFAULT_PROBE_INTERVAL, "seconds between two probes of one gateway", float),
               Option("probe_timeout", DEFAULT_PROBE_TIMEOUT, "seconds a probe waits for its reply", float),
@@ -363,7 +358,7 @@ def _planes(value) -> frozenset[str]:
 class NeighboursSource:
     def __init__(self, config: Config):
         opts = config.settings("neighbours")
-        self.probe_planes = _planes(opts["probe_planes"])
+        self.probe_planes = PlaneSelector(opts["probe_planes"])
         self.prober = None
         if self.probe_planes:
             self.prober = Prober(opts["probe_rate"], opts["probe_interval"], opts["probe_timeout"])
@@ -450,7 +445,7 @@ class NeighboursSource:
                     k += 1
                     found = plan.with_entries([parse_neigh(buf, s, e)
                                                for _, buf, s, e in gets.answers(k - 1, RTM_NEWNEIGH)])
-                if self.probe_planes and any(g.labels[4] in self.probe_planes for g in found):
+                if self.probe_planes and any(self.probe_planes(g.labels[4]) for g in found):
                     targets += probe_targets(view, found, ns.prefixes, self.probe_planes)
             except OSError as err:      # the pod went away mid-scrape: not a failure
                 log.debug("pod %s: %s", view.pod.key, err)
