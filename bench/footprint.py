@@ -22,7 +22,8 @@ Figures, per planewatch build:
                          after the cold starts, BPF attached, then settled)
   RSS                    VmRSS (and VmHWM) after the rounds
   datapath               bench/datapath.py with --objects of both builds
-                         (`--datapath`; iperf3 TCP and UDP 64 B, interleaved)
+                         (`--datapath`; iperf3 TCP and UDP 64 B, interleaved),
+                         the no-op hooks and the drops-only watch beside them
 
 The machine's loadavg is printed at the start and the end: on a shared
 machine read the spreads, not one number.
@@ -217,7 +218,7 @@ def populate(kube, state) -> None:
 def datapath(trees: dict[str, str], rounds: int, seconds: int) -> str:
     objects = [os.path.join(tree, "ebpf", "build") for tree in trees.values()]
     cmd = [sys.executable, os.path.join(BENCH, "datapath.py"), "--rounds", str(rounds), "--seconds", str(seconds),
-           "--objects", *objects]
+           "--noop", "--drops-only", "--objects", *objects]
     return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
 
 
