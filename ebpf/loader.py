@@ -334,6 +334,11 @@ class Loader:
         with self._lock:
             return self.watch_only.union(self.hooks)
 
+    def keys(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+        """(attached(), watched()) read at one instant: the first within the second."""
+        with self._lock:
+            return set(self.hooks), self.watch_only.union(self.hooks)
+
     def prune_dead(self) -> list[tuple[int, int]]:
         """Detach hooks whose interface is gone, returning their keys. A TCX link
         outlives its device (fdinfo then shows ifindex 0); without this, a new pod

@@ -4,11 +4,11 @@ The programs (ebpf/*.bpf.c) key everything by (netns inode, ifindex); this
 module keeps the tc programs attached to exactly the pod interfaces of the
 current snapshot on the planes `flow_planes` selects (the others are only
 watched for drops: nothing runs per packet on them) and turns the map contents
-into families labelled by the InterfaceView found under the same key. Loading happens at the first collect,
-once: when it fails (objects not built, no BTF, no CAP_BPF, verifier refusal,
-kernel too old) the reason is logged once and every scrape reports
-`planewatch_ebpf_up 0` plus `planewatch_ebpf_info{reason=...}` while the
-other sources carry on.
+into families labelled by the InterfaceView found under the same key. Loading
+happens at the first collect, once: when it fails (objects not built, no BTF,
+no CAP_BPF, verifier refusal, kernel too old) the reason is logged once and
+every scrape reports `planewatch_ebpf_up 0` plus
+`planewatch_ebpf_info{reason=...}` while the other sources carry on.
 
 Options: the `--collector.ebpf.*` flags registered below.
 """
@@ -243,8 +243,9 @@ class EbpfSource:
             loader = self._ensure_loaded()
         if loader is None:
             return status_families(self.reason, "none", 0)
-        attached, watched = loader.attached(), loader.watched()
+        attached, watched = loader.keys()
         self.index = index = self._index_of(snapshot, watched)
+        # counters only of the interfaces with programs (attached <= watched)
         traffic = index if len(attached) == len(watched) else {k: v for k, v in index.items() if k in attached}
         families = traffic_families(traffic, loader.interface_counters())
         families.append(drop_family(index, loader.drop_counters(), loader.reasons))
@@ -280,8 +281,8 @@ class EbpfSource:
     def _reconcile(self, loader, wanted: Mapping[Key, tuple[str, InterfaceView]]) -> None:
         for key in loader.prune_dead():     # a reused (netns inode, ifindex) must get fresh links
             self._owners.pop(key, None)
-        hooked, owners = loader.attached(), self._owners
-        for key in loader.watched():
+        (hooked, watched), owners = loader.keys(), self._owners
+        for key in watched:
             want = wanted.get(key)
             # gone; now another pod's (a reused netns inode and ifindex: its counts
             # and, under clsact, its filters were the old netns's); or its plane
