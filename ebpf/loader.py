@@ -229,12 +229,10 @@ class Loader:
                 self.slots.release(key)
                 raise
             try:
-                maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
-            except OSError as err:
+                self._watch_key(key)
+            except OSError:
                 # The watch map is full: undo the attach, or its TCX links (fds)
                 # and clsact filters would stay with no hook to remove them.
-                if err.errno == errno.E2BIG:
-                    self.refused["watched"] += 1
                 self._unhook(hook)
                 self.slots.release(key)
                 raise
@@ -249,14 +247,19 @@ class Loader:
             key = (netns_inode(netns_path), ifindex)
             if key in self.hooks or key in self.watch_only:
                 return key
-            try:
-                maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
-            except OSError as err:
-                if err.errno == errno.E2BIG:
-                    self.refused["watched"] += 1
-                raise
+            self._watch_key(key)
             self.watch_only.add(key)
             return key
+
+    def _watch_key(self, key: tuple[int, int]) -> None:
+        """The key into the kfree_skb program's `watched` map; a full map is
+        counted as refused and raised."""
+        try:
+            maps.put(self.fds["watched"], maps.WATCHED, key, (1,))
+        except OSError as err:
+            if err.errno == errno.E2BIG:
+                self.refused["watched"] += 1
+            raise
 
     def _attach_here(self, netns_path: str, key: tuple[int, int]) -> Hook:
         netns, ifindex = key
@@ -329,13 +332,9 @@ class Loader:
         with self._lock:
             return set(self.hooks)
 
-    def watched(self) -> set[tuple[int, int]]:
-        """The keys whose drops are counted: the hooked ones and the watch() ones."""
-        with self._lock:
-            return self.watch_only.union(self.hooks)
-
     def keys(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-        """(attached(), watched()) read at one instant: the first within the second."""
+        """(the keys hooked, the keys whose drops are counted: the hooked ones and
+        the watch() ones) read at one instant: the first within the second."""
         with self._lock:
             return set(self.hooks), self.watch_only.union(self.hooks)
 
