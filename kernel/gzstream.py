@@ -4,12 +4,13 @@
 `GzipStream(executor)` starts the deflating on one of `executor`'s threads;
 `feed(pieces)` hands over pieces as they are rendered (they are not copied:
 the stream keeps each alive until the C side has deflated it, then lets it
-go), `finish()` waits for the rest and returns the member. The C loop never needs the GIL between pieces, so the
-scrape thread's Python does not hold it up (a Python thread calling zlib did
-not overlap at all: it waited up to the switch interval for the GIL after each
-call). Without the library (not built, or `PLANEWATCH_NO_GZSTREAM=1`) the
-same class deflates everything in `finish` with Python's zlib: the same
-bytes, after the collection instead of beside it (tests/test_gzstream.py).
+go), `finish()` waits for the rest and returns the member. The C loop never
+needs the GIL between pieces, so the scrape thread's Python does not hold it
+up (a Python thread calling zlib did not overlap at all: it waited up to the
+switch interval for the GIL after each call). Without the library (not
+built, or `PLANEWATCH_NO_GZSTREAM=1`) the same class deflates everything in
+`finish` with Python's zlib: the same bytes, after the collection instead of
+beside it (tests/test_gzstream.py).
 """
 from __future__ import annotations
 
