@@ -44,6 +44,8 @@ PROMETHEUSRULE_CRD = CRD_DIR / "prometheusrule.yaml"
 ADMIN = "admin"
 BUILD_TIMEOUT_SECONDS = 3600
 READY_TIMEOUT_SECONDS = 90
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "address already in use"
 
 
 # ---------------------------------------------------------------- binaries
@@ -258,9 +260,23 @@ class KubeAPIServer:
         self.dir = Path(tempfile.mkdtemp(prefix="planewatch-kube-"))
         make_pki(self.dir)
         (self.dir / "tokens.csv").write_text(token_file_text(self.tokens, self.groups))
-        self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
-        self._start_etcd()
-        self.start_apiserver()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.etcd_port, self.peer_port, self.port = free_port(), free_port(), free_port()
+            try:
+                self._start_etcd()
+                self.start_apiserver()
+                return
+            except RuntimeError as err:
+                # A port free when asked and taken before the bind (by another
+                # program on the machine): start both again on other ports.
+                if PORT_TAKEN not in str(err) or attempt == PORT_ATTEMPTS:
+                    raise
+                print(f"kubeapi: {err}\nstarting again on other ports", file=sys.stderr)
+                _kill_all(self._procs)
+                self._procs.clear()
+                shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+                for log in self.dir.glob("*.log"):      # the next failure reads its own
+                    log.rename(log.with_suffix(f".log.{attempt}"))
 
     def close(self) -> None:
         _kill_all(self._procs)

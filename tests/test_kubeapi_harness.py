@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import time
 from pathlib import Path
@@ -266,3 +267,24 @@ def _eventually(fn, timeout=10.0):
             if e.status != 403 or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+@pytest.mark.kube
+@pytest.mark.skipif(bool(kube_available()), reason=str(kube_available()))
+def test_a_port_taken_before_the_bind_starts_both_again_on_other_ports(monkeypatch):
+    """What CI saw once: kube-apiserver's port, free when asked, was in use when it
+    bound. Here another program holds it (a listening socket handed out as that port)."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        real = kubeapi.free_port
+        handed = iter([real(), real(), taken])          # etcd, etcd peer, kube-apiserver
+        monkeypatch.setattr(kubeapi, "free_port", lambda: next(handed, None) or real())
+        server = KubeAPIServer()
+        with server:
+            assert server.port != taken
+            assert server.request("GET", "/readyz")[0] == 200
+            logs = {p.name for p in server.dir.iterdir() if ".log" in p.name}
+            assert {"kube-apiserver.log.1", "kube-apiserver.log", "etcd.log"} <= logs
+            assert kubeapi.PORT_TAKEN in (server.dir / "kube-apiserver.log.1").read_text()
