@@ -184,9 +184,22 @@ class KubeClient:
 
 # --- loading credentials ------------------------------------------------------------
 
+def client_context(cafile: str | None = None, cadata: str | None = None) -> ssl.SSLContext:
+    """A TLS client context that judges a server's chain as client-go (Go crypto/x509)
+    does: the cluster CAs kubectl accepts are accepted. Python >= 3.13's default
+    contexts add VERIFY_X509_STRICT, RFC 5280 profile checks Go does not make (a CA
+    certificate without keyUsage, a leaf without an authority key identifier): a
+    cluster whose CA was made without them would work for kubectl and for planewatch
+    on 3.11, and not on 3.13. Cleared explicitly; the chain, its signatures, expiry
+    and the host name are verified as before."""
+    ctx = ssl.create_default_context(cafile=cafile, cadata=cadata)
+    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return ctx
+
+
 def _context(ca_file: str = "", ca_data: str = "", insecure: bool = False,
              cert: tuple[str, str] | None = None, cert_data: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file or None, cadata=ca_data or None)
+    ctx = client_context(cafile=ca_file or None, cadata=ca_data or None)
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
 import sys
 import time
 import unicodedata
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+from collector.kubeclient import client_context
 
 KEY = ("namespace", "pod", "interface")
 
@@ -203,7 +204,7 @@ def plane_summary(rows: list[Row]) -> str:
 class Client:
     def __init__(self, url: str, ca_file: str = "", token_file: str = "", user: str = ""):
         self.url = url.rstrip("/")
-        self.context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.context = client_context(cafile=ca_file) if ca_file else None
         self.headers = {}
         if token_file:
             with open(token_file) as f:

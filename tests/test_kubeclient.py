@@ -165,3 +165,71 @@ def test_serve_never_imports_the_heavy_libraries(tmp_path):
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+def _go_accepted_pki(d) -> tuple[str, str, str]:
+    """A CA without keyUsage and a leaf without an authority key identifier: what an
+    `openssl req -x509` made by hand gives, which Go (kubectl, client-go) accepts and
+    Python >= 3.13's default context (VERIFY_X509_STRICT) refuses."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+        "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=handmade-ca")
+    (d / "leaf.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "leaf.key",
+        "-out", "leaf.csr", "-subj", "/CN=kube-apiserver")
+    run("x509", "-req", "-in", "leaf.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "leaf.crt", "-days", "2", "-extfile", "leaf.ext")
+    return str(d / "ca.crt"), str(d / "leaf.crt"), str(d / "leaf.key")
+
+
+def _handshake(ctx, server_ctx) -> None:
+    import socket
+    import ssl
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve():
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    pass
+        finally:
+            t.join(timeout=10)
+
+
+def test_the_api_server_chain_is_judged_as_go_judges_it(tmp_path, monkeypatch):
+    """A cluster CA kubectl accepts is accepted on every Python (3.13 made its default
+    context strict: done here on any version); what Go refuses is still refused: a CA
+    that did not sign it."""
+    import ssl
+    default = ssl.create_default_context
+
+    def as_in_313(*args, **kwargs):
+        ctx = default(*args, **kwargs)
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        return ctx
+    monkeypatch.setattr(ssl, "create_default_context", as_in_313)
+    ca, crt, key = _go_accepted_pki(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(crt, key)
+    ctx = kubeclient.client_context(cafile=ca)
+    assert not ctx.verify_flags & ssl.VERIFY_X509_STRICT
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    _handshake(ctx, server_ctx)                                   # accepted
+    strict = ssl.create_default_context(cafile=ca)
+    with pytest.raises(ssl.SSLCertVerificationError):             # what 3.13's default does
+        _handshake(strict, server_ctx)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(kubeclient.client_context(cafile=_go_accepted_pki(other)[0]), server_ctx)
