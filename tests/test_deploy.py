@@ -195,14 +195,14 @@ def test_secure_web_config_is_valid_and_fails_closed():
 # ---------------------------------------------------------------- lab: capabilities
 #
 # `planewatch serve` itself, run the way the image runs it: uid 65534, no_new_privs,
-# the DaemonSet's capabilities as the bounding set, and a copy of Debian's python3.11
+# the DaemonSet's capabilities as the bounding set, and a copy of Debian's python3
 # carrying them as permitted-only file capabilities (deploy/Containerfile) that
 # collector/caps.py makes effective.
 #
-# The runtime is rebuilt here as the image builds it: a venv of /usr/bin/python3.11
+# The runtime is rebuilt here as the image builds it: a venv of /usr/bin/python3.X
 # (the project's .venv may be a pyenv interpreter under /root, which uid 65534 cannot
 # enter), the project installed from a wheel, and the wheel's runtime dependencies
-# taken from the project's .venv (same CPython 3.11 ABI; hard links, so it costs no
+# taken from the project's .venv (same CPython ABI; hard links, so it costs no
 # copy). Made once per module run in a world-readable temp dir, removed afterwards.
 
 RUNTIME_SKIP = {".venv", ".git", "tests", "bench", "docs", "deploy", "build", "__pycache__"}
@@ -241,7 +241,9 @@ def runtime():
     if os.geteuid() != 0:
         pytest.skip("needs root: file capabilities, setpriv, network namespaces")
     missing = [t for t in ("setcap", "setpriv", "ip", "ping") if not shutil.which(t)]
-    system_python = "/usr/bin/python3.11"
+    # Debian's interpreter of the .venv's version (3.11 on bookworm, as in the image;
+    # 3.13 on trixie): the dependencies are linked from the .venv, same ABI.
+    system_python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
     assert not missing and os.access(system_python, os.X_OK), \
         f"missing {missing or system_python}: `make deps` installs them"
     objects = sorted((REPO / "ebpf" / "build").glob("*.bpf.o"))
@@ -276,7 +278,7 @@ def runtime():
 
 
 def capped_python(runtime, caps: set[str]) -> Path:
-    """The image's planewatch-python: python3.11 copied into the venv's bin (so it finds
+    """The image's planewatch-python: Debian's python3 copied into the venv's bin (so it finds
     the venv's pyvenv.cfg), `caps` as permitted-only file capabilities."""
     path = runtime["venv"] / "bin" / ("planewatch-python-" + ("-".join(sorted(c.lower() for c in caps)) or "nocaps"))
     if not path.exists():

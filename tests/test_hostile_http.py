@@ -301,13 +301,23 @@ def _openssl(*args: str, cwd) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# The extensions RFC 5280 asks for (keyUsage on the CA, key identifiers): Python >= 3.13's
+# default client context (VERIFY_X509_STRICT), which these tests' clients use, refuses
+# a chain without them.
+CA_EXT = ("basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign",
+          "subjectKeyIdentifier=hash")
+
+
 def _ca(d, name: str) -> None:
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}",
+             *(arg for ext in CA_EXT for arg in ("-addext", ext)), cwd=d)
 
 
 def _leaf(d, name: str, san: str, usage: str = "serverAuth") -> None:
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n"
+                                   "keyUsage=critical,digitalSignature\n"
+                                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
