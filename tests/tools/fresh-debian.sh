@@ -43,14 +43,13 @@ cleanup() {
   for m in $(awk -v r="$R" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/self/mounts | sort -r); do
     umount -l "$m" 2>/dev/null
   done
-  [ "$KEEP" = 1 ] || rm -rf --one-file-system "$R"
+  [ "$KEEP" = 1 ] || rm -rf --one-file-system "$R" "$R.debootstrap.log"
 }
 trap cleanup EXIT
 
 if [ ! -x "$R/usr/bin/python3" ]; then
   debootstrap --variant=minbase --include=make,git,ca-certificates,python3,python3-venv \
-    "$RELEASE" "$R" "$MIRROR" >"/var/tmp/planewatch-fresh-$RELEASE.debootstrap.log" 2>&1 \
-    || { tail -20 "/var/tmp/planewatch-fresh-$RELEASE.debootstrap.log"; exit 1; }
+    "$RELEASE" "$R" "$MIRROR" >"$R.debootstrap.log" 2>&1 || { tail -20 "$R.debootstrap.log"; exit 1; }
 fi
 mount --bind "$R" "$R" && mount --make-private "$R"
 mount -t proc proc "$R/proc"
