@@ -193,32 +193,30 @@ REAL_ERRNO_SOURCES = {
 
 
 def _in_private_mount_ns(binds: list[tuple[str, str]], fn) -> str:
-    """Run fn() in a forked child with its own mount namespace holding `binds`; its output string."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                # child: never returns
-        code = 1
+    """Run fn() on a thread of its own that first moves to a mount namespace of its
+    own holding `binds`; its output string. unshare(CLONE_NEWNS) is per thread (it
+    unshares the thread's fs too, which a multi-threaded process may do), and what
+    that thread starts (fn's worker thread, `mount`) inherits it; the rest of the
+    process never sees the binds, and they go with the thread. Not a fork: forking
+    a process with threads (pytest's, aiohttp's) may deadlock the child."""
+    out: list[str] = []
+
+    def run():
         try:
-            os.close(r)
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.unshare(0x00020000) != 0:   # CLONE_NEWNS
                 raise OSError(ctypes.get_errno(), "unshare")
             subprocess.run(["mount", "--make-rprivate", "/"], check=True)
             for src, dst in binds:
                 subprocess.run(["mount", "--bind", src, dst], check=True)
-            os.write(w, fn().encode())
-            code = 0
-        except BaseException as err:           # noqa: BLE001 - reported to the parent
-            os.write(w, f"CHILD-ERROR {err!r}".encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 1 << 16):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return b"".join(chunks).decode()
+            out.append(fn())
+        except BaseException as err:           # noqa: BLE001 - reported to the caller
+            out.append(f"CHILD-ERROR {err!r}")
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the collect in a private mount namespace did not end in 60 s"
+    return out[0]
 
 
 def test_real_kernel_errnos_cost_one_counter_each(root, tree):
