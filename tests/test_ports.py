@@ -37,8 +37,8 @@ def test_a_port_in_use_or_given_before_is_not_handed_out(monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        given = free_port()
-        picks = iter([taken, given, taken, LOW + 7])
+        given, spare = free_port(), free_port()
+        picks = iter([taken, given, taken, spare])
         monkeypatch.setattr(ports.random, "choice", lambda span: next(picks))
-        monkeypatch.setattr(ports, "_given", set(ports._given) - {LOW + 7})
-        assert free_port() == LOW + 7
+        monkeypatch.setattr(ports, "_given", set(ports._given) - {spare})
+        assert free_port() == spare
