@@ -35,10 +35,6 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def ephemeral_start() -> int:
-    return ephemeral_range()[0]
-
-
 def pool() -> range:
     """The ports free_port chooses from: under the ephemeral range if there is room
     from LOW up to it, else over it, else under it down to 1024; empty if none."""
