@@ -327,14 +327,10 @@ class Loader:
         maps.delete_where(self.fds["asym_packets"], maps.ASYMMETRIC,
                           lambda k: k[0] == netns and ifindex in (k[1], k[2]))
 
-    def attached(self) -> set[tuple[int, int]]:
-        """The (netns inode, ifindex) keys hooked now (a copy: safe across threads)."""
-        with self._lock:
-            return set(self.hooks)
-
     def keys(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
         """(the keys hooked, the keys whose drops are counted: the hooked ones and
-        the watch() ones) read at one instant: the first within the second."""
+        the watch() ones) read at one instant (copies: safe across threads); the
+        first within the second."""
         with self._lock:
             return set(self.hooks), self.watch_only.union(self.hooks)
 

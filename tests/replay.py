@@ -420,14 +420,15 @@ def _record_scrape(args: list[str], before_scrape) -> tuple[dict, str]:
         used = {pv.netns_path for pv in snapshot.pods if pv.netns_path}
         netns = {os.path.basename(p): r for p, r in replies_by_path.items() if p in used}
         inodes = {r["inode"] for r in netns.values()}
-        watch_only = sorted(k for k in loader.watch_only if k[0] in inodes)
+        hooked, watched = loader.keys()
+        watch_only = sorted(k for k in watched - hooked if k[0] in inodes)
         kernel = {
             "netns": netns,
             "routes": routes,
             "sriov_pf": sriov_pf,
             "bpf": {"ncpus": loader.ncpus, "mode": loader.mode,
                     "reasons": {str(c): n for c, n in sorted(loader.reasons.items())},
-                    "attached": sorted(k for k in loader.attached() if k[0] in inodes),
+                    "attached": sorted(k for k in hooked if k[0] in inodes),
                     "refused": loader.map_refused(),
                     "stale_filters_removed": loader.stale_filters_removed,
                     **({"watch_only": watch_only} if watch_only else {}),
