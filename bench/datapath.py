@@ -187,30 +187,29 @@ def run(args) -> None:
         builds = {"with" if len(args.objects) < 2 else f"with {d}": d for d in args.objects or [""]}
         modes = ["without", *(["noop"] if args.noop else []), *(["drops"] if args.drops_only else []), *builds]
         results = {(load, mode): [] for load, _ in loads for mode in modes}
+        last = (args.objects or [""])[-1]       # the build noop and drops load
         for r in range(args.rounds):
             # rotate which goes first, so none always runs on a warmer machine
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 if mode == "noop":
                     # the hooks and kfree_skb as in "with", the tc programs doing nothing
-                    objects = (args.objects or [""])[-1]
-                    loader = Loader(objects, bench=True) if objects else Loader(bench=True)
+                    loader = Loader(last, bench=True) if last else Loader(bench=True)
                     loader.ingress_fd = loader.egress_fd = loader.program_fd("bench_noop")
                     attached = attach_all(loader, [ns0, ns1])
                 elif mode == "drops":
-                    objects = (args.objects or [""])[-1]
-                    loader = Loader(objects) if objects else Loader()
+                    loader = Loader(last) if last else Loader()
                     attached = attach_all(loader, [ns0, ns1], programs=False)
                 elif mode != "without":
                     loader = Loader(builds[mode]) if builds[mode] else Loader()
                     attached = attach_all(loader, [ns0, ns1])
+                note = ("" if mode == "without" else f" ({attached} interfaces watched, no tc program)"
+                        if mode == "drops" else f" (BPF on {attached} interfaces)")
                 for load, udp in loads:
                     got = iperf3(ns0, ns1, server_ip, args.seconds, udp, pin)
                     results[(load, mode)].append(got)
                     extra = f", {got['mpps']:.3f} Mpps received, {got['sent_mpps']:.3f} sent" if udp else ""
                     print(f"round {r + 1} {load:<6} {mode:<8} {got['gbps']:7.2f} Gbit/s{extra}"
-                          f"{f' (BPF on {attached} interfaces)' if mode not in ('without', 'drops') else ''}"
-                          f"{f' ({attached} interfaces watched, no tc program)' if mode == 'drops' else ''}"
-                          f"  loadavg {loadavg()}", flush=True)
+                          f"{note}  loadavg {loadavg()}", flush=True)
                 if loader is not None:
                     loader.close()
                     loader = None
