@@ -16,6 +16,7 @@ import yaml
 
 from collector import kubeclient
 from collector.kubeclient import ApiError, Credentials, KubeClient, from_kubeconfig, in_cluster, resp_lines
+from tests import kubeapi
 from tests.conftest import REPO
 
 
@@ -172,7 +173,7 @@ def _go_accepted_pki(d) -> tuple[str, str, str]:
     `openssl req -x509` made by hand gives, which Go (kubectl, client-go) accepts and
     Python >= 3.13's default context (VERIFY_X509_STRICT) refuses."""
     def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+        kubeapi._openssl(*args, cwd=d)
     run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
         "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=handmade-ca")
     (d / "leaf.ext").write_text("subjectAltName=IP:127.0.0.1\n")
